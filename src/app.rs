@@ -1,0 +1,350 @@
+//! Wiring: from a validated config to running refreshers and listeners. Owns the one
+//! shutdown token and the task tracker every task is spawned on, and applies reloads
+//! (added accounts start, removed ones stop, changed ones restart).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Router;
+use futures_util::StreamExt;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_tokio::Signals;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::clock::Clock;
+use crate::config::{AccountConfig, AccountName, Config, ConfigError};
+use crate::http::{ApiState, router};
+use crate::provider::{Provider, ProviderError};
+use crate::refresher::{Deps, Refresher};
+use crate::store::{FileStore, Store, StoreError};
+use crate::token_cell::{AccountHandle, Registry};
+
+/// Why the daemon could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Provider(#[from] ProviderError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+struct Running {
+    config: Arc<AccountConfig>,
+    handle: Arc<AccountHandle>,
+    cancel: CancellationToken,
+    done: JoinHandle<()>,
+}
+
+/// The set of running accounts and what they share.
+pub struct Daemon {
+    config: Config,
+    store: Arc<dyn Store>,
+    provider: Provider,
+    clock: Clock,
+    jumps: watch::Receiver<u64>,
+    registry: Arc<Registry>,
+    running: BTreeMap<AccountName, Running>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, PartialEq)]
+pub struct ReloadReport {
+    pub added: Vec<AccountName>,
+    pub removed: Vec<AccountName>,
+    pub restarted: Vec<AccountName>,
+    /// Settings that only take effect on restart.
+    pub ignored: Vec<String>,
+}
+
+impl Daemon {
+    /// Loads every account's persisted state, publishes still-valid tokens at once (no
+    /// provider call) and starts one refresher per account on `tracker`.
+    pub async fn start(
+        config: Config,
+        store: Arc<dyn Store>,
+        provider: Provider,
+        clock: Clock,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+    ) -> Daemon {
+        let jumps = clock.spawn_jump_detector(&tracker, cancel.clone());
+        let mut daemon = Daemon {
+            config: config.clone(),
+            store,
+            provider,
+            clock,
+            jumps,
+            registry: Arc::new(Registry::default()),
+            running: BTreeMap::new(),
+            tracker,
+            cancel,
+        };
+        for account in config.accounts.values() {
+            let running = daemon.start_account(account.clone()).await;
+            daemon.running.insert(account.name.clone(), running);
+        }
+        daemon.publish_registry();
+        daemon
+    }
+
+    async fn start_account(&self, config: Arc<AccountConfig>) -> Running {
+        let cancel = self.cancel.child_token();
+        let deps = Deps {
+            store: self.store.clone(),
+            provider: self.provider.clone(),
+            clock: self.clock.clone(),
+            jumps: self.jumps.clone(),
+        };
+        let (refresher, handle) = Refresher::prepare(config.clone(), deps).await;
+        let done = self.tracker.spawn(refresher.run(cancel.clone()));
+        Running {
+            config,
+            handle,
+            cancel,
+            done,
+        }
+    }
+
+    fn publish_registry(&self) {
+        let map = self
+            .running
+            .iter()
+            .map(|(name, r)| (name.clone(), r.handle.clone()))
+            .collect();
+        self.registry.replace(map);
+    }
+
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    pub fn api_state(&self) -> ApiState {
+        ApiState {
+            registry: self.registry.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+
+    pub fn router(&self) -> Router {
+        router(self.api_state())
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Applies a new config. An account whose settings changed is stopped (its in-flight
+    /// refresh and save finish first) and started again from its stored state.
+    pub async fn reload(&mut self, new: Config) -> ReloadReport {
+        let mut report = ReloadReport::default();
+        if new.state.dir != self.config.state.dir {
+            report.ignored.push("state.dir".into());
+        }
+        if new.server != self.config.server {
+            report.ignored.push("server.listen".into());
+        }
+        if new.provider.connect_timeout != self.config.provider.connect_timeout {
+            report.ignored.push("provider.connect_timeout".into());
+        }
+        let stale: Vec<AccountName> = self
+            .running
+            .iter()
+            .filter(|(name, r)| new.accounts.get(*name) != Some(&r.config))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            let running = self.running.remove(&name).expect("listed above");
+            running.cancel.cancel();
+            let _ = running.done.await;
+            if new.accounts.contains_key(&name) {
+                report.restarted.push(name);
+            } else {
+                report.removed.push(name);
+            }
+        }
+        for (name, account) in &new.accounts {
+            if !self.running.contains_key(name) {
+                let running = self.start_account(account.clone()).await;
+                self.running.insert(name.clone(), running);
+                if !report.restarted.contains(name) {
+                    report.added.push(name.clone());
+                }
+            }
+        }
+        self.publish_registry();
+        let ignored = std::mem::take(&mut report.ignored);
+        self.config = Config {
+            state: self.config.state.clone(),
+            server: self.config.server.clone(),
+            provider: self.config.provider,
+            ..new
+        };
+        report.ignored = ignored;
+        report
+    }
+
+    /// Stops every refresher (each finishes its in-flight refresh and save) and waits.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        for (_, running) in self.running {
+            let _ = running.done.await;
+        }
+    }
+}
+
+/// Binds every listen address before anything else starts, so a taken port fails fast.
+pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, RunError> {
+    let mut listeners = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Bind {
+                addr: *addr,
+                source,
+            })?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Serves `router` on every listener until `cancel`; in-flight requests finish.
+pub fn serve(
+    listeners: Vec<TcpListener>,
+    router: Router,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) {
+    for listener in listeners {
+        let router = router.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let addr = listener.local_addr().ok();
+            let result = axum::serve(listener, router)
+                .with_graceful_shutdown(cancel.cancelled_owned())
+                .await;
+            if let Err(e) = result {
+                error!(?addr, error = %e, "HTTP listener failed");
+            }
+        });
+    }
+}
+
+/// The daemon: `tokend run`.
+pub async fn run(config_path: PathBuf) -> Result<(), RunError> {
+    // Installed first: a SIGHUP or SIGTERM during start-up must not kill the process
+    // with its default action.
+    let signals = signals()?;
+    let config = Config::load(&config_path)?;
+    let store = FileStore::open(&config.state.dir)?;
+    let provider = Provider::http(config.provider.connect_timeout)?;
+    let listeners = bind(&config.server.listen).await?;
+    let addrs: Vec<String> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let daemon = Daemon::start(
+        config,
+        store,
+        provider,
+        Clock::system(),
+        tracker.clone(),
+        cancel.clone(),
+    )
+    .await;
+    serve(listeners, daemon.router(), &tracker, &cancel);
+    info!(
+        listen = %addrs.join(","),
+        accounts = daemon.running.len(),
+        version = env!("CARGO_PKG_VERSION"),
+        "tokend started"
+    );
+    supervise(daemon, signals, Some(&config_path), tracker, cancel).await
+}
+
+/// The signals the daemon handles.
+pub fn signals() -> Result<Signals, RunError> {
+    Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(RunError::Signals)
+}
+
+/// Waits for signals: SIGTERM/SIGINT stop the daemon cleanly; SIGHUP reloads the config
+/// from `config_path` (a broken new config is logged and the running one kept).
+pub async fn supervise(
+    mut daemon: Daemon,
+    mut signals: Signals,
+    config_path: Option<&Path>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) -> Result<(), RunError> {
+    let signals_handle = signals.handle();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            signal = signals.next() => match signal {
+                Some(SIGHUP) => match config_path {
+                    Some(path) => reload_from(&mut daemon, path).await,
+                    None => info!("SIGHUP: this daemon has no config file to reload"),
+                },
+                Some(sig) => {
+                    info!(signal = sig, "stopping: finishing in-flight refreshes and saves");
+                    break;
+                }
+                None => break,
+            },
+        }
+    }
+    signals_handle.close();
+    cancel.cancel();
+    daemon.shutdown().await;
+    tracker.close();
+    tracker.wait().await;
+    info!("tokend stopped");
+    Ok(())
+}
+
+async fn reload_from(daemon: &mut Daemon, path: &Path) {
+    info!(config = %path.display(), "SIGHUP: reloading the config");
+    match Config::load(path) {
+        Ok(config) => {
+            let report = daemon.reload(config).await;
+            let names = |v: &[AccountName]| {
+                v.iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            info!(
+                added = %names(&report.added),
+                removed = %names(&report.removed),
+                restarted = %names(&report.restarted),
+                "config reloaded"
+            );
+            if !report.ignored.is_empty() {
+                warn!(settings = %report.ignored.join(","), "these settings changed but take effect only on restart");
+            }
+        }
+        Err(e) => {
+            error!("the new config is invalid; keeping the running one:\n{e}");
+        }
+    }
+}

@@ -1,0 +1,981 @@
+//! The configuration: raw TOML types (unknown keys are errors), then validation into a
+//! [`Config`] that cannot hold an invalid value. Every problem is reported at once, each
+//! with file, line, column and key. Secrets named by `{ env }` / `{ file }` are resolved here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use reqwest::Url;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use toml::Spanned;
+
+use crate::secret::Secret;
+
+/// Where the daemon looks for its config when neither `--config` nor `$TOKEND_CONFIG` is set.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tokend/tokend.toml";
+/// The listen address used when the config names none.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8731";
+const DEFAULT_STATE_DIR: &str = "/var/lib/tokend";
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub state: StateConfig,
+    /// Defaults for every account; `connect_timeout` applies to the one shared HTTP client.
+    pub provider: ProviderLimits,
+    pub accounts: BTreeMap<AccountName, Arc<AccountConfig>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateConfig {
+    pub dir: PathBuf,
+}
+
+/// An account's name: it names a state file and a URL path segment, so it is restricted
+/// to `[A-Za-z0-9._-]`, 1 to 64 characters, not starting with `.` or `-`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AccountName(Arc<str>);
+
+impl AccountName {
+    pub fn parse(name: &str) -> Result<Self, String> {
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if name.is_empty() || name.len() > 64 {
+            return Err("an account name has 1 to 64 characters".into());
+        }
+        if !name.chars().all(ok_char) {
+            return Err(format!(
+                "account name {name:?} may hold only letters, digits, '.', '_' and '-'"
+            ));
+        }
+        if name.starts_with('.') || name.starts_with('-') {
+            return Err(format!(
+                "account name {name:?} must not start with '.' or '-'"
+            ));
+        }
+        Ok(AccountName(name.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AccountName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for AccountName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+/// How an account obtains access tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Grant {
+    /// RFC 6749 §6. `seed` is the refresh token from the config: used only until a
+    /// persisted (rotated) one exists, or when it changes.
+    RefreshToken { seed: Option<Secret> },
+    /// RFC 6749 §4.4.
+    ClientCredentials,
+}
+
+impl Grant {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Grant::RefreshToken { .. } => "refresh_token",
+            Grant::ClientCredentials => "client_credentials",
+        }
+    }
+}
+
+/// RFC 6749 §2.3.1: where the client credentials travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    ClientSecretPost,
+    ClientSecretBasic,
+}
+
+/// The token request body's encoding: RFC 6749 form, or JSON as Zephr expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestFormat {
+    Form,
+    Json,
+}
+
+/// When to refresh and how to back off; see `schedule` for the arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RefreshPolicy {
+    /// Fraction of the token's lifetime after which it is refreshed.
+    pub ratio: f64,
+    /// Up to this fraction of the lifetime is taken off the refresh time at random, so
+    /// accounts issued at the same moment do not refresh at the same moment.
+    pub jitter: f64,
+    /// A refresh is planned no later than this long before expiry (when the lifetime allows).
+    pub margin: Duration,
+    /// Lifetime assumed when the provider sends no `expires_in` and the token is no JWT.
+    pub default_lifetime: Duration,
+    /// Least time between two refreshes of one account: the guard against refresh storms.
+    pub min_interval: Duration,
+    /// First retry delay after a transient failure; doubles each attempt up to `backoff_max`.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// Retry delay after a permanent error that may be fixed on the provider's side
+    /// (`invalid_client`, `unauthorized_client`, …).
+    pub slow_retry: Duration,
+}
+
+impl Default for RefreshPolicy {
+    fn default() -> Self {
+        RefreshPolicy {
+            ratio: 0.8,
+            jitter: 0.05,
+            margin: Duration::from_secs(60),
+            default_lifetime: Duration::from_secs(3600),
+            min_interval: Duration::from_secs(10),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            slow_retry: Duration::from_secs(900),
+        }
+    }
+}
+
+/// Limits on each call to a token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProviderLimits {
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub max_response_bytes: usize,
+}
+
+impl Default for ProviderLimits {
+    fn default() -> Self {
+        ProviderLimits {
+            connect_timeout: Duration::from_secs(10),
+            timeout: Duration::from_secs(30),
+            max_response_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// One account, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountConfig {
+    pub name: AccountName,
+    pub grant: Grant,
+    pub token_url: Url,
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    pub client_auth: ClientAuth,
+    pub request_format: RequestFormat,
+    /// Sent as configured (space- or comma-separated, as the provider wants it).
+    pub scope: Option<String>,
+    pub extra_params: BTreeMap<String, String>,
+    /// Extra headers consumers must send with the token (e.g. Zywave's `Profile`).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub refresh: RefreshPolicy,
+    pub limits: ProviderLimits,
+}
+
+/// Every problem found in a config, each with its place.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One problem: `file:line:column: key: message`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if !self.key.is_empty() {
+            write!(f, "key `{}`: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// What the loader may read besides the config text: environment variables and secret
+/// files. Tests pass their own.
+pub trait Environment {
+    fn var(&self, name: &str) -> Option<String>;
+    fn read_file(&self, path: &Path) -> std::io::Result<String>;
+}
+
+/// The process environment and file system.
+pub struct SystemEnvironment;
+
+impl Environment for SystemEnvironment {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+    fn read_file(&self, path: &Path) -> std::io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![Problem {
+                file: path.display().to_string(),
+                line: 0,
+                column: 0,
+                key: String::new(),
+                message: format!("cannot read the config file: {e}"),
+            }],
+        })?;
+        Config::from_str_at(&text, path, &SystemEnvironment)
+    }
+
+    /// Validates config text. `path` names the file in messages and anchors relative
+    /// secret file paths (its directory).
+    pub fn from_str_at(
+        text: &str,
+        path: &Path,
+        env: &dyn Environment,
+    ) -> Result<Config, ConfigError> {
+        let loc = Locator {
+            file: path.display().to_string(),
+            text,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            problems: vec![loc.parse_problem(&e)],
+        })?;
+        let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut v = Validator {
+            loc: &loc,
+            env,
+            base_dir,
+            problems: Vec::new(),
+        };
+        let config = v.config(raw);
+        if v.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                problems: v.problems,
+            })
+        }
+    }
+
+    /// The first listen address as a base URL for the client commands.
+    pub fn endpoint(&self) -> String {
+        match self.server.listen.first() {
+            Some(addr) => format!("http://{addr}"),
+            None => format!("http://{DEFAULT_LISTEN}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw types: exactly the TOML, nothing checked beyond shape.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    state: RawState,
+    #[serde(default)]
+    refresh: RawRefresh,
+    #[serde(default)]
+    provider: RawProvider,
+    #[serde(default)]
+    accounts: BTreeMap<String, Spanned<RawAccount>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawRefresh {
+    ratio: Option<Spanned<f64>>,
+    jitter: Option<Spanned<f64>>,
+    margin: Option<Spanned<RawDuration>>,
+    default_lifetime: Option<Spanned<RawDuration>>,
+    min_interval: Option<Spanned<RawDuration>>,
+    backoff_initial: Option<Spanned<RawDuration>>,
+    backoff_max: Option<Spanned<RawDuration>>,
+    slow_retry: Option<Spanned<RawDuration>>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    connect_timeout: Option<Spanned<RawDuration>>,
+    timeout: Option<Spanned<RawDuration>>,
+    max_response_bytes: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum RawGrant {
+    RefreshToken,
+    ClientCredentials,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    grant: RawGrant,
+    token_url: Spanned<String>,
+    client_id: Spanned<String>,
+    client_secret: Option<Spanned<RawSecret>>,
+    client_auth: Option<ClientAuth>,
+    request_format: Option<RequestFormat>,
+    scope: Option<Spanned<String>>,
+    refresh_token: Option<Spanned<RawSecret>>,
+    #[serde(default)]
+    extra_params: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    headers: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    allow_insecure_http: bool,
+    #[serde(default)]
+    refresh: RawRefresh,
+    timeout: Option<Spanned<RawDuration>>,
+}
+
+/// A secret as written: a literal string, `{ env = "NAME" }` or `{ file = "PATH" }`.
+#[derive(Clone)]
+enum RawSecret {
+    Literal(String),
+    Env(String),
+    File(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for RawSecret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawSecret;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a string, { env = "NAME" } or { file = "PATH" }"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawSecret, E> {
+                Ok(RawSecret::Literal(v.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawSecret, A::Error> {
+                let mut found = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    let value: String = map.next_value()?;
+                    let secret = match key.as_str() {
+                        "env" => RawSecret::Env(value),
+                        "file" => RawSecret::File(PathBuf::from(value)),
+                        other => {
+                            return Err(de::Error::unknown_field(other, &["env", "file"]));
+                        }
+                    };
+                    if found.replace(secret).is_some() {
+                        return Err(de::Error::custom(
+                            "a secret takes exactly one of `env` or `file`",
+                        ));
+                    }
+                }
+                found.ok_or_else(|| de::Error::custom("a secret needs `env` or `file`"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A duration as whole seconds (`60`) or a humane string (`"90s"`, `"5m"`, `"1h 30m"`).
+#[derive(Clone, Copy)]
+struct RawDuration(Duration);
+
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawDuration;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a duration: whole seconds or a string such as "90s" or "5m""#)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawDuration, E> {
+                u64::try_from(v)
+                    .map(|s| RawDuration(Duration::from_secs(s)))
+                    .map_err(|_| E::custom("a duration cannot be negative"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawDuration, E> {
+                humantime::parse_duration(v)
+                    .map(RawDuration)
+                    .map_err(|e| E::custom(format!("invalid duration {v:?}: {e}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Locations.
+
+struct Locator<'a> {
+    file: String,
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        (line, before[line_start..].chars().count() + 1)
+    }
+
+    fn problem(
+        &self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Problem {
+        let (line, column) = self.line_col(span.start);
+        Problem {
+            file: self.file.clone(),
+            line,
+            column,
+            key: key.into(),
+            message: msg.into(),
+        }
+    }
+
+    /// A TOML or shape error: toml gives a span and a message; the key is recovered from
+    /// the text (the table header above the span, and the key on the span's line).
+    fn parse_problem(&self, e: &toml::de::Error) -> Problem {
+        let span = e.span().unwrap_or(0..0);
+        let key = self.key_at(span.start);
+        self.problem(span, key, e.message().trim().to_string())
+    }
+
+    fn key_at(&self, offset: usize) -> String {
+        let offset = offset.min(self.text.len());
+        let line_start = self.text[..offset].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = self.text[offset..]
+            .find('\n')
+            .map_or(self.text.len(), |i| offset + i);
+        let line = &self.text[line_start..line_end];
+        let trimmed = line.trim();
+        let mut table = String::new();
+        let mut leaf = String::new();
+        if trimmed.starts_with('[') {
+            table = trimmed
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string();
+        } else {
+            if let Some(eq) = line.find('=') {
+                leaf = line[..eq].trim().to_string();
+            }
+            for prev in self.text[..line_start].lines().rev() {
+                let p = prev.trim();
+                if p.starts_with('[') {
+                    table = p.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+                    break;
+                }
+            }
+        }
+        match (table.is_empty(), leaf.is_empty()) {
+            (_, true) => table,
+            (true, false) => leaf,
+            (false, false) => format!("{table}.{leaf}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Validation: raw → Config, collecting every problem.
+
+struct Validator<'a> {
+    loc: &'a Locator<'a>,
+    env: &'a dyn Environment,
+    base_dir: PathBuf,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn report(&mut self, span: Range<usize>, key: impl Into<String>, msg: impl Into<String>) {
+        let p = self.loc.problem(span, key, msg);
+        self.problems.push(p);
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let listen = self.listen(raw.server.listen);
+        let dir = match raw.state.dir {
+            Some(d) => {
+                if d.get_ref().is_empty() {
+                    self.report(d.span(), "state.dir", "must not be empty");
+                }
+                PathBuf::from(d.into_inner())
+            }
+            // systemd's StateDirectory= tells us where the state lives.
+            None => self
+                .env
+                .var("STATE_DIRECTORY")
+                .and_then(|s| s.split(':').next().map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        };
+        let refresh = self.refresh(RefreshPolicy::default(), &raw.refresh, "refresh");
+        let limits = self.limits(&raw.provider);
+        let mut accounts = BTreeMap::new();
+        for (name, account) in raw.accounts {
+            let span = account.span();
+            let key = format!("accounts.{name}");
+            match AccountName::parse(&name) {
+                Ok(account_name) => {
+                    let a =
+                        self.account(account_name.clone(), account.into_inner(), refresh, limits);
+                    accounts.insert(account_name, Arc::new(a));
+                }
+                Err(msg) => self.report(span, key, msg),
+            }
+        }
+        Config {
+            server: ServerConfig { listen },
+            state: StateConfig { dir },
+            provider: limits,
+            accounts,
+        }
+    }
+
+    fn listen(&mut self, raw: Option<Spanned<Vec<Spanned<String>>>>) -> Vec<SocketAddr> {
+        let Some(raw) = raw else {
+            return vec![
+                DEFAULT_LISTEN
+                    .parse()
+                    .expect("the default listen address parses"),
+            ];
+        };
+        if raw.get_ref().is_empty() {
+            self.report(raw.span(), "server.listen", "needs at least one address");
+        }
+        let mut out = Vec::new();
+        for item in raw.into_inner() {
+            match item.get_ref().parse::<SocketAddr>() {
+                Ok(addr) if addr.ip().is_loopback() => out.push(addr),
+                Ok(addr) => self.report(
+                    item.span(),
+                    "server.listen",
+                    format!(
+                        "{addr} is not a loopback address: tokend serves tokens to local consumers only"
+                    ),
+                ),
+                Err(e) => self.report(
+                    item.span(),
+                    "server.listen",
+                    format!("{:?} is not an IP:port address: {e}", item.get_ref()),
+                ),
+            }
+        }
+        out
+    }
+
+    fn refresh(&mut self, base: RefreshPolicy, raw: &RawRefresh, prefix: &str) -> RefreshPolicy {
+        let mut p = base;
+        let fraction = |v: &mut Self,
+                        field: &Option<Spanned<f64>>,
+                        name: &str,
+                        lo: f64,
+                        hi: f64,
+                        dst: &mut f64| {
+            if let Some(f) = field {
+                let x = *f.get_ref();
+                if !(lo..=hi).contains(&x) {
+                    v.report(
+                        f.span(),
+                        format!("{prefix}.{name}"),
+                        format!("must be between {lo} and {hi}, not {x}"),
+                    );
+                } else {
+                    *dst = x;
+                }
+            }
+        };
+        fraction(self, &raw.ratio, "ratio", 0.1, 0.95, &mut p.ratio);
+        fraction(self, &raw.jitter, "jitter", 0.0, 0.3, &mut p.jitter);
+        let duration = |v: &mut Self,
+                        field: &Option<Spanned<RawDuration>>,
+                        name: &str,
+                        min: Duration,
+                        dst: &mut Duration| {
+            if let Some(d) = field {
+                let x = d.get_ref().0;
+                if x < min {
+                    v.report(
+                        d.span(),
+                        format!("{prefix}.{name}"),
+                        format!("must be at least {}", humantime::format_duration(min)),
+                    );
+                } else {
+                    *dst = x;
+                }
+            }
+        };
+        duration(self, &raw.margin, "margin", Duration::ZERO, &mut p.margin);
+        duration(
+            self,
+            &raw.default_lifetime,
+            "default_lifetime",
+            Duration::from_secs(1),
+            &mut p.default_lifetime,
+        );
+        duration(
+            self,
+            &raw.min_interval,
+            "min_interval",
+            Duration::ZERO,
+            &mut p.min_interval,
+        );
+        duration(
+            self,
+            &raw.backoff_initial,
+            "backoff_initial",
+            Duration::from_millis(1),
+            &mut p.backoff_initial,
+        );
+        duration(
+            self,
+            &raw.backoff_max,
+            "backoff_max",
+            Duration::from_millis(1),
+            &mut p.backoff_max,
+        );
+        duration(
+            self,
+            &raw.slow_retry,
+            "slow_retry",
+            Duration::from_secs(1),
+            &mut p.slow_retry,
+        );
+        if p.backoff_max < p.backoff_initial {
+            let span = raw
+                .backoff_max
+                .as_ref()
+                .or(raw.backoff_initial.as_ref())
+                .map_or(0..0, |s| s.span());
+            self.report(
+                span,
+                format!("{prefix}.backoff_max"),
+                "must not be less than backoff_initial",
+            );
+        }
+        p
+    }
+
+    fn limits(&mut self, raw: &RawProvider) -> ProviderLimits {
+        let mut l = ProviderLimits::default();
+        self.timeout(
+            &mut l.connect_timeout,
+            raw.connect_timeout.as_ref(),
+            "provider.connect_timeout",
+        );
+        self.timeout(&mut l.timeout, raw.timeout.as_ref(), "provider.timeout");
+        if let Some(m) = &raw.max_response_bytes {
+            if *m.get_ref() < 1024 {
+                self.report(
+                    m.span(),
+                    "provider.max_response_bytes",
+                    "must be at least 1024",
+                );
+            } else {
+                l.max_response_bytes = usize::try_from(*m.get_ref()).unwrap_or(usize::MAX);
+            }
+        }
+        l
+    }
+
+    fn timeout(&mut self, dst: &mut Duration, field: Option<&Spanned<RawDuration>>, key: &str) {
+        if let Some(d) = field {
+            if d.get_ref().0 < Duration::from_millis(10) {
+                self.report(d.span(), key, "must be at least 10ms");
+            } else {
+                *dst = d.get_ref().0;
+            }
+        }
+    }
+
+    fn secret(&mut self, raw: &Spanned<RawSecret>, key: &str) -> Option<Secret> {
+        let value = match raw.get_ref() {
+            RawSecret::Literal(s) => Ok(s.clone()),
+            RawSecret::Env(name) => self
+                .env
+                .var(name)
+                .ok_or_else(|| format!("environment variable {name} is not set")),
+            RawSecret::File(path) => {
+                let resolved = self.secret_path(path);
+                self.env
+                    .read_file(&resolved)
+                    .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+                    .map_err(|e| format!("cannot read secret file {}: {e}", resolved.display()))
+            }
+        };
+        match value {
+            Ok(v) if v.is_empty() => {
+                self.report(raw.span(), key, "the secret is empty");
+                None
+            }
+            Ok(v) => Some(Secret::new(v)),
+            Err(msg) => {
+                self.report(raw.span(), key, msg);
+                None
+            }
+        }
+    }
+
+    /// A relative secret path is looked up in systemd's credentials directory first (so
+    /// `LoadCredential=` works with bare names), then next to the config file.
+    fn secret_path(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            return path.to_path_buf();
+        }
+        if let Some(creds) = self.env.var("CREDENTIALS_DIRECTORY") {
+            let candidate = Path::new(&creds).join(path);
+            if self.env.read_file(&candidate).is_ok() {
+                return candidate;
+            }
+        }
+        self.base_dir.join(path)
+    }
+
+    fn account(
+        &mut self,
+        name: AccountName,
+        raw: RawAccount,
+        global_refresh: RefreshPolicy,
+        global_limits: ProviderLimits,
+    ) -> AccountConfig {
+        let k = |field: &str| format!("accounts.{name}.{field}");
+
+        let token_url = self.token_url(&raw.token_url, raw.allow_insecure_http, &k("token_url"));
+
+        let client_id = raw.client_id.get_ref().trim().to_string();
+        if client_id.is_empty() {
+            self.report(raw.client_id.span(), k("client_id"), "must not be empty");
+        }
+        let client_secret = raw
+            .client_secret
+            .as_ref()
+            .and_then(|s| self.secret(s, &k("client_secret")));
+        let client_auth = raw.client_auth.unwrap_or(ClientAuth::ClientSecretPost);
+        let request_format = raw.request_format.unwrap_or(RequestFormat::Form);
+
+        let account_span = raw.token_url.span();
+        let grant = match raw.grant {
+            RawGrant::RefreshToken => {
+                let seed = raw
+                    .refresh_token
+                    .as_ref()
+                    .and_then(|s| self.secret(s, &k("refresh_token")));
+                Grant::RefreshToken { seed }
+            }
+            RawGrant::ClientCredentials => {
+                if let Some(rt) = &raw.refresh_token {
+                    self.report(
+                        rt.span(),
+                        k("refresh_token"),
+                        "a client_credentials account takes no refresh_token",
+                    );
+                }
+                if raw.client_secret.is_none() {
+                    self.report(
+                        account_span.clone(),
+                        k("client_secret"),
+                        "a client_credentials account needs a client_secret",
+                    );
+                }
+                Grant::ClientCredentials
+            }
+        };
+        if client_auth == ClientAuth::ClientSecretBasic && raw.client_secret.is_none() {
+            self.report(
+                account_span,
+                k("client_secret"),
+                "client_auth = \"client_secret_basic\" needs a client_secret",
+            );
+        }
+
+        let scope = raw.scope.as_ref().and_then(|s| {
+            let v = s.get_ref().trim();
+            if v.is_empty() {
+                self.report(
+                    s.span(),
+                    k("scope"),
+                    "must not be empty (leave it out instead)",
+                );
+                None
+            } else {
+                Some(v.to_string())
+            }
+        });
+
+        const RESERVED: &[&str] = &[
+            "grant_type",
+            "refresh_token",
+            "client_id",
+            "client_secret",
+            "scope",
+            "code",
+            "code_verifier",
+            "redirect_uri",
+            "device_code",
+        ];
+        let mut extra_params = BTreeMap::new();
+        for (key, value) in raw.extra_params {
+            if RESERVED.contains(&key.as_str()) {
+                self.report(
+                    value.span(),
+                    k(&format!("extra_params.{key}")),
+                    format!("`{key}` is set by tokend itself and cannot be overridden"),
+                );
+            } else {
+                extra_params.insert(key, value.into_inner());
+            }
+        }
+
+        let mut headers = Vec::new();
+        for (key, value) in raw.headers {
+            let hk = k(&format!("headers.{key}"));
+            let Ok(header_name) = HeaderName::from_bytes(key.as_bytes()) else {
+                self.report(
+                    value.span(),
+                    hk,
+                    format!("{key:?} is not a valid HTTP header name"),
+                );
+                continue;
+            };
+            if header_name == http::header::AUTHORIZATION {
+                self.report(
+                    value.span(),
+                    hk,
+                    "Authorization is built from the token itself and cannot be set here",
+                );
+                continue;
+            }
+            match HeaderValue::from_str(value.get_ref()) {
+                Ok(v) => headers.push((header_name, v)),
+                Err(_) => self.report(value.span(), hk, "not a valid HTTP header value"),
+            }
+        }
+
+        let refresh = self.refresh(global_refresh, &raw.refresh, &k("refresh"));
+        let mut limits = global_limits;
+        self.timeout(&mut limits.timeout, raw.timeout.as_ref(), &k("timeout"));
+
+        AccountConfig {
+            name,
+            grant,
+            token_url: token_url.unwrap_or_else(|| {
+                Url::parse("https://invalid.invalid/").expect("literal URL parses")
+            }),
+            client_id,
+            client_secret,
+            client_auth,
+            request_format,
+            scope,
+            extra_params,
+            headers,
+            refresh,
+            limits,
+        }
+    }
+
+    fn token_url(&mut self, raw: &Spanned<String>, allow_http: bool, key: &str) -> Option<Url> {
+        let url = match Url::parse(raw.get_ref()) {
+            Ok(u) => u,
+            Err(e) => {
+                self.report(
+                    raw.span(),
+                    key,
+                    format!("{:?} is not a URL: {e}", raw.get_ref()),
+                );
+                return None;
+            }
+        };
+        match url.scheme() {
+            "https" => {}
+            "http" if allow_http || is_loopback_host(&url) => {}
+            "http" => {
+                self.report(
+                    raw.span(),
+                    key,
+                    "plain http:// sends secrets in clear text: use https://, a loopback address, or set allow_insecure_http = true",
+                );
+                return None;
+            }
+            other => {
+                self.report(
+                    raw.span(),
+                    key,
+                    format!("unsupported scheme {other:?}: use https://"),
+                );
+                return None;
+            }
+        }
+        if url.fragment().is_some() {
+            self.report(
+                raw.span(),
+                key,
+                "a token endpoint URL has no #fragment (RFC 6749 §3.2)",
+            );
+            return None;
+        }
+        Some(url)
+    }
+}
+
+fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
+    }
+}

@@ -1,0 +1,316 @@
+//! The local HTTP API: `router(state)` builds every route, its guards and its JSON errors.
+//! Handlers read published snapshots; only a reader that needs a fresher token than the
+//! published one waits, and then on the account's single in-flight refresh.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::clock::Clock;
+use crate::refresher::rfc3339;
+use crate::token_cell::{AccountHandle, DemandError, Registry, Served, Status};
+
+/// The header every token request must carry. A forged request (SSRF through a consumer
+/// that fetches URLs) cannot usually add headers, so this keeps such requests out.
+pub const REQUEST_HEADER: &str = "tokend-request";
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub registry: Arc<Registry>,
+    pub clock: Clock,
+}
+
+/// Every route of the API.
+pub fn router(state: ApiState) -> Router {
+    let token_routes = Router::new()
+        .route("/v1/token/{account}", get(token_json))
+        .route("/v1/token/{account}/access_token", get(token_plain))
+        .route_layer(middleware::from_fn(require_request_header));
+    Router::new()
+        .merge(token_routes)
+        .route("/v1/accounts", get(accounts))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// API errors: a stable `error` code and a human `error_description`, never a secret.
+#[derive(Debug)]
+pub enum ApiError {
+    MissingRequestHeader,
+    UnknownAccount(String),
+    BadRequest(String),
+    Unavailable {
+        account: String,
+        state: Status,
+        description: String,
+    },
+    NotFound,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, error, description, state) = match self {
+            ApiError::MissingRequestHeader => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "token requests must carry a non-empty Tokend-Request header".to_string(),
+                None,
+            ),
+            ApiError::UnknownAccount(name) => (
+                StatusCode::NOT_FOUND,
+                "unknown_account",
+                format!("no account named {name:?} is configured"),
+                None,
+            ),
+            ApiError::BadRequest(d) => (StatusCode::BAD_REQUEST, "invalid_request", d, None),
+            ApiError::Unavailable {
+                account,
+                state,
+                description,
+            } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "token_unavailable",
+                format!("account {account}: {description}"),
+                Some(state),
+            ),
+            ApiError::NotFound => (
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route".to_string(),
+                None,
+            ),
+        };
+        let mut body = json!({ "error": error, "error_description": description });
+        if let Some(s) = state {
+            body["state"] = Value::from(s.as_str());
+        }
+        let mut response = (status, Json(body)).into_response();
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+}
+
+async fn require_request_header(request: Request, next: Next) -> Response {
+    let present = request
+        .headers()
+        .get(REQUEST_HEADER)
+        .is_some_and(|v| !v.as_bytes().iter().all(u8::is_ascii_whitespace));
+    if !present {
+        return ApiError::MissingRequestHeader.into_response();
+    }
+    next.run(request).await
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    min_valid: Option<String>,
+}
+
+impl TokenQuery {
+    fn min_valid(&self) -> Result<Option<Duration>, ApiError> {
+        match &self.min_valid {
+            None => Ok(None),
+            Some(s) => s
+                .trim()
+                .parse::<u64>()
+                .map(|secs| Some(Duration::from_secs(secs)))
+                .map_err(|_| {
+                    ApiError::BadRequest(format!(
+                        "min_valid must be a whole number of seconds, not {s:?}"
+                    ))
+                }),
+        }
+    }
+}
+
+/// The token for `account`, valid at least `min_valid` (refreshing if need be).
+async fn current_token(
+    state: &ApiState,
+    account: &str,
+    query: &TokenQuery,
+) -> Result<(Arc<AccountHandle>, Arc<Served>), ApiError> {
+    let handle = state
+        .registry
+        .get(account)
+        .ok_or_else(|| ApiError::UnknownAccount(account.to_string()))?;
+    let min_valid = query.min_valid()?;
+    let now = state.clock.now();
+    if let Some(token) = handle
+        .snapshot()
+        .valid_token(now, min_valid.unwrap_or_default())
+    {
+        return Ok((handle.clone(), token.clone()));
+    }
+    let wait = handle.config.limits.timeout + Duration::from_secs(5);
+    match handle
+        .demand(min_valid.unwrap_or_default(), false, wait)
+        .await
+    {
+        Ok(token) => Ok((handle, token)),
+        Err(e) => {
+            let now = state.clock.now();
+            let status = match e {
+                DemandError::NeedsReauth(_) => Status::NeedsReauth,
+                _ => handle.snapshot().status_at(now),
+            };
+            Err(ApiError::Unavailable {
+                account: account.to_string(),
+                state: status,
+                description: e.to_string(),
+            })
+        }
+    }
+}
+
+fn no_store(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    response
+}
+
+async fn token_json(
+    State(state): State<ApiState>,
+    Path(account): Path<String>,
+    Query(query): Query<TokenQuery>,
+) -> Result<Response, ApiError> {
+    let (handle, token) = current_token(&state, &account, &query).await?;
+    let now = state.clock.now();
+    let mut headers = Map::new();
+    for (name, value) in &token.headers {
+        headers.insert(
+            canonical_header_name(name.as_str()),
+            Value::from(value.expose()),
+        );
+    }
+    let body = json!({
+        "account": handle.config.name.as_str(),
+        "access_token": token.access_token.expose(),
+        "token_type": token.token_type,
+        "expires_at": rfc3339(token.expires_at),
+        "expires_in": token.valid_for(now).as_secs(),
+        "scope": token.scope,
+        "headers": headers,
+    });
+    Ok(no_store(Json(body).into_response()))
+}
+
+async fn token_plain(
+    State(state): State<ApiState>,
+    Path(account): Path<String>,
+    Query(query): Query<TokenQuery>,
+) -> Result<Response, ApiError> {
+    let (_, token) = current_token(&state, &account, &query).await?;
+    let response = (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        token.access_token.expose().to_string(),
+    )
+        .into_response();
+    Ok(no_store(response))
+}
+
+/// `profile` → `Profile`, `x-api-key` → `X-Api-Key`: how consumers expect to see them.
+fn canonical_header_name(name: &str) -> String {
+    name.split('-')
+        .map(|part| {
+            let mut chars = part.chars();
+            match chars.next() {
+                Some(first) => first.to_ascii_uppercase().to_string() + chars.as_str(),
+                None => String::new(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+fn time_field(t: Option<SystemTime>) -> Value {
+    t.map_or(Value::Null, |t| Value::from(rfc3339(t)))
+}
+
+async fn accounts(State(state): State<ApiState>) -> Response {
+    let now = state.clock.now();
+    let list: Vec<Value> = state
+        .registry
+        .all()
+        .values()
+        .map(|handle| {
+            let snap = handle.snapshot();
+            let token = snap.token.as_ref();
+            json!({
+                "account": handle.config.name.as_str(),
+                "state": snap.status_at(now).as_str(),
+                "grant": handle.config.grant.as_str(),
+                "token_url": handle.config.token_url.as_str(),
+                "expires_at": time_field(token.map(|t| t.expires_at)),
+                "expires_in": token.map(|t| t.valid_for(now).as_secs()),
+                "last_refresh": time_field(snap.last_refresh),
+                "next_refresh": time_field(snap.next_refresh),
+                "last_error": snap.last_error,
+                "refresh_token_issued_at": time_field(snap.refresh_token_issued_at),
+            })
+        })
+        .collect();
+    no_store(Json(json!({ "accounts": list })).into_response())
+}
+
+async fn healthz() -> Response {
+    Json(json!({ "status": "alive" })).into_response()
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    let now = state.clock.now();
+    let not_ready: Vec<Value> = state
+        .registry
+        .all()
+        .values()
+        .filter_map(|handle| {
+            let snap = handle.snapshot();
+            match snap.valid_token(now, Duration::ZERO) {
+                Some(_) => None,
+                None => Some(json!({
+                    "account": handle.config.name.as_str(),
+                    "state": snap.status_at(now).as_str(),
+                    "last_error": snap.last_error,
+                })),
+            }
+        })
+        .collect();
+    if not_ready.is_empty() {
+        Json(json!({ "ready": true })).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "not_ready": not_ready })),
+        )
+            .into_response()
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_names_are_shown_in_canonical_case() {
+        assert_eq!(canonical_header_name("profile"), "Profile");
+        assert_eq!(canonical_header_name("authorization"), "Authorization");
+        assert_eq!(canonical_header_name("x-api-key"), "X-Api-Key");
+    }
+}

@@ -1,0 +1,38 @@
+//! tokend keeps OAuth 2.0 access tokens fresh for backend services and serves them on
+//! loopback. Data flows one way:
+//!
+//! ```text
+//! config ──▶ app ──▶ refresher (one task per account) ──▶ token_cell ──▶ http
+//!                        │   ▲                                  ▲
+//!                        ▼   │                                  │
+//!                     provider (token endpoint)          readers' demands
+//!                        │
+//!                      store (durable state, written before a token is published)
+//! ```
+//!
+//! - [`config`]: TOML → validated [`config::Config`]; every error names file, line, key.
+//! - [`secret`]: the secret type: redacted, zeroized, one `expose()`.
+//! - [`provider`]: token requests and response parsing; typed, classified errors.
+//! - [`schedule`]: pure timing math (refresh time, jitter, backoff).
+//! - [`clock`]: wall-clock time and clock-jump detection.
+//! - [`refresher`]: the per-account task: mark → call → persist → publish.
+//! - [`store`]: the narrow persistence interface and the atomic file store.
+//! - [`token_cell`]: the published per-account snapshot and reader demands.
+//! - [`http`]: the loopback API (`router()`), its guards and errors.
+//! - [`app`]: wiring, signals, reload, shutdown.
+//! - [`cli`] and [`demo`]: the command line, and `tokend demo`.
+//! - [`fake_provider`]: the embedded OAuth provider of the demo and the tests.
+
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod fake_provider;
+pub mod http;
+pub mod provider;
+pub mod refresher;
+pub mod schedule;
+pub mod secret;
+pub mod store;
+pub mod token_cell;

@@ -1,0 +1,477 @@
+//! One task per account: sleeps until the next refresh (or retry, or save retry), serves
+//! readers' demands, and on each refresh does, in this order: mark the rotation in flight
+//! → call the provider → persist the new state → publish the new token. Timing comes from
+//! `schedule`; expiry is judged on the wall clock and re-planned when it jumps.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::clock::Clock;
+use crate::config::{AccountConfig, Grant};
+use crate::provider::{ErrorClass, Provider, TokenGrant, jwt_exp};
+use crate::schedule;
+use crate::store::{AccessToken, State, Store, StoreError};
+use crate::token_cell::{AccountHandle, Demand, DemandError, Served, Snapshot, Status};
+
+/// Everything a refresher needs from outside.
+pub struct Deps {
+    pub store: Arc<dyn Store>,
+    pub provider: Provider,
+    pub clock: Clock,
+    pub jumps: watch::Receiver<u64>,
+}
+
+/// The per-account task's state.
+pub struct Refresher {
+    config: Arc<AccountConfig>,
+    handle: Arc<AccountHandle>,
+    deps: Deps,
+    demands: mpsc::Receiver<Demand>,
+    /// What is (or must become) durable.
+    state: State,
+    /// `state` differs from what the store holds: a save failed and is retried.
+    unsaved: bool,
+    save_error: Option<String>,
+    save_attempt: u32,
+    save_retry_at: Option<SystemTime>,
+    served: Option<Arc<Served>>,
+    /// Planned refresh of a healthy token.
+    refresh_at: Option<SystemTime>,
+    /// Retry after a failed refresh; replaces `refresh_at` while set.
+    retry_at: Option<SystemTime>,
+    attempt: u32,
+    last_error: Option<String>,
+    needs_reauth: Option<String>,
+    /// The state was found with a rotation in flight: the process died mid-refresh.
+    recovering_crash: bool,
+    /// When the provider was last called, for the `min_interval` guard on demands.
+    last_call: Option<Instant>,
+    refreshing: bool,
+}
+
+impl Refresher {
+    /// Builds the refresher from the stored state (and the config's seed), publishes the
+    /// initial snapshot, and returns the handle readers use.
+    pub async fn prepare(
+        config: Arc<AccountConfig>,
+        deps: Deps,
+    ) -> (Refresher, Arc<AccountHandle>) {
+        let (tx, rx) = mpsc::channel(256);
+        let handle = Arc::new(AccountHandle {
+            config: config.clone(),
+            cell: arc_swap::ArcSwap::from_pointee(Snapshot::pending()),
+            demands: tx,
+        });
+        let name = &config.name;
+        let mut load_error = None;
+        let loaded = match deps.store.load(name).await {
+            Ok(state) => state,
+            Err(e) => {
+                error!(account = %name, error = %e, "cannot load the persisted state; starting from the configured seed");
+                load_error = Some(e.to_string());
+                None
+            }
+        };
+        let now = deps.clock.now();
+        let mut r = Refresher {
+            config: config.clone(),
+            handle: handle.clone(),
+            deps,
+            demands: rx,
+            state: loaded.unwrap_or_default(),
+            unsaved: false,
+            save_error: None,
+            save_attempt: 0,
+            save_retry_at: None,
+            served: None,
+            refresh_at: None,
+            retry_at: None,
+            attempt: 0,
+            last_error: load_error,
+            needs_reauth: None,
+            recovering_crash: false,
+            last_call: None,
+            refreshing: false,
+        };
+        r.adopt_seed(now);
+        if r.state.refresh_in_flight_since.is_some() {
+            warn!(account = %name, "the last run stopped with a refresh in flight; retrying at once with the stored refresh token");
+            r.recovering_crash = true;
+            r.refresh_at = Some(now);
+        }
+        if let Some(access) = &r.state.access {
+            r.served = Some(Arc::new(Served::new(access, &config.headers)));
+            if r.refresh_at.is_none() {
+                r.refresh_at = Some(r.plan_refresh(access));
+            }
+            info!(account = %name, expires_at = %rfc3339(access.expires_at), "loaded a persisted access token");
+        }
+        r.publish();
+        (r, handle)
+    }
+
+    /// The config's seed refresh token is used when nothing is stored, or when it differs
+    /// from the seed the stored token descends from (the operator re-seeded).
+    fn adopt_seed(&mut self, now: SystemTime) {
+        let Grant::RefreshToken { seed } = &self.config.grant else {
+            return;
+        };
+        if let Some(seed) = seed {
+            let fingerprint = seed.fingerprint();
+            let fresh_seed = self.state.seed_fingerprint.as_deref() != Some(fingerprint.as_str());
+            if self.state.refresh_token.is_none() || fresh_seed {
+                if self.state.refresh_token.is_some() {
+                    info!(account = %self.config.name, "the configured refresh token changed; it replaces the stored one");
+                }
+                self.state.refresh_token = Some(seed.clone());
+                self.state.seed_fingerprint = Some(fingerprint);
+                self.state.refresh_token_issued_at = Some(now);
+                self.state.refresh_in_flight_since = None;
+                self.unsaved = true;
+            }
+        }
+        if self.state.refresh_token.is_none() {
+            self.needs_reauth = Some(format!(
+                "no refresh token: set accounts.{}.refresh_token in the config",
+                self.config.name
+            ));
+        }
+    }
+
+    fn plan_refresh(&self, access: &AccessToken) -> SystemTime {
+        let lifetime = access
+            .expires_at
+            .duration_since(access.issued_at)
+            .unwrap_or(Duration::ZERO);
+        access.issued_at + schedule::refresh_delay(lifetime, &self.config.refresh, rand::random())
+    }
+
+    /// The refresher's loop; returns on cancellation after saving anything unsaved.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        if self.unsaved {
+            self.save().await;
+        }
+        let mut watch_jumps = true;
+        loop {
+            let wake = self.next_wake();
+            let sleep = async {
+                match wake {
+                    Some(at) => tokio::time::sleep(self.deps.clock.until(at)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                Some(demand) = self.demands.recv() => self.on_demand(demand).await,
+                changed = self.deps.jumps.changed(), if watch_jumps => {
+                    // Re-plan: the loop recomputes the sleep from the wall clock.
+                    if changed.is_err() {
+                        watch_jumps = false;
+                    }
+                }
+                _ = sleep => self.on_timer().await,
+            }
+        }
+        if self.unsaved {
+            self.save().await;
+        }
+        // Readers waiting on this refresher get a clear answer, not a dropped channel.
+        self.demands.close();
+        while let Ok(d) = self.demands.try_recv() {
+            let _ = d.reply.send(Err(DemandError::Gone));
+        }
+        debug!(account = %self.config.name, "refresher stopped");
+    }
+
+    fn next_wake(&self) -> Option<SystemTime> {
+        let refresh = if self.needs_reauth.is_some() {
+            None
+        } else if self.retry_at.is_some() {
+            self.retry_at
+        } else if self.served.is_none() {
+            Some(self.deps.clock.now())
+        } else {
+            self.refresh_at
+        };
+        let save = self.unsaved.then_some(self.save_retry_at).flatten();
+        match (refresh, save) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    async fn on_timer(&mut self) {
+        let now = self.deps.clock.now();
+        if self.unsaved && self.save_retry_at.is_some_and(|t| t <= now) {
+            self.save().await;
+        }
+        if self.next_wake().is_some_and(|t| t <= self.deps.clock.now())
+            && self.needs_reauth.is_none()
+        {
+            self.refresh().await;
+        }
+    }
+
+    async fn on_demand(&mut self, demand: Demand) {
+        let now = self.deps.clock.now();
+        if !demand.force
+            && let Some(t) = self
+                .served
+                .as_ref()
+                .filter(|t| t.satisfies(now, demand.min_valid))
+        {
+            let _ = demand.reply.send(Ok(t.clone()));
+            return;
+        }
+        if let Some(reason) = &self.needs_reauth {
+            let _ = demand
+                .reply
+                .send(Err(DemandError::NeedsReauth(reason.clone())));
+            return;
+        }
+        if !demand.force {
+            if let Some(retry_at) = self.retry_at.filter(|t| *t > now) {
+                let _ = demand.reply.send(Err(DemandError::Failing {
+                    error: self.last_error.clone().unwrap_or_default(),
+                    retry_in: retry_at.duration_since(now).unwrap_or_default(),
+                }));
+                return;
+            }
+            let min_interval = self.config.refresh.min_interval;
+            if self.last_call.is_some_and(|t| t.elapsed() < min_interval) {
+                let valid_for = self
+                    .served
+                    .as_ref()
+                    .map_or(Duration::ZERO, |t| t.valid_for(now));
+                let _ = demand.reply.send(Err(DemandError::TooShort {
+                    valid_for,
+                    min_valid: demand.min_valid,
+                }));
+                return;
+            }
+        }
+        let mut waiting = vec![demand];
+        self.refresh().await;
+        // Every reader that queued up during the refresh shares its result.
+        while let Ok(d) = self.demands.try_recv() {
+            waiting.push(d);
+        }
+        let now = self.deps.clock.now();
+        for d in waiting {
+            let answer = match (&self.served, &self.needs_reauth) {
+                (_, Some(reason)) => Err(DemandError::NeedsReauth(reason.clone())),
+                (Some(t), _) if t.satisfies(now, d.min_valid) => Ok(t.clone()),
+                (_, _) if self.retry_at.is_some() => Err(DemandError::Failing {
+                    error: self.last_error.clone().unwrap_or_default(),
+                    retry_in: self
+                        .retry_at
+                        .and_then(|t| t.duration_since(now).ok())
+                        .unwrap_or_default(),
+                }),
+                (t, _) => Err(DemandError::TooShort {
+                    valid_for: t.as_ref().map_or(Duration::ZERO, |t| t.valid_for(now)),
+                    min_valid: d.min_valid,
+                }),
+            };
+            let _ = d.reply.send(answer);
+        }
+    }
+
+    /// One refresh: mark → call → persist → publish.
+    async fn refresh(&mut self) {
+        let name = self.config.name.clone();
+        let rotating = matches!(self.config.grant, Grant::RefreshToken { .. });
+        let refresh_token = self.state.refresh_token.clone();
+        let grant = match (&self.config.grant, &refresh_token) {
+            (Grant::ClientCredentials, _) => TokenGrant::ClientCredentials,
+            (Grant::RefreshToken { .. }, Some(rt)) => TokenGrant::RefreshToken(rt),
+            (Grant::RefreshToken { .. }, None) => return,
+        };
+        self.refreshing = true;
+        self.publish();
+
+        // A crash between the provider rotating the refresh token and our save would lose
+        // it; the mark lets the next start know to retry at once, inside the provider's
+        // reuse window.
+        if rotating && self.state.refresh_in_flight_since.is_none() {
+            self.state.refresh_in_flight_since = Some(self.deps.clock.now());
+            self.unsaved = true;
+            self.save().await;
+        }
+
+        let started = Instant::now();
+        self.last_call = Some(started);
+        debug!(account = %name, grant = grant.as_str(), url = %self.config.token_url, "requesting a token");
+        let result = self.deps.provider.request_token(&self.config, grant).await;
+        let elapsed = started.elapsed();
+        self.refreshing = false;
+        let now = self.deps.clock.now();
+        match result {
+            Ok(response) => {
+                let lifetime = schedule::lifetime(
+                    response.expires_in,
+                    jwt_exp(response.access_token.expose()),
+                    now,
+                    &self.config.refresh,
+                );
+                let rotated = response
+                    .refresh_token
+                    .as_ref()
+                    .is_some_and(|new| Some(new) != self.state.refresh_token.as_ref());
+                if rotated {
+                    self.state.refresh_token = response.refresh_token.clone();
+                    self.state.refresh_token_issued_at = Some(now);
+                }
+                let access = AccessToken {
+                    token: response.access_token,
+                    token_type: response.token_type,
+                    expires_at: now + lifetime,
+                    // RFC 6749 §5.1: an omitted scope is the scope requested.
+                    scope: response.scope.or_else(|| self.config.scope.clone()),
+                    issued_at: now,
+                };
+                self.refresh_at = Some(self.plan_refresh(&access));
+                self.state.access = Some(access);
+                self.state.refresh_in_flight_since = None;
+                self.state.last_refresh = Some(now);
+                self.retry_at = None;
+                self.attempt = 0;
+                self.last_error = None;
+                self.recovering_crash = false;
+                // Durable before served: a rotated refresh token is on disk before anyone
+                // can act on the new access token. If the disk refuses, the token is
+                // served from memory all the same (the old refresh token is dead anyway)
+                // and the save is retried; the account shows `degraded` until it lands.
+                self.unsaved = true;
+                self.save().await;
+                let access = self.state.access.as_ref().expect("just set");
+                self.served = Some(Arc::new(Served::new(access, &self.config.headers)));
+                info!(
+                    account = %name,
+                    outcome = "ok",
+                    expires_at = %rfc3339(access.expires_at),
+                    lifetime_s = lifetime.as_secs(),
+                    rotated,
+                    took_ms = elapsed.as_millis() as u64,
+                    "refreshed"
+                );
+            }
+            Err(e) => {
+                self.attempt = self.attempt.saturating_add(1);
+                let retry_after = e.retry_after().map(|ra| ra.delay_from(now));
+                let policy = &self.config.refresh;
+                let message = e.to_string();
+                match e.class() {
+                    ErrorClass::InvalidGrant if rotating => {
+                        let reason = if self.recovering_crash
+                            || self.state.refresh_in_flight_since.is_some()
+                        {
+                            format!(
+                                "the provider rejected the refresh token ({message}) after a refresh was interrupted (crash or lost response): the rotated refresh token was lost; re-authorize the account and set a new refresh_token"
+                            )
+                        } else {
+                            format!(
+                                "the provider rejected the refresh token ({message}); re-authorize the account and set a new refresh_token"
+                            )
+                        };
+                        error!(account = %name, outcome = "needs_reauth", error = %message, "refresh token rejected; refreshing stops until the config or state changes");
+                        self.needs_reauth = Some(reason.clone());
+                        self.last_error = Some(reason);
+                        self.retry_at = None;
+                    }
+                    ErrorClass::Transient => {
+                        let delay = schedule::backoff(
+                            self.attempt - 1,
+                            policy,
+                            rand::random(),
+                            retry_after,
+                        );
+                        warn!(account = %name, outcome = "transient_error", error = %message, attempt = self.attempt, retry_in_ms = delay.as_millis() as u64, "refresh failed; retrying");
+                        self.retry_at = Some(now + delay);
+                        self.last_error = Some(message);
+                    }
+                    ErrorClass::InvalidGrant | ErrorClass::Permanent => {
+                        let delay = schedule::backoff(
+                            self.attempt - 1,
+                            policy,
+                            rand::random(),
+                            retry_after,
+                        )
+                        .max(policy.slow_retry);
+                        let hint = match e.oauth_error() {
+                            Some("invalid_client") => {
+                                " (check client_id, client_secret and client_auth)"
+                            }
+                            _ => "",
+                        };
+                        error!(account = %name, outcome = "permanent_error", error = %message, retry_in_s = delay.as_secs(), "refresh rejected{hint}; retrying slowly");
+                        self.retry_at = Some(now + delay);
+                        self.last_error = Some(format!("{message}{hint}"));
+                    }
+                }
+            }
+        }
+        self.publish();
+    }
+
+    async fn save(&mut self) {
+        match self.deps.store.save(&self.config.name, &self.state).await {
+            Ok(()) => {
+                if self.save_error.take().is_some() {
+                    info!(account = %self.config.name, "state saved again after earlier failures");
+                }
+                self.unsaved = false;
+                self.save_attempt = 0;
+                self.save_retry_at = None;
+            }
+            Err(e) => self.on_save_error(e),
+        }
+    }
+
+    fn on_save_error(&mut self, e: StoreError) {
+        let delay = schedule::backoff(self.save_attempt, &self.config.refresh, 1.0, None)
+            .max(Duration::from_secs(1));
+        self.save_attempt = self.save_attempt.saturating_add(1);
+        error!(account = %self.config.name, error = %e, retry_in_s = delay.as_secs(), "cannot persist the account state; keeping it in memory and retrying");
+        self.save_error = Some(e.to_string());
+        self.save_retry_at = Some(self.deps.clock.now() + delay);
+    }
+
+    fn publish(&self) {
+        let status = if self.needs_reauth.is_some() {
+            Status::NeedsReauth
+        } else if self.refreshing {
+            Status::Refreshing
+        } else if self.served.is_none() {
+            Status::Pending
+        } else if self.last_error.is_some() || self.save_error.is_some() {
+            Status::Degraded
+        } else {
+            Status::Ok
+        };
+        let last_error = match (&self.last_error, &self.save_error) {
+            (Some(e), _) => Some(e.clone()),
+            (None, Some(s)) => Some(s.clone()),
+            (None, None) => None,
+        };
+        self.handle.publish(Snapshot {
+            status,
+            token: self.served.clone(),
+            last_refresh: self.state.last_refresh,
+            next_refresh: self.next_wake(),
+            last_error,
+            refresh_token_issued_at: self.state.refresh_token_issued_at,
+        });
+    }
+}
+
+/// RFC 3339 in UTC, second precision.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}

@@ -1,0 +1,488 @@
+//! Durable per-account state behind a narrow [`Store`] interface, and the file-backed
+//! implementation: one JSON file per account, written atomically (temp file, fsync,
+//! rename, fsync dir), mode 0600 in a 0700 directory guarded by an exclusive lock.
+//!
+//! The interface is what a second backend (a shared, distributed store) must provide;
+//! nothing outside this module knows that the state lives in files.
+
+use std::fs::{self, File, OpenOptions};
+use std::future::Future;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
+
+use crate::config::AccountName;
+use crate::secret::Secret;
+
+/// The state file format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// What survives a restart for one account.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct State {
+    pub refresh_token: Option<Secret>,
+    /// Fingerprint of the config seed this refresh token descends from: a different seed
+    /// in the config means the operator re-seeded, and the new seed wins.
+    pub seed_fingerprint: Option<String>,
+    /// When the current refresh token was issued (first seen).
+    pub refresh_token_issued_at: Option<SystemTime>,
+    pub access: Option<AccessToken>,
+    /// Set before a refresh that may rotate the refresh token is sent, cleared by the
+    /// save that records its outcome. Found set at start, it means the process died with
+    /// a rotation in flight.
+    pub refresh_in_flight_since: Option<SystemTime>,
+    /// Last successful refresh.
+    pub last_refresh: Option<SystemTime>,
+}
+
+/// An access token as issued, with its wall-clock expiry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessToken {
+    pub token: Secret,
+    pub token_type: String,
+    pub expires_at: SystemTime,
+    pub scope: Option<String>,
+    pub issued_at: SystemTime,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot use state directory {dir}: {source}")]
+    Dir { dir: PathBuf, source: io::Error },
+    #[error("state directory {dir} is locked by another running tokend ({holder})")]
+    Locked { dir: PathBuf, holder: String },
+    #[error(
+        "state directory {dir} is writable by other users (mode {mode:o}); run chmod 700 on it"
+    )]
+    Insecure { dir: PathBuf, mode: u32 },
+    #[error("cannot read state for account {account} from {path}: {source}")]
+    Read {
+        account: AccountName,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error(
+        "state for account {account} in {path} is unreadable ({reason}); it was kept aside as {kept_as}"
+    )]
+    Corrupt {
+        account: AccountName,
+        path: PathBuf,
+        reason: String,
+        kept_as: PathBuf,
+    },
+    #[error("cannot write state for account {account} to {path}: {source}")]
+    Write {
+        account: AccountName,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Durable state, one record per account. `save` returns only once the record is durable;
+/// a failed `save` leaves the previous record intact.
+pub trait Store: Send + Sync + 'static {
+    fn load<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<State>>;
+    fn save<'a>(&'a self, account: &'a AccountName, state: &'a State) -> StoreFuture<'a, ()>;
+    /// Where the account's record lives, for humans (`tokend check`, errors).
+    fn location(&self, account: &AccountName) -> String;
+}
+
+/// The file-backed store. Holding it holds the state directory's lock.
+pub struct FileStore {
+    dir: PathBuf,
+    _lock: File,
+}
+
+const LOCK_FILE: &str = ".lock";
+const TEMP_PREFIX: &str = ".tokend-";
+const TEMP_SUFFIX: &str = ".tmp";
+
+impl FileStore {
+    /// Opens (creating with mode 0700 if needed) and locks the state directory.
+    pub fn open(dir: &Path) -> Result<Arc<FileStore>, StoreError> {
+        let dir_err = |source| StoreError::Dir {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(dir_err)?;
+        let mode = fs::metadata(dir).map_err(dir_err)?.permissions().mode();
+        if mode & 0o022 != 0 {
+            return Err(StoreError::Insecure {
+                dir: dir.to_path_buf(),
+                mode: mode & 0o7777,
+            });
+        }
+        let lock_path = dir.join(LOCK_FILE);
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(dir_err)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&lock_path)
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .map_or_else(|| "pid unknown".to_string(), |pid| format!("pid {pid}"));
+                return Err(StoreError::Locked {
+                    dir: dir.to_path_buf(),
+                    holder,
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(dir_err(e)),
+        }
+        lock.set_len(0).map_err(dir_err)?;
+        writeln!(lock, "{}", std::process::id()).map_err(dir_err)?;
+        remove_stale_temp_files(dir);
+        Ok(Arc::new(FileStore {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        }))
+    }
+
+    pub fn path(&self, account: &AccountName) -> PathBuf {
+        state_path(&self.dir, account)
+    }
+}
+
+fn load_blocking(dir: &Path, account: &AccountName) -> Result<Option<State>, StoreError> {
+    let path = state_path(dir, account);
+    let mut bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(StoreError::Read {
+                account: account.clone(),
+                path,
+                source,
+            });
+        }
+    };
+    let parsed = decode(&bytes, account);
+    bytes.zeroize();
+    match parsed {
+        Ok(state) => Ok(Some(state)),
+        Err(reason) => {
+            // Never delete what may be the only copy of a refresh token: move it aside
+            // for a human, and let the account start from its seed.
+            let kept_as = aside_path(&path);
+            if let Err(source) = fs::rename(&path, &kept_as) {
+                return Err(StoreError::Read {
+                    account: account.clone(),
+                    path,
+                    source,
+                });
+            }
+            let _ = sync_dir(dir);
+            Err(StoreError::Corrupt {
+                account: account.clone(),
+                path,
+                reason,
+                kept_as,
+            })
+        }
+    }
+}
+
+/// The state file of `account` in `dir`.
+pub fn state_path(dir: &Path, account: &AccountName) -> PathBuf {
+    dir.join(format!("{account}.json"))
+}
+
+impl Store for FileStore {
+    fn load<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<State>> {
+        Box::pin(async move {
+            let dir = self.dir.clone();
+            let owned = account.clone();
+            tokio::task::spawn_blocking(move || load_blocking(&dir, &owned))
+                .await
+                .unwrap_or_else(|join| {
+                    Err(StoreError::Read {
+                        account: account.clone(),
+                        path: self.path(account),
+                        source: io::Error::other(join.to_string()),
+                    })
+                })
+        })
+    }
+
+    fn save<'a>(&'a self, account: &'a AccountName, state: &'a State) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let bytes = encode(account, state);
+            let dir = self.dir.clone();
+            let path = self.path(account);
+            let target = path.clone();
+            let result =
+                tokio::task::spawn_blocking(move || write_atomically(&dir, &target, bytes)).await;
+            let result = result.unwrap_or_else(|join| Err(io::Error::other(join.to_string())));
+            result.map_err(|source| StoreError::Write {
+                account: account.clone(),
+                path,
+                source,
+            })
+        })
+    }
+
+    fn location(&self, account: &AccountName) -> String {
+        self.path(account).display().to_string()
+    }
+}
+
+/// temp file in the same directory → write → fsync → rename over the target → fsync the
+/// directory. A crash at any point leaves either the old or the new file, never a torn one.
+fn write_atomically(dir: &Path, target: &Path, mut bytes: Vec<u8>) -> io::Result<()> {
+    let result = (|| {
+        let mut tmp = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .suffix(TEMP_SUFFIX)
+            .permissions(fs::Permissions::from_mode(0o600))
+            .tempfile_in(dir)?;
+        tmp.write_all(&bytes)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(target).map_err(|e| e.error)?;
+        sync_dir(dir)
+    })();
+    bytes.zeroize();
+    result
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn aside_path(path: &Path) -> PathBuf {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".corrupt-{stamp}"));
+    path.with_file_name(name)
+}
+
+/// Temp files left by a process killed mid-write hold nothing the real files lack.
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The on-disk format.
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire {
+    version: u32,
+    account: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seed_fingerprint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token_issued_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    access: Option<WireAccess>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_in_flight_since: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_refresh: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireAccess {
+    token: String,
+    token_type: String,
+    expires_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scope: Option<String>,
+    issued_at: u64,
+}
+
+fn to_unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+fn from_unix(s: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(s)
+}
+
+fn encode(account: &AccountName, state: &State) -> Vec<u8> {
+    let mut wire = Wire {
+        version: FORMAT_VERSION,
+        account: account.to_string(),
+        refresh_token: state.refresh_token.as_ref().map(|s| s.expose().to_string()),
+        seed_fingerprint: state.seed_fingerprint.clone(),
+        refresh_token_issued_at: state.refresh_token_issued_at.map(to_unix),
+        access: state.access.as_ref().map(|a| WireAccess {
+            token: a.token.expose().to_string(),
+            token_type: a.token_type.clone(),
+            expires_at: to_unix(a.expires_at),
+            scope: a.scope.clone(),
+            issued_at: to_unix(a.issued_at),
+        }),
+        refresh_in_flight_since: state.refresh_in_flight_since.map(to_unix),
+        last_refresh: state.last_refresh.map(to_unix),
+    };
+    let mut bytes = serde_json::to_vec_pretty(&wire).expect("state serializes");
+    bytes.push(b'\n');
+    wire.refresh_token.zeroize();
+    if let Some(a) = wire.access.as_mut() {
+        a.token.zeroize();
+    }
+    bytes
+}
+
+fn decode(bytes: &[u8], account: &AccountName) -> Result<State, String> {
+    if bytes.is_empty() {
+        return Err("the file is empty".into());
+    }
+    // serde_json's messages name line and column but never echo the input's values.
+    let mut wire: Wire = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if wire.version != FORMAT_VERSION {
+        return Err(format!(
+            "format version {} is not {FORMAT_VERSION}, the one this tokend understands",
+            wire.version
+        ));
+    }
+    if wire.account != account.as_str() {
+        return Err(format!("the file belongs to account {:?}", wire.account));
+    }
+    let state = State {
+        refresh_token: wire.refresh_token.take().map(Secret::new),
+        seed_fingerprint: wire.seed_fingerprint.take(),
+        refresh_token_issued_at: wire.refresh_token_issued_at.map(from_unix),
+        access: wire.access.take().map(|a| AccessToken {
+            token: Secret::new(a.token),
+            token_type: a.token_type,
+            expires_at: from_unix(a.expires_at),
+            scope: a.scope,
+            issued_at: from_unix(a.issued_at),
+        }),
+        refresh_in_flight_since: wire.refresh_in_flight_since.map(from_unix),
+        last_refresh: wire.last_refresh.map(from_unix),
+    };
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> AccountName {
+        AccountName::parse(s).unwrap()
+    }
+
+    fn sample() -> State {
+        State {
+            refresh_token: Some(Secret::new("rt-1")),
+            seed_fingerprint: Some("abc".into()),
+            refresh_token_issued_at: Some(from_unix(1_700_000_000)),
+            access: Some(AccessToken {
+                token: Secret::new("at-1"),
+                token_type: "Bearer".into(),
+                expires_at: from_unix(1_700_003_600),
+                scope: Some("a b".into()),
+                issued_at: from_unix(1_700_000_000),
+            }),
+            refresh_in_flight_since: None,
+            last_refresh: Some(from_unix(1_700_000_000)),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn save_then_load_round_trips_with_private_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let store = FileStore::open(&dir).unwrap();
+        let a = name("acct");
+        assert_eq!(store.load(&a).await.unwrap(), None);
+        store.save(&a, &sample()).await.unwrap();
+        assert_eq!(store.load(&a).await.unwrap(), Some(sample()));
+        let file_mode = fs::metadata(store.path(&a)).unwrap().permissions().mode();
+        assert_eq!(file_mode & 0o777, 0o600);
+        let dir_mode = fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
+        // No temp files are left behind.
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_dir_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let _first = FileStore::open(tmp.path()).unwrap();
+        let err = FileStore::open(tmp.path())
+            .err()
+            .expect("second open must fail");
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("pid {}", std::process::id()))
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_corrupt_file_is_kept_aside_not_deleted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).unwrap();
+        let a = name("acct");
+        fs::write(store.path(&a), b"{\"version\": 1, \"acc").unwrap();
+        let err = store.load(&a).await.unwrap_err();
+        let StoreError::Corrupt { kept_as, .. } = &err else {
+            panic!("expected Corrupt, got {err}");
+        };
+        assert_eq!(fs::read(kept_as).unwrap(), b"{\"version\": 1, \"acc");
+        assert!(err.to_string().contains("acct"));
+        // The account starts afresh: no file now, so the next load finds nothing.
+        assert_eq!(store.load(&a).await.unwrap(), None);
+    }
+
+    #[test]
+    fn decode_rejects_other_versions_and_accounts_without_echoing_secrets() {
+        let bytes = encode(&name("a"), &sample());
+        assert!(decode(&bytes, &name("b")).unwrap_err().contains("\"a\""));
+        let text = String::from_utf8(bytes)
+            .unwrap()
+            .replace("\"version\": 1", "\"version\": 9");
+        let err = decode(text.as_bytes(), &name("a")).unwrap_err();
+        assert!(err.contains("version 9"), "{err}");
+        assert!(!err.contains("rt-1"));
+    }
+
+    #[test]
+    fn stale_temp_files_are_swept_at_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join(".tokend-abc.tmp"), b"partial").unwrap();
+        let _store = FileStore::open(tmp.path()).unwrap();
+        assert!(!tmp.path().join(".tokend-abc.tmp").exists());
+    }
+}

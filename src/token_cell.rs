@@ -1,0 +1,223 @@
+//! What each account publishes to readers: a snapshot (status, current token, last
+//! error) in an `ArcSwap`, so an HTTP handler reads it with one atomic load and never
+//! waits on a refresh; and the channel through which readers ask the account's
+//! refresher for a fresher token.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use http::{HeaderName, HeaderValue};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{AccountConfig, AccountName};
+use crate::secret::Secret;
+use crate::store::AccessToken;
+
+/// An account's state as shown to consumers and operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// No token yet; the first one is being fetched.
+    Pending,
+    Ok,
+    /// A refresh is in flight; the current token (if any) is still served.
+    Refreshing,
+    /// Refreshing fails (or the state cannot be saved) but the token is still valid.
+    Degraded,
+    /// The token has expired and no new one could be obtained.
+    Expired,
+    /// The refresh token was rejected or is missing: a human must re-authorize.
+    NeedsReauth,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Ok => "ok",
+            Status::Refreshing => "refreshing",
+            Status::Degraded => "degraded",
+            Status::Expired => "expired",
+            Status::NeedsReauth => "needs_reauth",
+        }
+    }
+}
+
+/// A token ready to serve: the access token with the headers a consumer must send.
+#[derive(Debug)]
+pub struct Served {
+    pub access_token: Secret,
+    pub token_type: String,
+    pub expires_at: SystemTime,
+    pub scope: Option<String>,
+    /// `Authorization` first, then the account's extra headers.
+    pub headers: Vec<(HeaderName, Secret)>,
+}
+
+impl Served {
+    pub fn new(access: &AccessToken, extra_headers: &[(HeaderName, HeaderValue)]) -> Served {
+        let mut headers = Vec::with_capacity(1 + extra_headers.len());
+        headers.push((
+            http::header::AUTHORIZATION,
+            Secret::new(format!("{} {}", access.token_type, access.token.expose())),
+        ));
+        for (name, value) in extra_headers {
+            // Validated as visible ASCII at config time.
+            let text = value.to_str().unwrap_or_default();
+            headers.push((name.clone(), Secret::new(text)));
+        }
+        Served {
+            access_token: access.token.clone(),
+            token_type: access.token_type.clone(),
+            expires_at: access.expires_at,
+            scope: access.scope.clone(),
+            headers,
+        }
+    }
+
+    /// How long the token stays valid after `now` (zero once expired).
+    pub fn valid_for(&self, now: SystemTime) -> Duration {
+        self.expires_at
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// Whether it is still valid at `now` for at least `min_valid` (and at least a second,
+    /// so a token is never handed out in its last instant).
+    pub fn satisfies(&self, now: SystemTime, min_valid: Duration) -> bool {
+        self.valid_for(now) >= min_valid.max(Duration::from_secs(1))
+    }
+}
+
+/// One account's published view.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub status: Status,
+    pub token: Option<Arc<Served>>,
+    pub last_refresh: Option<SystemTime>,
+    pub next_refresh: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub refresh_token_issued_at: Option<SystemTime>,
+}
+
+impl Snapshot {
+    pub fn pending() -> Snapshot {
+        Snapshot {
+            status: Status::Pending,
+            token: None,
+            last_refresh: None,
+            next_refresh: None,
+            last_error: None,
+            refresh_token_issued_at: None,
+        }
+    }
+
+    /// The status as of `now`: a token that has run out shows as `expired` even before
+    /// the refresher notices, since expiry is judged on the wall clock at read time.
+    pub fn status_at(&self, now: SystemTime) -> Status {
+        match (&self.token, self.status) {
+            (_, Status::NeedsReauth) => Status::NeedsReauth,
+            (Some(t), _) if !t.satisfies(now, Duration::ZERO) => Status::Expired,
+            (None, Status::Ok | Status::Degraded) => Status::Expired,
+            (_, s) => s,
+        }
+    }
+
+    /// The token, if it is valid for at least `min_valid` at `now`.
+    pub fn valid_token(&self, now: SystemTime, min_valid: Duration) -> Option<&Arc<Served>> {
+        self.token.as_ref().filter(|t| t.satisfies(now, min_valid))
+    }
+}
+
+/// A reader's request for a token valid at least `min_valid` (or, with `force`, a
+/// newly issued one). Requests queued while a refresh runs share its result.
+#[derive(Debug)]
+pub struct Demand {
+    pub min_valid: Duration,
+    pub force: bool,
+    pub reply: oneshot::Sender<Result<Arc<Served>, DemandError>>,
+}
+
+/// Why a demand could not be met; mapped to 503 with the account's state.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DemandError {
+    #[error("{0}")]
+    NeedsReauth(String),
+    #[error("refreshing fails: {error}; next attempt in {}", humantime::format_duration(*retry_in))]
+    Failing { error: String, retry_in: Duration },
+    #[error("the provider issues tokens valid for {}, less than the {} asked for", humantime::format_duration(*valid_for), humantime::format_duration(*min_valid))]
+    TooShort {
+        valid_for: Duration,
+        min_valid: Duration,
+    },
+    #[error("the account is shutting down or being reloaded")]
+    Gone,
+}
+
+/// The shared face of one running account: its config, its published snapshot and the
+/// way to reach its refresher.
+#[derive(Debug)]
+pub struct AccountHandle {
+    pub config: Arc<AccountConfig>,
+    pub cell: ArcSwap<Snapshot>,
+    pub demands: mpsc::Sender<Demand>,
+}
+
+impl AccountHandle {
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.cell.load()
+    }
+
+    pub fn publish(&self, snapshot: Snapshot) {
+        self.cell.store(Arc::new(snapshot));
+    }
+
+    /// Asks the refresher; it answers at once when it cannot help (re-auth needed,
+    /// backing off) and otherwise after one refresh shared by every waiting reader.
+    pub async fn demand(
+        &self,
+        min_valid: Duration,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<Arc<Served>, DemandError> {
+        let (reply, answer) = oneshot::channel();
+        let demand = Demand {
+            min_valid,
+            force,
+            reply,
+        };
+        if self.demands.send(demand).await.is_err() {
+            return Err(DemandError::Gone);
+        }
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(DemandError::Gone),
+            Err(_) => Err(DemandError::Failing {
+                error: "the refresh did not finish in time".into(),
+                retry_in: Duration::ZERO,
+            }),
+        }
+    }
+}
+
+/// Every running account by name. Swapped whole on reload; readers load it atomically.
+#[derive(Debug, Default)]
+pub struct Registry {
+    accounts: ArcSwap<BTreeMap<AccountName, Arc<AccountHandle>>>,
+}
+
+impl Registry {
+    pub fn get(&self, name: &str) -> Option<Arc<AccountHandle>> {
+        let name = AccountName::parse(name).ok()?;
+        self.accounts.load().get(&name).cloned()
+    }
+
+    pub fn all(&self) -> Arc<BTreeMap<AccountName, Arc<AccountHandle>>> {
+        self.accounts.load_full()
+    }
+
+    pub fn replace(&self, accounts: BTreeMap<AccountName, Arc<AccountHandle>>) {
+        self.accounts.store(Arc::new(accounts));
+    }
+}

@@ -97,7 +97,7 @@ impl Clock {
                 let mono = Instant::now();
                 let mono_elapsed = mono - last_mono;
                 let skew = match wall.duration_since(last_wall) {
-                    Ok(wall_elapsed) => abs_diff(wall_elapsed, mono_elapsed),
+                    Ok(wall_elapsed) => wall_elapsed.abs_diff(mono_elapsed),
                     Err(back) => back.duration() + mono_elapsed,
                 };
                 if skew > JUMP_THRESHOLD {
@@ -113,10 +113,6 @@ impl Clock {
         });
         rx
     }
-}
-
-fn abs_diff(a: Duration, b: Duration) -> Duration {
-    if a > b { a - b } else { b - a }
 }
 
 #[cfg(test)]

@@ -979,3 +979,254 @@ fn is_loopback_host(url: &Url) -> bool {
         None => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct FakeEnv {
+        vars: HashMap<String, String>,
+        files: HashMap<PathBuf, String>,
+    }
+
+    impl Environment for FakeEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.vars.get(name).cloned()
+        }
+        fn read_file(&self, path: &Path) -> std::io::Result<String> {
+            self.files
+                .get(path)
+                .cloned()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"))
+        }
+    }
+
+    fn env() -> FakeEnv {
+        let mut e = FakeEnv::default();
+        e.vars
+            .insert("ZYWAVE_CLIENT_SECRET".into(), "zy-secret".into());
+        e.files
+            .insert(PathBuf::from("/run/secrets/zywave-rt"), "rt-seed\n".into());
+        e
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_str_at(text, Path::new("/etc/tokend/tokend.toml"), &env())
+    }
+
+    const FULL: &str = r#"
+[server]
+listen = ["127.0.0.1:8731", "[::1]:8731"]
+
+[state]
+dir = "/var/lib/tokend"
+
+[refresh]
+margin = "2m"
+min_interval = 30
+
+[accounts.zywave]
+grant = "refresh_token"
+token_url = "https://auth.zywave.com/connect/token"
+client_id = "my-client"
+client_secret = { env = "ZYWAVE_CLIENT_SECRET" }
+client_auth = "client_secret_post"
+request_format = "form"
+scope = "offline_access accounts:read"
+refresh_token = { file = "/run/secrets/zywave-rt" }
+extra_params = { audience = "x" }
+headers = { Profile = "B 1234" }
+
+[accounts.zywave.refresh]
+ratio = 0.7
+
+[accounts.zephr]
+grant = "refresh_token"
+token_url = "https://console.zephr.com/zephr/oauth2/token"
+client_id = "zephr-client"
+client_secret = "literal-secret"
+client_auth = "client_secret_basic"
+request_format = "json"
+timeout = "5s"
+"#;
+
+    #[test]
+    fn a_full_config_validates_with_secrets_resolved_and_policies_merged() {
+        let c = load(FULL).unwrap();
+        assert_eq!(c.server.listen.len(), 2);
+        let z = &c.accounts[&AccountName::parse("zywave").unwrap()];
+        assert_eq!(z.client_secret.as_ref().unwrap().expose(), "zy-secret");
+        let Grant::RefreshToken { seed: Some(seed) } = &z.grant else {
+            panic!("seed expected")
+        };
+        assert_eq!(
+            seed.expose(),
+            "rt-seed",
+            "trailing newline of a secret file is trimmed"
+        );
+        assert_eq!(z.refresh.ratio, 0.7);
+        assert_eq!(
+            z.refresh.margin,
+            Duration::from_secs(120),
+            "global [refresh] applies"
+        );
+        assert_eq!(z.refresh.min_interval, Duration::from_secs(30));
+        assert_eq!(z.headers[0].0.as_str(), "profile");
+        assert_eq!(z.extra_params["audience"], "x");
+        let zephr = &c.accounts[&AccountName::parse("zephr").unwrap()];
+        assert_eq!(zephr.client_auth, ClientAuth::ClientSecretBasic);
+        assert_eq!(zephr.request_format, RequestFormat::Json);
+        assert_eq!(zephr.limits.timeout, Duration::from_secs(5));
+        assert_eq!(zephr.refresh.ratio, 0.8, "defaults where nothing is set");
+        assert!(
+            !format!("{c:?}").contains("zy-secret"),
+            "Debug never shows secrets"
+        );
+    }
+
+    #[test]
+    fn an_empty_config_gets_the_documented_defaults() {
+        let c = load("").unwrap();
+        assert_eq!(c.server.listen, vec!["127.0.0.1:8731".parse().unwrap()]);
+        assert_eq!(c.state.dir, PathBuf::from("/var/lib/tokend"));
+        assert!(c.accounts.is_empty());
+    }
+
+    #[test]
+    fn an_unknown_key_names_file_line_column_and_key() {
+        let text = "[accounts.a]\ngrant = \"client_credentials\"\ntoken_url = \"https://x/t\"\nclient_id = \"c\"\nclient_secret = \"s\"\nclient_sercet = \"typo\"\n";
+        let err = load(text).unwrap_err();
+        let p = &err.problems[0];
+        assert_eq!((p.line, p.column), (6, 1), "{err}");
+        assert_eq!(p.key, "accounts.a.client_sercet");
+        assert!(p.message.contains("unknown field"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("/etc/tokend/tokend.toml:6:1: key `accounts.a.client_sercet`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_wrong_enum_value_is_located() {
+        let text =
+            "[accounts.a]\ngrant = \"password\"\ntoken_url = \"https://x/t\"\nclient_id = \"c\"\n";
+        let err = load(text).unwrap_err();
+        assert_eq!(err.problems[0].line, 2, "{err}");
+        assert_eq!(err.problems[0].key, "accounts.a.grant");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_at_once_with_its_place() {
+        let text = r#"
+[server]
+listen = ["0.0.0.0:8731"]
+
+[accounts.a]
+grant = "refresh_token"
+token_url = "http://auth.example.com/token"
+client_id = "c"
+client_secret = { env = "MISSING_SECRET" }
+extra_params = { grant_type = "password" }
+headers = { Authorization = "Bearer x" }
+
+[accounts.b]
+grant = "client_credentials"
+token_url = "not a url"
+client_id = "c"
+"#;
+        let err = load(text).unwrap_err();
+        let keys: Vec<(&str, usize)> = err
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
+        assert!(keys.contains(&("server.listen", 3)), "{err}");
+        assert!(keys.contains(&("accounts.a.token_url", 7)), "{err}");
+        assert!(keys.contains(&("accounts.a.client_secret", 9)), "{err}");
+        assert!(
+            keys.contains(&("accounts.a.extra_params.grant_type", 10)),
+            "{err}"
+        );
+        assert!(
+            keys.contains(&("accounts.a.headers.Authorization", 11)),
+            "{err}"
+        );
+        assert!(keys.contains(&("accounts.b.token_url", 15)), "{err}");
+        assert!(
+            keys.iter().any(|(k, _)| *k == "accounts.b.client_secret"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("MISSING_SECRET is not set"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn plain_http_is_allowed_only_on_loopback_or_by_explicit_opt_in() {
+        let account = |url: &str, opt_in: bool| {
+            format!(
+                "[accounts.a]\ngrant = \"client_credentials\"\ntoken_url = \"{url}\"\nclient_id = \"c\"\nclient_secret = \"s\"\nallow_insecure_http = {opt_in}\n"
+            )
+        };
+        assert!(load(&account("http://127.0.0.1:9000/token", false)).is_ok());
+        assert!(load(&account("http://localhost:9000/token", false)).is_ok());
+        assert!(load(&account("http://[::1]:9000/token", false)).is_ok());
+        let err = load(&account("http://auth.internal/token", false)).unwrap_err();
+        assert!(err.to_string().contains("allow_insecure_http"), "{err}");
+        assert!(load(&account("http://auth.internal/token", true)).is_ok());
+    }
+
+    #[test]
+    fn account_names_must_be_safe_file_and_path_names() {
+        for bad in ["../etc", ".hidden", "a b", "", "-x"] {
+            assert!(AccountName::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["zywave", "tenant-42.prod", "A_b"] {
+            assert!(AccountName::parse(good).is_ok(), "{good:?} refused");
+        }
+        let err = load("[accounts.\"a/b\"]\ngrant = \"client_credentials\"\ntoken_url = \"https://x/t\"\nclient_id = \"c\"\nclient_secret = \"s\"\n").unwrap_err();
+        assert_eq!(err.problems[0].key, "accounts.a/b", "{err}");
+    }
+
+    #[test]
+    fn out_of_range_timing_knobs_are_refused() {
+        let err = load("[refresh]\nratio = 1.5\nbackoff_initial = \"10m\"\nbackoff_max = \"1m\"\nmargin = \"soon\"\n").unwrap_err();
+        assert!(err.to_string().contains("margin"), "{err}");
+        let err = load("[refresh]\nratio = 1.5\nbackoff_initial = \"10m\"\nbackoff_max = \"1m\"\n")
+            .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["refresh.ratio", "refresh.backoff_max"], "{err}");
+    }
+
+    #[test]
+    fn relative_secret_files_come_from_the_credentials_directory_first() {
+        let mut e = env();
+        e.vars.insert(
+            "CREDENTIALS_DIRECTORY".into(),
+            "/run/credentials/tokend.service".into(),
+        );
+        e.files.insert(
+            PathBuf::from("/run/credentials/tokend.service/cc"),
+            "from-creds".into(),
+        );
+        e.files
+            .insert(PathBuf::from("/etc/tokend/other"), "from-config-dir".into());
+        let text = "[accounts.a]\ngrant = \"client_credentials\"\ntoken_url = \"https://x/t\"\nclient_id = \"c\"\nclient_secret = { file = \"cc\" }\n[accounts.b]\ngrant = \"client_credentials\"\ntoken_url = \"https://x/t\"\nclient_id = \"c\"\nclient_secret = { file = \"other\" }\n";
+        let c = Config::from_str_at(text, Path::new("/etc/tokend/tokend.toml"), &e).unwrap();
+        let secret = |n: &str| {
+            c.accounts[&AccountName::parse(n).unwrap()]
+                .client_secret
+                .as_ref()
+                .unwrap()
+                .expose()
+                .to_string()
+        };
+        assert_eq!(secret("a"), "from-creds");
+        assert_eq!(secret("b"), "from-config-dir");
+    }
+}

@@ -187,6 +187,11 @@ impl FakeProvider {
         self.lock().faults.extend(faults);
     }
 
+    /// Drops every fault not yet used.
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
     pub fn counts(&self) -> Counts {
         self.lock().counts.clone()
     }
@@ -217,9 +222,8 @@ impl FakeProvider {
             .with_state(self.clone())
     }
 
-    fn answer(&self, headers: &HeaderMap, body: &[u8]) -> Result<Value, Response> {
+    fn answer(&self, headers: &HeaderMap, body: &[u8]) -> Result<Value, Reject> {
         let mut inner = self.lock();
-        inner.counts.token_requests += 1;
         let now = self.clock.now();
 
         let is_json = headers
@@ -417,7 +421,14 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     Some((decode(id), decode(secret)))
 }
 
-fn oauth_error(status: u16, error: &str, description: &str) -> Response {
+/// An OAuth error answer (RFC 6749 §5.2): status, `error`, `error_description`.
+struct Reject(u16, &'static str, &'static str);
+
+fn oauth_error(status: u16, error: &'static str, description: &'static str) -> Reject {
+    Reject(status, error, description)
+}
+
+fn reject_response(Reject(status, error, description): Reject) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
     (
         status,
@@ -431,35 +442,34 @@ async fn token_endpoint(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fault = provider.lock().faults.pop_front();
+    // Counted on arrival: a caller that times out during a hang never sees the answer.
+    let fault = {
+        let mut inner = provider.lock();
+        inner.counts.token_requests += 1;
+        inner.faults.pop_front()
+    };
     match fault {
         None => {}
         Some(Fault::Hang(d)) => tokio::time::sleep(d).await,
         Some(Fault::Status(code)) => {
-            provider.lock().counts.token_requests += 1;
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return (status, "upstream trouble").into_response();
         }
         Some(Fault::RetryAfter(code, after)) => {
-            provider.lock().counts.token_requests += 1;
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
             return (status, [(header::RETRY_AFTER, after)], "slow down").into_response();
         }
         Some(Fault::OAuthError(code, error)) => {
-            provider.lock().counts.token_requests += 1;
-            return oauth_error(code, error, "scripted error");
+            return reject_response(oauth_error(code, error, "scripted error"));
         }
         Some(Fault::Garbage) => {
-            provider.lock().counts.token_requests += 1;
             return (StatusCode::OK, "<html>not json</html>").into_response();
         }
         Some(Fault::Oversized(n)) => {
-            provider.lock().counts.token_requests += 1;
             let pad = "x".repeat(n);
             return Json(json!({ "access_token": "big", "padding": pad })).into_response();
         }
         Some(Fault::NoAccessToken) => {
-            provider.lock().counts.token_requests += 1;
             return Json(json!({ "token_type": "bearer", "expires_in": 60 })).into_response();
         }
         Some(Fault::LoseResponse) => {
@@ -476,7 +486,7 @@ async fn token_endpoint(
             );
             response
         }
-        Err(response) => response,
+        Err(reject) => reject_response(reject),
     }
 }
 

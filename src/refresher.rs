@@ -49,6 +49,9 @@ pub struct Refresher {
     needs_reauth: Option<String>,
     /// The state was found with a rotation in flight: the process died mid-refresh.
     recovering_crash: bool,
+    /// A rotating request ended without a definitive answer (timeout, lost response):
+    /// the provider may have rotated the refresh token without us seeing the new one.
+    rotation_uncertain: bool,
     /// When the provider was last called, for the `min_interval` guard on demands.
     last_call: Option<Instant>,
     refreshing: bool,
@@ -95,6 +98,7 @@ impl Refresher {
             last_error: load_error,
             needs_reauth: None,
             recovering_crash: false,
+            rotation_uncertain: false,
             last_call: None,
             refreshing: false,
         };
@@ -210,6 +214,7 @@ impl Refresher {
         let now = self.deps.clock.now();
         if self.unsaved && self.save_retry_at.is_some_and(|t| t <= now) {
             self.save().await;
+            self.publish();
         }
         if self.next_wake().is_some_and(|t| t <= self.deps.clock.now())
             && self.needs_reauth.is_none()
@@ -344,6 +349,7 @@ impl Refresher {
                 self.attempt = 0;
                 self.last_error = None;
                 self.recovering_crash = false;
+                self.rotation_uncertain = false;
                 // Durable before served: a rotated refresh token is on disk before anyone
                 // can act on the new access token. If the disk refuses, the token is
                 // served from memory all the same (the old refresh token is dead anyway)
@@ -369,9 +375,7 @@ impl Refresher {
                 let message = e.to_string();
                 match e.class() {
                     ErrorClass::InvalidGrant if rotating => {
-                        let reason = if self.recovering_crash
-                            || self.state.refresh_in_flight_since.is_some()
-                        {
+                        let reason = if self.recovering_crash || self.rotation_uncertain {
                             format!(
                                 "the provider rejected the refresh token ({message}) after a refresh was interrupted (crash or lost response): the rotated refresh token was lost; re-authorize the account and set a new refresh_token"
                             )
@@ -386,6 +390,9 @@ impl Refresher {
                         self.retry_at = None;
                     }
                     ErrorClass::Transient => {
+                        // Only an OAuth error is a definitive "not done"; after anything
+                        // else the provider may have rotated the token.
+                        self.rotation_uncertain |= rotating && e.oauth_error().is_none();
                         let delay = schedule::backoff(
                             self.attempt - 1,
                             policy,

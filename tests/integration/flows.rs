@@ -1,0 +1,407 @@
+//! Refresh, persistence and API flows through the library on a paused clock: what a
+//! consumer sees over time, what lands on disk, what survives a restart.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use tokend::clock::Clock;
+
+use crate::harness::*;
+
+#[tokio::test(start_paused = true)]
+async fn tokens_are_refreshed_before_expiry_and_never_served_expired() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(300));
+    let seed = fake.grant_refresh_token("zy-client", Some("offline_access accounts:read"));
+    let accounts = zywave_account("zy", &seed) + &client_credentials_account("cc");
+    let h = Harness::start(fake, clock, &accounts).await;
+
+    // Over an hour of virtual time, polled every 10 s: always a token the provider
+    // accepts, with time left.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..360 {
+        for account in ["zy", "cc"] {
+            let (status, body) = h.get(&format!("/v1/token/{account}")).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let token = body["access_token"].as_str().unwrap();
+            assert!(
+                h.fake.is_valid_access_token(token),
+                "served a token the provider rejects"
+            );
+            assert!(body["expires_in"].as_u64().unwrap() >= 1);
+            seen.insert(token.to_string());
+        }
+        h.advance(Duration::from_secs(10)).await;
+    }
+    // 300 s tokens refresh at 240 s (80%, and the 60 s margin): 15 per account per hour.
+    let counts = h.fake.counts();
+    assert!((14..=17).contains(&counts.refresh_grants), "{counts:?}");
+    assert!(
+        (14..=17).contains(&counts.client_credentials_grants),
+        "{counts:?}"
+    );
+    assert!(seen.len() as u64 >= counts.issued - 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_token_response_has_the_documented_shape() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(3600));
+    let seed = fake.grant_refresh_token("zy-client", Some("offline_access accounts:read"));
+    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    h.advance(Duration::from_millis(10)).await;
+
+    let (status, body) = h.get("/v1/token/zy").await;
+    assert_eq!(status, StatusCode::OK);
+    let token = body["access_token"].as_str().unwrap();
+    assert_eq!(body["account"], "zy");
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["scope"], "offline_access accounts:read");
+    // 10 ms into its life: whole seconds left, rounded down.
+    assert_eq!(body["expires_in"], 3599);
+    assert_eq!(body["expires_at"], "2027-01-15T09:00:00Z");
+    assert_eq!(body["headers"]["Authorization"], format!("Bearer {token}"));
+    assert_eq!(body["headers"]["Profile"], "B 1234");
+
+    let (status, plain) = h.raw("/v1/token/zy/access_token", true).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(plain, token.as_bytes());
+}
+
+#[tokio::test(start_paused = true)]
+async fn api_guards_and_errors() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(3600));
+    let seed = fake.grant_refresh_token("zy-client", None);
+    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    h.advance(Duration::from_millis(10)).await;
+
+    for uri in [
+        "/v1/token/zy",
+        "/v1/token/zy/access_token",
+        "/v1/token/nope",
+    ] {
+        let (status, body) = h.request(uri, false).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{uri}");
+        assert_eq!(body["error"], "forbidden");
+        assert!(body.get("access_token").is_none());
+    }
+    let (status, body) = h.get("/v1/token/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"], "unknown_account");
+    let (status, body) = h.get("/v1/token/zy?min_valid=soon").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("min_valid")
+    );
+    let (status, _) = h.get("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+
+    // /v1/accounts tells state and timing, never a secret.
+    let (status, raw) = h.raw("/v1/accounts", false).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(raw).unwrap();
+    let token = h.token("zy").await;
+    for secret in [token.as_str(), seed.as_str(), "zy-secret"] {
+        assert!(
+            !text.contains(secret),
+            "/v1/accounts leaks a secret: {text}"
+        );
+    }
+    let state = h.account_state("zy").await;
+    assert_eq!(state["state"], "ok");
+    assert_eq!(state["grant"], "refresh_token");
+    assert!(state["last_refresh"].is_string() && state["next_refresh"].is_string());
+}
+
+#[tokio::test(start_paused = true)]
+async fn readyz_waits_for_every_account() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(3600));
+    // One account can never get a token: its refresh token is unknown to the provider.
+    let good = fake.grant_refresh_token("zy-client", None);
+    let accounts = zywave_account("good", &good) + &zywave_account("bad", "rt-unknown");
+    let h = Harness::start(fake, clock, &accounts).await;
+    h.advance(Duration::from_millis(10)).await;
+    let (status, body) = h.get("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["not_ready"].as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(body["not_ready"][0]["account"], "bad");
+    assert_eq!(body["not_ready"][0]["state"], "needs_reauth");
+    let (status, body) = h.get("/v1/token/bad").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["state"], "needs_reauth");
+    assert_eq!(body["error"], "token_unavailable");
+}
+
+#[tokio::test(start_paused = true)]
+async fn rotated_refresh_token_is_persisted_and_survives_a_restart() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(120));
+    let seed = fake.grant_refresh_token("zy-client", None);
+    let accounts = zywave_account("zy", &seed);
+    let h = Harness::start(fake, clock, &accounts).await;
+    h.advance(Duration::from_secs(200)).await; // initial fetch + one refresh
+    assert!(h.fake.counts().refresh_grants >= 2);
+
+    let file = h.state_file("zy");
+    let stored_rt = file["refresh_token"].as_str().unwrap().to_string();
+    assert!(
+        h.fake.is_live_refresh_token(&stored_rt),
+        "the file holds the live refresh token"
+    );
+    assert!(
+        !h.fake.is_live_refresh_token(&seed),
+        "the seed was rotated out"
+    );
+    assert_eq!(file["version"], 1);
+    assert!(
+        file.get("refresh_in_flight_since").is_none(),
+        "no rotation left marked in flight"
+    );
+    let served = h.token("zy").await;
+    assert_eq!(file["access"]["token"], served.as_str());
+
+    let (fake, clock, dir) = h.stop().await;
+    let before = fake.counts();
+    let store = tokend::store::FileStore::open(dir.path()).unwrap();
+    let h = Harness::start_with_store(fake, clock, &accounts, dir, store).await;
+    // Served at once from disk, with no provider call.
+    assert_eq!(h.token("zy").await, served);
+    assert_eq!(h.fake.counts(), before);
+    // And the next refresh uses the persisted (rotated) refresh token successfully.
+    h.advance(Duration::from_secs(120)).await;
+    assert_eq!(h.fake.counts().rejected, 0);
+    assert!(h.fake.counts().refresh_grants > before.refresh_grants);
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_min_valid_readers_share_one_refresh() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(600));
+    let seed = fake.grant_refresh_token("zy-client", None);
+    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    h.advance(Duration::from_secs(30)).await;
+    let first = h.token("zy").await;
+    let calls = h.fake.counts().refresh_grants;
+
+    // Satisfied by the current token: no provider call.
+    let (status, body) = h.get("/v1/token/zy?min_valid=300").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["access_token"], first.as_str());
+    assert_eq!(h.fake.counts().refresh_grants, calls);
+
+    // 570 s left; 50 readers want 590 s: one refresh serves them all.
+    let mut readers = Vec::new();
+    for _ in 0..50 {
+        let api = h.api.clone();
+        readers.push(tokio::spawn(async move {
+            use tower::ServiceExt;
+            let req = http::Request::get("/v1/token/zy?min_valid=590")
+                .header("Tokend-Request", "1")
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let resp = api.oneshot(req).await.unwrap();
+            let status = resp.status();
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            (status, json["access_token"].as_str().map(str::to_string))
+        }));
+    }
+    let mut tokens = std::collections::HashSet::new();
+    for r in readers {
+        let (status, token) = r.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        tokens.insert(token.unwrap());
+    }
+    assert_eq!(
+        h.fake.counts().refresh_grants,
+        calls + 1,
+        "one provider call for the herd"
+    );
+    assert_eq!(tokens.len(), 1);
+    assert!(!tokens.contains(&first));
+}
+
+#[tokio::test(start_paused = true)]
+async fn min_valid_beyond_the_provider_lifetime_is_refused_without_a_loop() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(600));
+    let seed = fake.grant_refresh_token("zy-client", None);
+    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    h.advance(Duration::from_secs(1)).await;
+    let calls = h.fake.counts().token_requests;
+    for _ in 0..20 {
+        let (status, body) = h.get("/v1/token/zy?min_valid=3600").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body["error_description"]
+                .as_str()
+                .unwrap()
+                .contains("less than"),
+            "{body}"
+        );
+    }
+    // At most one refresh tried within min_interval, however many readers ask.
+    assert!(h.fake.counts().token_requests <= calls + 1);
+    // Ordinary readers are unaffected.
+    assert_eq!(h.get("/v1/token/zy").await.0, StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_seed_provider_style_is_spoken() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(3600));
+    let zy = fake.grant_refresh_token("zy-client", Some("offline_access accounts:read"));
+    let zephr =
+        fake.grant_refresh_token("zephr-client", Some("user.account:read user.profile:read"));
+    let accounts = zywave_account("zy", &zy)
+        + &zephr_account("zephr", &zephr)
+        + &client_credentials_account("cc");
+    let h = Harness::start(fake, clock, &accounts).await;
+    h.advance(Duration::from_millis(10)).await;
+    for account in ["zy", "zephr", "cc"] {
+        let token = h.token(account).await;
+        assert!(h.fake.is_valid_access_token(&token), "{account}");
+    }
+    // Zephr's comma-separated scope is served space-separated.
+    let (_, body) = h.get("/v1/token/zephr").await;
+    assert_eq!(body["scope"], "user.account:read user.profile:read");
+    // The generic endpoint's string expires_in is honoured.
+    let (_, body) = h.get("/v1/token/cc").await;
+    assert_eq!(body["expires_in"], 3599);
+    assert_eq!(h.fake.counts().rejected, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_jwt_without_expires_in_is_scheduled_from_its_exp_claim() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(900));
+    fake.register(tokend::fake_provider::ClientSpec {
+        jwt_without_expires_in: true,
+        ..tokend::fake_provider::ClientSpec::generic_client_credentials("cc-client", "cc-secret")
+    });
+    let h = Harness::start(fake, clock, &client_credentials_account("cc")).await;
+    h.advance(Duration::from_millis(10)).await;
+    let (_, body) = h.get("/v1/token/cc").await;
+    assert_eq!(
+        body["expires_in"], 899,
+        "from the exp claim, not the 1 h default"
+    );
+    h.advance(Duration::from_secs(720)).await; // 80% of 900 s
+    assert_eq!(h.fake.counts().client_credentials_grants, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_seed_in_the_config_replaces_the_stored_refresh_token() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(3600));
+    let seed = fake.grant_refresh_token("zy-client", None);
+    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    h.advance(Duration::from_secs(1)).await;
+    let old_rt = h.state_file("zy")["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Restart with the same seed: the stored, rotated token is kept.
+    let (fake, clock, dir) = h.stop().await;
+    let store = tokend::store::FileStore::open(dir.path()).unwrap();
+    let h = Harness::start_with_store(fake, clock, &zywave_account("zy", &seed), dir, store).await;
+    h.advance(Duration::from_millis(10)).await;
+    assert_eq!(h.state_file("zy")["refresh_token"], old_rt.as_str());
+
+    // Restart with a new seed: it wins.
+    let (fake, clock, dir) = h.stop().await;
+    let new_seed = fake.grant_refresh_token("zy-client", None);
+    let store = tokend::store::FileStore::open(dir.path()).unwrap();
+    let h =
+        Harness::start_with_store(fake, clock, &zywave_account("zy", &new_seed), dir, store).await;
+    h.advance(Duration::from_millis(10)).await;
+    assert_eq!(h.state_file("zy")["refresh_token"], new_seed.as_str());
+}
+
+#[tokio::test(start_paused = true)]
+async fn reload_adds_removes_and_restarts_accounts() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(3600));
+    let seed = fake.grant_refresh_token("zy-client", None);
+    let mut h = Harness::start(
+        fake,
+        clock,
+        &(zywave_account("zy", &seed) + &client_credentials_account("cc")),
+    )
+    .await;
+    h.advance(Duration::from_millis(10)).await;
+    let zy_token = h.token("zy").await;
+
+    let new = config(
+        &h.dir,
+        &(zywave_account("zy", &seed) + &client_credentials_account("cc2")),
+    );
+    let report = h.daemon.as_mut().unwrap().reload(new).await;
+    assert_eq!(
+        report.added.iter().map(|n| n.as_str()).collect::<Vec<_>>(),
+        ["cc2"]
+    );
+    assert_eq!(
+        report
+            .removed
+            .iter()
+            .map(|n| n.as_str())
+            .collect::<Vec<_>>(),
+        ["cc"]
+    );
+    assert!(report.restarted.is_empty());
+    h.advance(Duration::from_millis(10)).await;
+    assert_eq!(h.get("/v1/token/cc").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(h.get("/v1/token/cc2").await.0, StatusCode::OK);
+    assert_eq!(
+        h.token("zy").await,
+        zy_token,
+        "an unchanged account keeps running untouched"
+    );
+
+    // Changing an account restarts it from its stored state: same token, no new call.
+    let calls = h.fake.counts().refresh_grants;
+    let changed = zywave_account("zy", &seed).replace("B 1234", "B 5678");
+    let new = config(&h.dir, &(changed + &client_credentials_account("cc2")));
+    let report = h.daemon.as_mut().unwrap().reload(new).await;
+    assert_eq!(
+        report
+            .restarted
+            .iter()
+            .map(|n| n.as_str())
+            .collect::<Vec<_>>(),
+        ["zy"]
+    );
+    let (_, body) = h.get("/v1/token/zy").await;
+    assert_eq!(body["headers"]["Profile"], "B 5678");
+    assert_eq!(body["access_token"], zy_token.as_str());
+    assert_eq!(h.fake.counts().refresh_grants, calls);
+    h.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_waits_for_an_in_flight_refresh_and_its_save() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(3600));
+    let seed = fake.grant_refresh_token("zy-client", None);
+    // The first answer takes 5 s; shutdown is asked for in the middle of it.
+    fake.push_faults([tokend::fake_provider::Fault::Hang(Duration::from_secs(5))]);
+    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    h.advance(Duration::from_secs(1)).await;
+    let (fake, _clock, dir) = h.stop().await;
+    // The rotation completed and was saved: the stored refresh token is the live one.
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("zy.json")).unwrap()).unwrap();
+    let rt = file["refresh_token"].as_str().unwrap();
+    assert!(fake.is_live_refresh_token(rt));
+    assert!(file["access"]["token"].is_string());
+}

@@ -1,0 +1,251 @@
+//! The in-process harness for flow and fault tests: the daemon (library) against the fake
+//! provider through the in-process transport, on tokio's paused clock and a manual wall
+//! clock, with a real file store in a temp dir. HTTP requests go through the real router.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::body::Body;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tempfile::TempDir;
+use tokend::app::Daemon;
+use tokend::clock::Clock;
+use tokend::config::{AccountName, Config, SystemEnvironment};
+use tokend::fake_provider::{ClientSpec, FakeProvider};
+use tokend::provider::{Provider, Transport};
+use tokend::store::{FileStore, State, Store, StoreFuture, state_path};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+/// Wall-clock start of every test: fixed, so failures reproduce.
+pub fn epoch() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+pub const TOKEN_URL: &str = "http://127.0.0.1/token";
+
+/// An account block for the config, with the fake provider's client ids.
+pub fn zywave_account(name: &str, seed: &str) -> String {
+    format!(
+        r#"
+[accounts.{name}]
+grant = "refresh_token"
+token_url = "{TOKEN_URL}"
+client_id = "zy-client"
+client_secret = "zy-secret"
+scope = "offline_access accounts:read"
+refresh_token = "{seed}"
+headers = {{ Profile = "B 1234" }}
+"#
+    )
+}
+
+pub fn client_credentials_account(name: &str) -> String {
+    format!(
+        r#"
+[accounts.{name}]
+grant = "client_credentials"
+token_url = "{TOKEN_URL}"
+client_id = "cc-client"
+client_secret = "cc-secret"
+scope = "example.com"
+"#
+    )
+}
+
+pub fn zephr_account(name: &str, seed: &str) -> String {
+    format!(
+        r#"
+[accounts.{name}]
+grant = "refresh_token"
+token_url = "{TOKEN_URL}"
+client_id = "zephr-client"
+client_secret = "zephr-secret"
+client_auth = "client_secret_basic"
+request_format = "json"
+refresh_token = "{seed}"
+"#
+    )
+}
+
+/// The provider with the three seed styles registered.
+pub fn provider(clock: &Clock, lifetime: Duration) -> FakeProvider {
+    let fake = FakeProvider::new(lifetime, clock.clone());
+    fake.register(ClientSpec::zywave("zy-client", "zy-secret"));
+    fake.register(ClientSpec::generic_client_credentials(
+        "cc-client",
+        "cc-secret",
+    ));
+    fake.register(ClientSpec::zephr("zephr-client", "zephr-secret"));
+    fake
+}
+
+pub struct Harness {
+    pub fake: FakeProvider,
+    pub clock: Clock,
+    pub dir: TempDir,
+    pub daemon: Option<Daemon>,
+    pub api: Router,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Harness {
+    /// Starts the daemon with `accounts` (TOML account blocks) and `[refresh]` extras.
+    pub async fn start(fake: FakeProvider, clock: Clock, accounts: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = FileStore::open(dir.path()).unwrap();
+        Harness::start_with_store(fake, clock, accounts, dir, store).await
+    }
+
+    pub async fn start_with_store(
+        fake: FakeProvider,
+        clock: Clock,
+        accounts: &str,
+        dir: TempDir,
+        store: Arc<dyn Store>,
+    ) -> Harness {
+        let config = config(&dir, accounts);
+        let provider = Provider::new(Transport::InProcess(fake.router()));
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let daemon = Daemon::start(
+            config,
+            store,
+            provider,
+            clock.clone(),
+            tracker.clone(),
+            cancel.clone(),
+        )
+        .await;
+        let api = daemon.router();
+        Harness {
+            fake,
+            clock,
+            dir,
+            daemon: Some(daemon),
+            api,
+            tracker,
+            cancel,
+        }
+    }
+
+    /// Stops the daemon the way SIGTERM does and returns what a restart needs.
+    pub async fn stop(mut self) -> (FakeProvider, Clock, TempDir) {
+        self.shutdown().await;
+        (self.fake, self.clock, self.dir)
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.shutdown().await;
+        }
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// Lets the daemon's tasks run for `d` of virtual time.
+    pub async fn advance(&self, d: Duration) {
+        tokio::time::sleep(d).await;
+    }
+
+    pub async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        self.request(uri, true).await
+    }
+
+    pub async fn request(&self, uri: &str, with_header: bool) -> (StatusCode, Value) {
+        let (status, body) = self.raw(uri, with_header).await;
+        let json = serde_json::from_slice(&body)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&body).into()));
+        (status, json)
+    }
+
+    pub async fn raw(&self, uri: &str, with_header: bool) -> (StatusCode, Vec<u8>) {
+        let mut req = Request::get(uri);
+        if with_header {
+            req = req.header("Tokend-Request", "1");
+        }
+        let response = self
+            .api
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec();
+        (status, body)
+    }
+
+    /// The access token served for `account` (panics unless 200).
+    pub async fn token(&self, account: &str) -> String {
+        let (status, body) = self.get(&format!("/v1/token/{account}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["access_token"].as_str().unwrap().to_string()
+    }
+
+    pub async fn account_state(&self, account: &str) -> Value {
+        let (_, body) = self.get("/v1/accounts").await;
+        body["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["account"] == account)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    /// The state file's JSON.
+    pub fn state_file(&self, account: &str) -> Value {
+        let path = state_path(self.dir.path(), &AccountName::parse(account).unwrap());
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+}
+
+pub fn config(dir: &TempDir, accounts: &str) -> Config {
+    let text = format!(
+        "[state]\ndir = \"{}\"\n\n[refresh]\nmin_interval = \"5s\"\n{accounts}",
+        dir.path().display()
+    );
+    Config::from_str_at(&text, std::path::Path::new("test.toml"), &SystemEnvironment).unwrap()
+}
+
+/// A store that fails its saves while `failing` is set: a full or read-only disk.
+pub struct FlakyStore {
+    pub inner: Arc<dyn Store>,
+    pub failing: std::sync::atomic::AtomicBool,
+}
+
+impl Store for FlakyStore {
+    fn load<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<State>> {
+        self.inner.load(account)
+    }
+
+    fn save<'a>(&'a self, account: &'a AccountName, state: &'a State) -> StoreFuture<'a, ()> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            let account = account.clone();
+            return Box::pin(async move {
+                Err(tokend::store::StoreError::Write {
+                    path: std::path::PathBuf::from(format!("{account}.json")),
+                    account,
+                    source: std::io::Error::from_raw_os_error(28), // ENOSPC
+                })
+            });
+        }
+        self.inner.save(account, state)
+    }
+
+    fn location(&self, account: &AccountName) -> String {
+        self.inner.location(account)
+    }
+}

@@ -695,12 +695,11 @@ impl Validator<'_> {
             Duration::from_secs(1),
             &mut p.slow_retry,
         );
-        if p.backoff_max < p.backoff_initial {
-            let span = raw
-                .backoff_max
-                .as_ref()
-                .or(raw.backoff_initial.as_ref())
-                .map_or(0..0, |s| s.span());
+        // Checked only where this table sets one of the two: an account inheriting a
+        // conflict from [refresh] has it reported there, once.
+        let own = raw.backoff_max.as_ref().or(raw.backoff_initial.as_ref());
+        if let Some(own) = own.filter(|_| p.backoff_max < p.backoff_initial) {
+            let span = own.span();
             self.report(
                 span,
                 format!("{prefix}.backoff_max"),

@@ -112,6 +112,11 @@ struct Inner {
     faults: VecDeque<Fault>,
     counts: Counts,
     serial: u64,
+    /// Every token ever issued, so tests can look for any of them where none may be.
+    minted: Vec<String>,
+    /// Delay between acting on a request and answering it: the window in which a crash
+    /// loses a rotation.
+    latency: Duration,
 }
 
 struct RefreshRecord {
@@ -142,6 +147,8 @@ impl FakeProvider {
                 faults: VecDeque::new(),
                 counts: Counts::default(),
                 serial: 0,
+                minted: Vec::new(),
+                latency: Duration::ZERO,
             })),
             clock,
         }
@@ -178,6 +185,11 @@ impl FakeProvider {
         self.lock().rotate = rotate;
     }
 
+    /// Answers each token request this long after acting on it.
+    pub fn set_latency(&self, latency: Duration) {
+        self.lock().latency = latency;
+    }
+
     pub fn set_reuse_grace(&self, grace: Duration) {
         self.lock().reuse_grace = grace;
     }
@@ -185,6 +197,11 @@ impl FakeProvider {
     /// Queues faults; each replaces one answer, in order.
     pub fn push_faults(&self, faults: impl IntoIterator<Item = Fault>) {
         self.lock().faults.extend(faults);
+    }
+
+    /// Every access and refresh token issued so far.
+    pub fn minted(&self) -> Vec<String> {
+        self.lock().minted.clone()
     }
 
     /// Drops every fault not yet used.
@@ -364,7 +381,9 @@ impl FakeProvider {
             let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
                 .encode(format!(r#"{{"exp":{secs},"n":{}}}"#, inner.serial + 1));
             inner.serial += 1;
-            format!("eyJhbGciOiJub25lIn0.{payload}.sig")
+            let token = format!("eyJhbGciOiJub25lIn0.{payload}.sig");
+            inner.minted.push(token.clone());
+            token
         } else {
             inner.mint("at")
         };
@@ -399,7 +418,9 @@ impl Inner {
     fn mint(&mut self, kind: &str) -> String {
         self.serial += 1;
         let noise: u64 = rand::rng().random();
-        format!("{kind}-{}-{noise:016x}", self.serial)
+        let token = format!("{kind}-{}-{noise:016x}", self.serial);
+        self.minted.push(token.clone());
+        token
     }
 }
 
@@ -477,7 +498,12 @@ async fn token_endpoint(
             return (StatusCode::BAD_GATEWAY, "response lost").into_response();
         }
     }
-    match provider.answer(&headers, &body) {
+    let answer = provider.answer(&headers, &body);
+    let latency = provider.lock().latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    match answer {
         Ok(value) => {
             let mut response = Json(value).into_response();
             response.headers_mut().insert(

@@ -1,6 +1,10 @@
 //! Integration tests, one binary. Each module says what belongs in it.
 
 mod binary;
+mod crash;
 mod faults;
 mod flows;
 mod harness;
+mod logs;
+mod process;
+mod provider_http;

@@ -24,7 +24,7 @@ use crate::http::{ApiState, router};
 use crate::provider::{Provider, ProviderError};
 use crate::refresher::{Deps, Refresher};
 use crate::store::{FileStore, Store, StoreError};
-use crate::token_cell::{AccountHandle, Registry};
+use crate::token_cell::{AccountHandle, Registry, Status};
 
 /// Why the daemon could not start or keep running.
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +167,12 @@ impl Daemon {
         let stale: Vec<AccountName> = self
             .running
             .iter()
-            .filter(|(name, r)| new.accounts.get(*name) != Some(&r.config))
+            // An account waiting for re-authorization restarts too, so that a refresh
+            // token stored meanwhile (import, login) is picked up on SIGHUP.
+            .filter(|(name, r)| {
+                new.accounts.get(*name) != Some(&r.config)
+                    || r.handle.snapshot().status == Status::NeedsReauth
+            })
             .map(|(name, _)| name.clone())
             .collect();
         for name in stale {

@@ -413,3 +413,22 @@ async fn a_corrupt_state_file_is_kept_aside_and_the_seed_used() {
         b"{\"version\":1,\"acc"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_retries_an_account_waiting_for_reauth_once() {
+    let (mut h, seed) = healthy(|_| {}).await;
+    h.fake
+        .push_faults([Fault::OAuthError(400, "invalid_grant")]);
+    h.advance(S(241)).await;
+    assert_eq!(h.account_state("zy").await["state"], "needs_reauth");
+    let calls = h.fake.counts().token_requests;
+    // SIGHUP with the same config: the account restarts from its stored state and tries
+    // once (here the provider accepts again); no loop either way.
+    let same = config(&h.dir, &zywave_account("zy", &seed));
+    let report = h.daemon.as_mut().unwrap().reload(same).await;
+    assert_eq!(report.restarted.len(), 1);
+    h.advance(S(1)).await;
+    assert_eq!(h.fake.counts().token_requests, calls + 1);
+    assert_eq!(h.account_state("zy").await["state"], "ok");
+    h.shutdown().await;
+}

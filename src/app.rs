@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use futures_util::StreamExt;
@@ -21,6 +22,7 @@ use tracing::{error, info, warn};
 use crate::clock::Clock;
 use crate::config::{AccountConfig, AccountName, Config, ConfigError};
 use crate::http::{ApiState, router};
+use crate::notify;
 use crate::provider::{Provider, ProviderError};
 use crate::refresher::{Deps, Refresher};
 use crate::store::{FileStore, Store, StoreError};
@@ -62,7 +64,12 @@ pub struct Daemon {
     running: BTreeMap<AccountName, Running>,
     tracker: TaskTracker,
     cancel: CancellationToken,
+    changes: watch::Sender<u64>,
 }
+
+/// How long start-up waits for accounts to settle before telling systemd it is ready
+/// anyway (accounts still without a token then show in `/readyz` and `tokend status`).
+pub const START_TIMEOUT: Duration = Duration::from_secs(45);
 
 /// What a reload changed.
 #[derive(Debug, Default, PartialEq)]
@@ -96,6 +103,7 @@ impl Daemon {
             running: BTreeMap::new(),
             tracker,
             cancel,
+            changes: watch::Sender::new(0),
         };
         for account in config.accounts.values() {
             let running = daemon.start_account(account.clone()).await;
@@ -112,6 +120,7 @@ impl Daemon {
             provider: self.provider.clone(),
             clock: self.clock.clone(),
             jumps: self.jumps.clone(),
+            changes: self.changes.clone(),
         };
         let (refresher, handle) = Refresher::prepare(config.clone(), deps).await;
         let done = self.tracker.spawn(refresher.run(cancel.clone()));
@@ -149,6 +158,51 @@ impl Daemon {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Waits until every account has settled (see `Snapshot::settled`), at most until
+    /// `deadline`.
+    pub async fn wait_settled(&self, deadline: tokio::time::Instant) {
+        let mut changes = self.changes.subscribe();
+        let all_settled = || {
+            let now = self.clock.now();
+            self.registry
+                .all()
+                .values()
+                .all(|a| a.snapshot().settled(now))
+        };
+        let _ = tokio::time::timeout_at(deadline, async {
+            while !all_settled() {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// One line for systemd's STATUS= and the logs: `3 accounts: 2 ok, 1 needs_reauth`.
+    pub fn summary(&self) -> String {
+        let now = self.clock.now();
+        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let accounts = self.registry.all();
+        for a in accounts.values() {
+            *counts
+                .entry(a.snapshot().status_at(now).as_str())
+                .or_default() += 1;
+        }
+        let parts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+        format!("{} accounts: {}", accounts.len(), parts.join(", "))
+    }
+
+    /// Refreshers that ended although nobody stopped them (a panic): the watchdog stops
+    /// pinging so systemd restarts the daemon.
+    fn dead_refreshers(&self) -> Vec<&AccountName> {
+        self.running
+            .iter()
+            .filter(|(_, r)| r.done.is_finished() && !r.cancel.is_cancelled())
+            .map(|(name, _)| name)
+            .collect()
     }
 
     /// Applies a new config. An account whose settings changed is stopped (its in-flight
@@ -252,12 +306,11 @@ pub fn serve(
     }
 }
 
-/// The daemon: `tokend run`.
-pub async fn run(config_path: PathBuf) -> Result<(), RunError> {
+/// The daemon: `tokend run`, with the config already loaded from `config_path`.
+pub async fn run(config: Config, config_path: PathBuf) -> Result<(), RunError> {
     // Installed first: a SIGHUP or SIGTERM during start-up must not kill the process
     // with its default action.
     let signals = signals()?;
-    let config = Config::load(&config_path)?;
     let store = FileStore::open(&config.state.dir)?;
     let provider = Provider::http(config.provider.connect_timeout)?;
     let listeners = bind(&config.server.listen).await?;
@@ -302,12 +355,40 @@ pub async fn supervise(
     cancel: CancellationToken,
 ) -> Result<(), RunError> {
     let signals_handle = signals.handle();
+    let housekeeping = notify::watchdog_interval().unwrap_or(HOUSEKEEPING_INTERVAL);
+    let mut tick = tokio::time::interval(housekeeping);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ready_sent = false;
+    let ready_deadline = tokio::time::Instant::now() + START_TIMEOUT;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
+            _ = daemon.wait_settled(ready_deadline), if !ready_sent => {
+                ready_sent = true;
+                let summary = daemon.summary();
+                info!(status = %summary, "ready");
+                notify::ready(&summary);
+            }
+            _ = tick.tick() => {
+                // This loop is what handles signals and reloads: pinging from here proves
+                // the runtime runs; a refresher that died stops the pings.
+                let dead = daemon.dead_refreshers();
+                if dead.is_empty() {
+                    notify::watchdog();
+                } else {
+                    let names: Vec<String> = dead.iter().map(|n| n.to_string()).collect();
+                    error!(accounts = %names.join(","), "refresher tasks died; withholding the watchdog ping");
+                }
+                notify::status(&daemon.summary());
+                crate::metrics::upkeep();
+            }
             signal = signals.next() => match signal {
                 Some(SIGHUP) => match config_path {
-                    Some(path) => reload_from(&mut daemon, path).await,
+                    Some(path) => {
+                        notify::reloading();
+                        reload_from(&mut daemon, path).await;
+                        notify::ready(&daemon.summary());
+                    }
                     None => info!("SIGHUP: this daemon has no config file to reload"),
                 },
                 Some(sig) => {
@@ -318,6 +399,7 @@ pub async fn supervise(
             },
         }
     }
+    notify::stopping();
     signals_handle.close();
     cancel.cancel();
     daemon.shutdown().await;
@@ -326,6 +408,9 @@ pub async fn supervise(
     info!("tokend stopped");
     Ok(())
 }
+
+/// Watchdog, status and metrics upkeep cadence when systemd sets no watchdog.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(30);
 
 async fn reload_from(daemon: &mut Daemon, path: &Path) {
     info!(config = %path.display(), "SIGHUP: reloading the config");

@@ -1,22 +1,24 @@
-//! The command line: subcommands, the client for a running daemon (`tokend token`), and
-//! the exit codes every command keeps to.
+//! The command line: subcommands, the client for a running daemon (`token`, `status`,
+//! `health`, `refresh`), logging set-up, and the exit codes every command keeps to.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use serde_json::Value;
 
 use crate::app::{self, RunError};
-use crate::config::{self, Config, DEFAULT_CONFIG_PATH, DEFAULT_LISTEN};
+use crate::config::{Config, DEFAULT_CONFIG_PATH, DEFAULT_LISTEN, LogFormat};
 use crate::http::REQUEST_HEADER;
+use crate::secret::Secret;
 use crate::store::state_path;
 
 /// Exit codes (sysexits.h where one fits).
 pub mod exit {
     /// Success.
     pub const OK: u8 = 0;
-    /// A runtime failure: the daemon could not start or a request was refused.
+    /// A runtime failure: the daemon could not start, a request was refused, not ready.
     pub const FAILURE: u8 = 1;
     /// Bad command-line usage (clap's own).
     pub const USAGE: u8 = 2;
@@ -27,10 +29,21 @@ pub mod exit {
     pub const CONFIG: u8 = 78;
 }
 
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ncommit: ",
+    env!("TOKEND_GIT_COMMIT"),
+    "\ntarget: ",
+    env!("TOKEND_TARGET"),
+    "\nprofile: ",
+    env!("TOKEND_PROFILE"),
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "tokend",
     version,
+    long_version = LONG_VERSION,
     about = "Keeps OAuth 2.0 service-account tokens fresh and serves them on loopback"
 )]
 pub struct Cli {
@@ -56,16 +69,39 @@ pub enum Command {
     Token {
         /// The account name.
         account: String,
-        /// The daemon's base URL [default: the first listen address of the config, else
-        /// http://127.0.0.1:8731].
-        #[arg(long, env = "TOKEND_ENDPOINT")]
-        endpoint: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
         /// Ask for a token valid at least this many seconds (refreshing if need be).
         #[arg(long, value_name = "SECS")]
         min_valid: Option<u64>,
         /// Print the whole JSON answer (token, expiry, headers) instead of the bare token.
         #[arg(long)]
         json: bool,
+    },
+    /// Show every account's state, expiry, last refresh and last error.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Print the daemon's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Exit 0 when the daemon is ready (every account holds a valid token), 1 when not.
+    Health {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Refresh an account's token now.
+    Refresh {
+        /// The account name.
+        account: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print a shell completion script.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -82,6 +118,18 @@ impl ConfigArg {
     }
 }
 
+/// How client commands reach the daemon.
+#[derive(Debug, clap::Args)]
+pub struct ClientArgs {
+    /// The daemon's base URL [default: the first listen address of the config, else
+    /// http://127.0.0.1:8731].
+    #[arg(long, env = "TOKEND_ENDPOINT")]
+    endpoint: Option<String>,
+    /// A file holding this consumer's key, sent as `Authorization: Bearer`.
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+}
+
 fn config_path(explicit: Option<&Path>) -> PathBuf {
     explicit
         .map(Path::to_path_buf)
@@ -89,24 +137,41 @@ fn config_path(explicit: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
 }
 
-/// Logs go to stderr: human-readable, coloured only on a terminal, without the timestamp
-/// when the journal (which adds its own) is the reader. `RUST_LOG` filters (default info).
-pub fn init_tracing() {
+/// Logs go to stderr: human-readable (coloured only on a terminal, without the timestamp
+/// when the journal, which adds its own, is the reader) or JSON lines. `RUST_LOG`
+/// filters (default info); `TOKEND_LOG_FORMAT` overrides the config's `log.format`.
+pub fn init_tracing(format: LogFormat) {
+    let format = match std::env::var("TOKEND_LOG_FORMAT").as_deref() {
+        Ok("json") => LogFormat::Json,
+        Ok("text") => LogFormat::Text,
+        _ => format,
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().init();
-    } else {
-        builder.init();
-    }
+        .with_writer(std::io::stderr);
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let result = match (format, journald) {
+        (LogFormat::Json, _) => builder.json().flatten_event(true).try_init(),
+        (LogFormat::Text, true) => builder.with_ansi(false).without_time().try_init(),
+        (LogFormat::Text, false) => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
+    // Already initialized (tests embedding the CLI): keep the existing subscriber.
+    let _ = result;
 }
 
 /// Runs one command and returns its exit code.
 pub fn dispatch(cli: Cli) -> u8 {
+    if let Command::Completions { shell } = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "tokend", &mut std::io::stdout());
+        return exit::OK;
+    }
+    if let Command::Check { config } = &cli.command {
+        return check(&config.path());
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -118,15 +183,29 @@ pub fn dispatch(cli: Cli) -> u8 {
         }
     };
     match cli.command {
-        Command::Run { config } => daemon_exit(runtime.block_on(app::run(config.path()))),
-        Command::Demo => daemon_exit(runtime.block_on(crate::demo::run())),
-        Command::Check { config } => check(&config.path()),
+        Command::Run { config } => {
+            let path = config.path();
+            let config = match Config::load(&path) {
+                Ok(c) => c,
+                Err(e) => return daemon_exit(Err(RunError::Config(e))),
+            };
+            init_tracing(config.log.format);
+            daemon_exit(runtime.block_on(app::run(config, path)))
+        }
+        Command::Demo => {
+            init_tracing(LogFormat::Text);
+            daemon_exit(runtime.block_on(crate::demo::run()))
+        }
         Command::Token {
             account,
-            endpoint,
+            client,
             min_valid,
             json,
-        } => runtime.block_on(token(&account, endpoint, min_valid, json)),
+        } => runtime.block_on(token(&client, &account, min_valid, json)),
+        Command::Status { client, json } => runtime.block_on(status(&client, json)),
+        Command::Health { client } => runtime.block_on(health(&client)),
+        Command::Refresh { account, client } => runtime.block_on(refresh(&client, &account)),
+        Command::Check { .. } | Command::Completions { .. } => unreachable!("handled above"),
     }
 }
 
@@ -182,57 +261,273 @@ fn default_endpoint() -> String {
     format!("http://{}", listen.as_deref().unwrap_or(DEFAULT_LISTEN))
 }
 
-async fn token(account: &str, endpoint: Option<String>, min_valid: Option<u64>, json: bool) -> u8 {
-    let endpoint = endpoint.unwrap_or_else(default_endpoint);
-    let base = endpoint.trim_end_matches('/');
-    let path = if json { "" } else { "/access_token" };
-    let mut url = format!("{base}/v1/token/{account}{path}");
-    if let Some(secs) = min_valid {
-        url.push_str(&format!("?min_valid={secs}"));
-    }
-    let client = match reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(60))
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("tokend: cannot build the HTTP client: {e}");
-            return exit::FAILURE;
-        }
-    };
-    let response = match client.get(&url).header(REQUEST_HEADER, "cli").send().await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("tokend: cannot reach the daemon at {base}: {e}");
-            return exit::UNAVAILABLE;
-        }
-    };
-    let status = response.status();
-    let body = match response.text().await {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("tokend: the daemon's answer was cut off: {e}");
-            return exit::UNAVAILABLE;
-        }
-    };
-    if !status.is_success() {
-        let detail = serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| {
-                v.get("error_description")
-                    .and_then(|d| d.as_str())
-                    .map(str::to_string)
-            })
-            .unwrap_or(body);
-        eprintln!("tokend: {status}: {detail}");
-        return exit::FAILURE;
-    }
-    println!("{}", body.trim_end());
-    exit::OK
+/// A failed client call, already mapped to its exit code.
+struct Failed(u8);
+
+/// The client side of the API: one request, with the guard header and the consumer key.
+struct DaemonClient {
+    base: String,
+    key: Option<Secret>,
+    http: reqwest::Client,
 }
 
-/// Parses config text for tests and tools that hold it in memory.
-pub fn parse_config(text: &str, name: &str) -> Result<Config, config::ConfigError> {
-    Config::from_str_at(text, Path::new(name), &config::SystemEnvironment)
+impl DaemonClient {
+    fn new(args: &ClientArgs) -> Result<DaemonClient, Failed> {
+        let base = args.endpoint.clone().unwrap_or_else(default_endpoint);
+        let key = match &args.key_file {
+            None => None,
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(k) => Some(Secret::new(k.trim())),
+                Err(e) => {
+                    eprintln!("tokend: cannot read the key file {}: {e}", path.display());
+                    return Err(Failed(exit::FAILURE));
+                }
+            },
+        };
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| {
+                eprintln!("tokend: cannot build the HTTP client: {e}");
+                Failed(exit::FAILURE)
+            })?;
+        Ok(DaemonClient {
+            base: base.trim_end_matches('/').to_string(),
+            key,
+            http,
+        })
+    }
+
+    /// Sends the request; returns the status and body, or the exit code for failures
+    /// to reach the daemon.
+    async fn call(&self, method: reqwest::Method, path: &str) -> Result<(u16, String), Failed> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header(REQUEST_HEADER, "cli");
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(key.expose());
+        }
+        let response = request.send().await.map_err(|e| {
+            eprintln!("tokend: cannot reach the daemon at {}: {e}", self.base);
+            Failed(exit::UNAVAILABLE)
+        })?;
+        let status = response.status().as_u16();
+        let body = response.text().await.map_err(|e| {
+            eprintln!("tokend: the daemon's answer was cut off: {e}");
+            Failed(exit::UNAVAILABLE)
+        })?;
+        Ok((status, body))
+    }
+
+    /// Like `call`, but a non-2xx answer is reported (its `error_description`) and
+    /// becomes exit code 1.
+    async fn call_ok(&self, method: reqwest::Method, path: &str) -> Result<String, Failed> {
+        let (status, body) = self.call(method, path).await?;
+        if (200..300).contains(&status) {
+            return Ok(body);
+        }
+        let detail = serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error_description")?.as_str().map(str::to_string))
+            .unwrap_or(body);
+        eprintln!("tokend: HTTP {status}: {detail}");
+        Err(Failed(exit::FAILURE))
+    }
+}
+
+fn finish(result: Result<(), Failed>) -> u8 {
+    match result {
+        Ok(()) => exit::OK,
+        Err(Failed(code)) => code,
+    }
+}
+
+async fn token(args: &ClientArgs, account: &str, min_valid: Option<u64>, json: bool) -> u8 {
+    finish(
+        async {
+            let client = DaemonClient::new(args)?;
+            let mut path = format!("/v1/token/{account}");
+            if !json {
+                path.push_str("/access_token");
+            }
+            if let Some(secs) = min_valid {
+                path.push_str(&format!("?min_valid={secs}"));
+            }
+            let body = client.call_ok(reqwest::Method::GET, &path).await?;
+            println!("{}", body.trim_end());
+            Ok(())
+        }
+        .await,
+    )
+}
+
+async fn refresh(args: &ClientArgs, account: &str) -> u8 {
+    finish(
+        async {
+            let client = DaemonClient::new(args)?;
+            let path = format!("/v1/accounts/{account}/refresh");
+            let body = client.call_ok(reqwest::Method::POST, &path).await?;
+            let v: Value = serde_json::from_str(&body).unwrap_or_default();
+            println!(
+                "{account}: {} (expires in {}s)",
+                v["state"].as_str().unwrap_or("?"),
+                v["expires_in"]
+            );
+            Ok(())
+        }
+        .await,
+    )
+}
+
+async fn health(args: &ClientArgs) -> u8 {
+    finish(
+        async {
+            let client = DaemonClient::new(args)?;
+            let (status, body) = client.call(reqwest::Method::GET, "/readyz").await?;
+            if status == 200 {
+                println!("ready");
+                return Ok(());
+            }
+            let v: Value = serde_json::from_str(&body).unwrap_or_default();
+            let waiting: Vec<String> = v["not_ready"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| {
+                            format!(
+                                "{} ({})",
+                                x["account"].as_str().unwrap_or("?"),
+                                x["state"].as_str().unwrap_or("?")
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!("not ready: {}", waiting.join(", "));
+            Err(Failed(exit::FAILURE))
+        }
+        .await,
+    )
+}
+
+async fn status(args: &ClientArgs, json: bool) -> u8 {
+    finish(
+        async {
+            let client = DaemonClient::new(args)?;
+            let body = client.call_ok(reqwest::Method::GET, "/v1/accounts").await?;
+            if json {
+                println!("{}", body.trim_end());
+                return Ok(());
+            }
+            let v: Value = serde_json::from_str(&body).unwrap_or_default();
+            let rows: Vec<[String; 5]> = v["accounts"]
+                .as_array()
+                .map(|a| a.iter().map(status_row).collect())
+                .unwrap_or_default();
+            print!(
+                "{}",
+                table(
+                    [
+                        "ACCOUNT",
+                        "STATE",
+                        "EXPIRES IN",
+                        "LAST REFRESH",
+                        "LAST ERROR"
+                    ],
+                    &rows
+                )
+            );
+            Ok(())
+        }
+        .await,
+    )
+}
+
+fn status_row(a: &Value) -> [String; 5] {
+    let text = |k: &str| a[k].as_str().unwrap_or("-").to_string();
+    let expires = match a["expires_in"].as_u64() {
+        Some(s) => humantime::format_duration(Duration::from_secs(s)).to_string(),
+        None => "-".into(),
+    };
+    [
+        text("account"),
+        text("state"),
+        expires,
+        text("last_refresh"),
+        text("last_error"),
+    ]
+}
+
+/// Left-aligned columns, the last one unpadded (it may be long).
+fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == N {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            }
+        }
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn status_table_aligns_columns() {
+        let rows = vec![
+            [
+                "zywave".to_string(),
+                "ok".into(),
+                "59m".into(),
+                "2026-11-23T10:00:00Z".into(),
+                "-".into(),
+            ],
+            [
+                "a".to_string(),
+                "needs_reauth".into(),
+                "-".into(),
+                "-".into(),
+                "refresh token rejected".into(),
+            ],
+        ];
+        let t = table(
+            [
+                "ACCOUNT",
+                "STATE",
+                "EXPIRES IN",
+                "LAST REFRESH",
+                "LAST ERROR",
+            ],
+            &rows,
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        let col = lines[0].find("STATE").unwrap();
+        assert_eq!(lines[1].find("ok"), Some(col));
+        assert_eq!(lines[2].find("needs_reauth"), Some(col));
+        assert!(lines[2].ends_with("refresh token rejected"));
+    }
 }

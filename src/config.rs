@@ -31,12 +31,27 @@ pub struct Config {
     pub state: StateConfig,
     /// Defaults for every account; `connect_timeout` applies to the one shared HTTP client.
     pub provider: ProviderLimits,
+    pub log: LogConfig,
     pub accounts: BTreeMap<AccountName, Arc<AccountConfig>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// `text` for people, `json` (one object per line) for log shippers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -321,6 +336,8 @@ struct RawConfig {
     #[serde(default)]
     provider: RawProvider,
     #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
     accounts: BTreeMap<String, Spanned<RawAccount>>,
 }
 
@@ -328,6 +345,12 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<LogFormat>,
 }
 
 #[derive(Deserialize, Default)]
@@ -582,6 +605,9 @@ impl Validator<'_> {
             server: ServerConfig { listen },
             state: StateConfig { dir },
             provider: limits,
+            log: LogConfig {
+                format: raw.log.format.unwrap_or_default(),
+            },
             accounts,
         }
     }

@@ -117,6 +117,8 @@ struct Inner {
     /// Delay between acting on a request and answering it: the window in which a crash
     /// loses a rotation.
     latency: Duration,
+    /// Requests acted on whose answer has not been sent yet.
+    unanswered: u64,
 }
 
 struct RefreshRecord {
@@ -149,6 +151,7 @@ impl FakeProvider {
                 serial: 0,
                 minted: Vec::new(),
                 latency: Duration::ZERO,
+                unanswered: 0,
             })),
             clock,
         }
@@ -183,6 +186,12 @@ impl FakeProvider {
 
     pub fn set_rotation(&self, rotate: bool) {
         self.lock().rotate = rotate;
+    }
+
+    /// How many requests have been acted on (a refresh token rotated) but not answered:
+    /// a crash now loses those rotations.
+    pub fn unanswered(&self) -> u64 {
+        self.lock().unanswered
     }
 
     /// Answers each token request this long after acting on it.
@@ -501,6 +510,15 @@ async fn token_endpoint(
     let answer = provider.answer(&headers, &body);
     let latency = provider.lock().latency;
     if !latency.is_zero() {
+        // A guard, because the server drops this future when the client hangs up.
+        struct Unanswered(FakeProvider);
+        impl Drop for Unanswered {
+            fn drop(&mut self) {
+                self.0.lock().unanswered -= 1;
+            }
+        }
+        provider.lock().unanswered += 1;
+        let _pending = Unanswered(provider.clone());
         tokio::time::sleep(latency).await;
     }
     match answer {

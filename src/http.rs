@@ -5,11 +5,12 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use axum::extract::MatchedPath;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -34,13 +35,16 @@ pub fn router(state: ApiState) -> Router {
     let token_routes = Router::new()
         .route("/v1/token/{account}", get(token_json))
         .route("/v1/token/{account}/access_token", get(token_plain))
+        .route("/v1/accounts/{account}/refresh", post(force_refresh))
         .route_layer(middleware::from_fn(require_request_header));
     Router::new()
         .merge(token_routes)
         .route("/v1/accounts", get(accounts))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(middleware::from_fn(count_requests))
         .with_state(state)
 }
 
@@ -103,6 +107,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+async fn count_requests(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let response = next.run(request).await;
+    crate::metrics::record_http(&route, response.status().as_u16());
+    response
+}
+
 async fn require_request_header(request: Request, next: Next) -> Response {
     let present = request
         .headers()
@@ -152,6 +166,7 @@ async fn current_token(
         .snapshot()
         .valid_token(now, min_valid.unwrap_or_default())
     {
+        served(&handle);
         return Ok((handle.clone(), token.clone()));
     }
     let wait = handle.config.limits.timeout + Duration::from_secs(5);
@@ -159,7 +174,10 @@ async fn current_token(
         .demand(min_valid.unwrap_or_default(), false, wait)
         .await
     {
-        Ok(token) => Ok((handle, token)),
+        Ok(token) => {
+            served(&handle);
+            Ok((handle, token))
+        }
         Err(e) => {
             let now = state.clock.now();
             let status = match e {
@@ -173,6 +191,11 @@ async fn current_token(
             })
         }
     }
+}
+
+fn served(handle: &AccountHandle) {
+    handle.reads.increment(1);
+    tracing::debug!(account = %handle.config.name, consumer = "-", "token served");
 }
 
 fn no_store(mut response: Response) -> Response {
@@ -264,6 +287,52 @@ async fn accounts(State(state): State<ApiState>) -> Response {
         })
         .collect();
     no_store(Json(json!({ "accounts": list })).into_response())
+}
+
+/// `POST /v1/accounts/{account}/refresh`: a refresh now, whatever the token's age
+/// (operators' `tokend refresh`). Answers with the account's new state, not the token.
+async fn force_refresh(
+    State(state): State<ApiState>,
+    Path(account): Path<String>,
+) -> Result<Response, ApiError> {
+    let handle = state
+        .registry
+        .get(&account)
+        .ok_or_else(|| ApiError::UnknownAccount(account.clone()))?;
+    let wait = handle.config.limits.timeout + Duration::from_secs(5);
+    let result = handle.demand(Duration::ZERO, true, wait).await;
+    let now = state.clock.now();
+    match result {
+        Ok(token) => Ok(no_store(
+            Json(json!({
+                "account": handle.config.name.as_str(),
+                "state": handle.snapshot().status_at(now).as_str(),
+                "expires_at": rfc3339(token.expires_at),
+                "expires_in": token.valid_for(now).as_secs(),
+            }))
+            .into_response(),
+        )),
+        Err(e) => Err(ApiError::Unavailable {
+            account,
+            state: match e {
+                DemandError::NeedsReauth(_) => Status::NeedsReauth,
+                _ => handle.snapshot().status_at(now),
+            },
+            description: e.to_string(),
+        }),
+    }
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let body = crate::metrics::render(&state.registry, state.clock.now());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn healthz() -> Response {

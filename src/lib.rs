@@ -30,6 +30,8 @@ pub mod config;
 pub mod demo;
 pub mod fake_provider;
 pub mod http;
+pub mod metrics;
+pub mod notify;
 pub mod provider;
 pub mod refresher;
 pub mod schedule;

@@ -1,5 +1,5 @@
-//! The `tokend` binary: parse the command line, set up logging, run, map the outcome to
-//! a documented exit code.
+//! The `tokend` binary: parse the command line, run, map the outcome to a documented
+//! exit code (see `tokend::cli::exit`).
 
 use std::process::ExitCode;
 
@@ -7,6 +7,5 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = tokend::cli::Cli::parse();
-    tokend::cli::init_tracing();
     ExitCode::from(tokend::cli::dispatch(cli))
 }

@@ -24,6 +24,8 @@ pub struct Deps {
     pub provider: Provider,
     pub clock: Clock,
     pub jumps: watch::Receiver<u64>,
+    /// Shared by every account: bumped on each publish.
+    pub changes: watch::Sender<u64>,
 }
 
 /// The per-account task's state.
@@ -69,6 +71,8 @@ impl Refresher {
             config: config.clone(),
             cell: arc_swap::ArcSwap::from_pointee(Snapshot::pending()),
             demands: tx,
+            changes: deps.changes.clone(),
+            reads: crate::metrics::token_reads(config.name.as_str(), "-"),
         });
         let name = &config.name;
         let mut load_error = None;
@@ -358,6 +362,7 @@ impl Refresher {
                 self.save().await;
                 let access = self.state.access.as_ref().expect("just set");
                 self.served = Some(Arc::new(Served::new(access, &self.config.headers)));
+                crate::metrics::record_refresh(name.as_str(), "ok", elapsed);
                 info!(
                     account = %name,
                     outcome = "ok",
@@ -384,6 +389,7 @@ impl Refresher {
                                 "the provider rejected the refresh token ({message}); re-authorize the account and set a new refresh_token"
                             )
                         };
+                        crate::metrics::record_refresh(name.as_str(), "needs_reauth", elapsed);
                         error!(account = %name, outcome = "needs_reauth", error = %message, "refresh token rejected; refreshing stops until the config or state changes");
                         self.needs_reauth = Some(reason.clone());
                         self.last_error = Some(reason);
@@ -399,6 +405,7 @@ impl Refresher {
                             rand::random(),
                             retry_after,
                         );
+                        crate::metrics::record_refresh(name.as_str(), "transient_error", elapsed);
                         warn!(account = %name, outcome = "transient_error", error = %message, attempt = self.attempt, retry_in_ms = delay.as_millis() as u64, "refresh failed; retrying");
                         self.retry_at = Some(now + delay);
                         self.last_error = Some(message);
@@ -417,6 +424,7 @@ impl Refresher {
                             }
                             _ => "",
                         };
+                        crate::metrics::record_refresh(name.as_str(), "permanent_error", elapsed);
                         error!(account = %name, outcome = "permanent_error", error = %message, retry_in_s = delay.as_secs(), "refresh rejected{hint}; retrying slowly");
                         self.retry_at = Some(now + delay);
                         self.last_error = Some(format!("{message}{hint}"));
@@ -442,6 +450,7 @@ impl Refresher {
     }
 
     fn on_save_error(&mut self, e: StoreError) {
+        crate::metrics::record_persist_failure(self.config.name.as_str());
         let delay = schedule::backoff(self.save_attempt, &self.config.refresh, 1.0, None)
             .max(Duration::from_secs(1));
         self.save_attempt = self.save_attempt.saturating_add(1);

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::{HeaderName, HeaderValue};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{AccountConfig, AccountName};
 use crate::secret::Secret;
@@ -124,6 +124,14 @@ impl Snapshot {
         }
     }
 
+    /// Start-up is over for this account: it holds a valid token, or it cannot get one
+    /// without help (needs re-auth), or its first attempts have failed.
+    pub fn settled(&self, now: SystemTime) -> bool {
+        self.valid_token(now, Duration::ZERO).is_some()
+            || self.status == Status::NeedsReauth
+            || self.last_error.is_some()
+    }
+
     /// The token, if it is valid for at least `min_valid` at `now`.
     pub fn valid_token(&self, now: SystemTime, min_valid: Duration) -> Option<&Arc<Served>> {
         self.token.as_ref().filter(|t| t.satisfies(now, min_valid))
@@ -162,6 +170,10 @@ pub struct AccountHandle {
     pub config: Arc<AccountConfig>,
     pub cell: ArcSwap<Snapshot>,
     pub demands: mpsc::Sender<Demand>,
+    /// Bumped on every publish, so start-up can wait for accounts to settle.
+    pub changes: watch::Sender<u64>,
+    /// Tokens served from this account (registered once: reads are the hot path).
+    pub reads: metrics::Counter,
 }
 
 impl AccountHandle {
@@ -171,6 +183,7 @@ impl AccountHandle {
 
     pub fn publish(&self, snapshot: Snapshot) {
         self.cell.store(Arc::new(snapshot));
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Asks the refresher; it answers at once when it cannot help (re-auth needed,

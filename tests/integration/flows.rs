@@ -405,3 +405,90 @@ async fn shutdown_waits_for_an_in_flight_refresh_and_its_save() {
     assert!(fake.is_live_refresh_token(rt));
     assert!(file["access"]["token"].is_string());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_forced_refresh_issues_a_new_token_behind_the_guard() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(3600));
+    let seed = fake.grant_refresh_token("zy-client", None);
+    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    h.advance(Duration::from_secs(30)).await;
+    let before = h.token("zy").await;
+
+    let post = |with_header: bool| {
+        let mut req = http::Request::post("/v1/accounts/zy/refresh");
+        if with_header {
+            req = req.header("Tokend-Request", "1");
+        }
+        req.body(axum::body::Body::empty()).unwrap()
+    };
+    use tower::ServiceExt;
+    let resp = h.api.clone().oneshot(post(false)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let resp = h.api.clone().oneshot(post(true)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["state"], "ok");
+    assert!(
+        body.get("access_token").is_none(),
+        "the admin route does not hand out tokens"
+    );
+    let after = h.token("zy").await;
+    assert_ne!(after, before);
+    assert!(h.fake.is_valid_access_token(&after));
+}
+
+#[tokio::test(start_paused = true)]
+async fn metrics_report_refreshes_reads_expiry_and_state() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(3600));
+    let seed = fake.grant_refresh_token("zy-client", None);
+    let h = Harness::start(fake, clock, &zywave_account("metrics-zy", &seed)).await;
+    h.advance(Duration::from_secs(60)).await;
+    h.token("metrics-zy").await;
+    h.token("metrics-zy").await;
+    let (status, body) = h.raw("/metrics", false).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(body).unwrap();
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        value(r#"tokend_refresh_attempts_total{account="metrics-zy",outcome="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"tokend_token_reads_total{account="metrics-zy",consumer="-"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"tokend_token_expires_in_seconds{account="metrics-zy"}"#),
+        3540.0
+    );
+    assert_eq!(
+        value(r#"tokend_account_state{account="metrics-zy",state="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"tokend_account_state{account="metrics-zy",state="expired"}"#),
+        0.0
+    );
+    assert!(text.contains("tokend_refresh_duration_seconds_bucket{account=\"metrics-zy\""));
+    assert!(
+        text.contains(r#"tokend_http_requests_total{route="/v1/token/{account}",status="200"}"#),
+        "{text}"
+    );
+    assert!(text.contains("# HELP tokend_refresh_attempts_total"));
+    assert!(!text.contains(&seed));
+}

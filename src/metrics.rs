@@ -1,0 +1,156 @@
+//! Prometheus metrics: the metric names, the process-wide recorder and the `/metrics`
+//! rendering. Per-request paths use pre-registered handles; gauges that are functions of
+//! time (seconds until expiry, token age) are computed at scrape time.
+
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metrics::{
+    Counter, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
+
+use crate::token_cell::{Registry, Status};
+
+pub const REFRESH_ATTEMPTS: &str = "tokend_refresh_attempts_total";
+pub const REFRESH_DURATION: &str = "tokend_refresh_duration_seconds";
+pub const TOKEN_EXPIRES_IN: &str = "tokend_token_expires_in_seconds";
+pub const LAST_REFRESH: &str = "tokend_last_refresh_timestamp_seconds";
+pub const REFRESH_TOKEN_AGE: &str = "tokend_refresh_token_age_seconds";
+pub const TOKEN_READS: &str = "tokend_token_reads_total";
+pub const PERSIST_FAILURES: &str = "tokend_persist_failures_total";
+pub const HTTP_REQUESTS: &str = "tokend_http_requests_total";
+pub const ACCOUNT_STATE: &str = "tokend_account_state";
+
+const ALL_STATES: [Status; 6] = [
+    Status::Pending,
+    Status::Ok,
+    Status::Refreshing,
+    Status::Degraded,
+    Status::Expired,
+    Status::NeedsReauth,
+];
+
+/// The process-wide recorder, installed on first use. Several daemons in one process (the
+/// tests) share it; their accounts are told apart by the `account` label.
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(REFRESH_DURATION.to_string()),
+                &[
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+            )
+            .expect("bucket list is not empty")
+            // Series of removed accounts fade out; live ones are set at every scrape.
+            .idle_timeout(MetricKindMask::GAUGE, Some(Duration::from_secs(600)))
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (an embedding program's); then this
+        // handle renders only what is recorded through it, which is nothing.
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    describe_counter!(
+        REFRESH_ATTEMPTS,
+        "Token refresh attempts by account and outcome."
+    );
+    describe_histogram!(
+        REFRESH_DURATION,
+        Unit::Seconds,
+        "Time taken by token requests to the provider."
+    );
+    describe_gauge!(
+        TOKEN_EXPIRES_IN,
+        Unit::Seconds,
+        "Seconds until the current access token expires (0 when none)."
+    );
+    describe_gauge!(
+        LAST_REFRESH,
+        Unit::Seconds,
+        "Unix time of the last successful refresh."
+    );
+    describe_gauge!(
+        REFRESH_TOKEN_AGE,
+        Unit::Seconds,
+        "Age of the current refresh token."
+    );
+    describe_counter!(
+        TOKEN_READS,
+        "Tokens served to consumers, by account and consumer."
+    );
+    describe_counter!(PERSIST_FAILURES, "Failed writes of an account's state.");
+    describe_counter!(HTTP_REQUESTS, "HTTP API requests by route and status.");
+    describe_gauge!(
+        ACCOUNT_STATE,
+        "1 for the account's current state, 0 for the others."
+    );
+}
+
+/// A refresh attempt's outcome, as a label value.
+pub fn record_refresh(account: &str, outcome: &'static str, took: Duration) {
+    handle();
+    counter!(REFRESH_ATTEMPTS, "account" => account.to_string(), "outcome" => outcome).increment(1);
+    histogram!(REFRESH_DURATION, "account" => account.to_string()).record(took.as_secs_f64());
+}
+
+pub fn record_persist_failure(account: &str) {
+    handle();
+    counter!(PERSIST_FAILURES, "account" => account.to_string()).increment(1);
+}
+
+/// The counter of token reads for an account and consumer, registered once.
+pub fn token_reads(account: &str, consumer: &str) -> Counter {
+    handle();
+    counter!(TOKEN_READS, "account" => account.to_string(), "consumer" => consumer.to_string())
+}
+
+pub fn record_http(route: &str, status: u16) {
+    counter!(HTTP_REQUESTS, "route" => route.to_string(), "status" => status.to_string())
+        .increment(1);
+}
+
+/// Renders every metric, after bringing the time-dependent gauges up to date.
+pub fn render(registry: &Registry, now: SystemTime) -> String {
+    let handle = handle();
+    for (name, account) in registry.all().iter() {
+        let snap = account.snapshot();
+        let name = name.to_string();
+        let expires_in = snap
+            .token
+            .as_ref()
+            .map_or(Duration::ZERO, |t| t.valid_for(now));
+        gauge!(TOKEN_EXPIRES_IN, "account" => name.clone()).set(expires_in.as_secs_f64());
+        if let Some(t) = snap.last_refresh {
+            gauge!(LAST_REFRESH, "account" => name.clone()).set(unix(t));
+        }
+        if let Some(t) = snap.refresh_token_issued_at {
+            let age = now.duration_since(t).unwrap_or_default();
+            gauge!(REFRESH_TOKEN_AGE, "account" => name.clone()).set(age.as_secs_f64());
+        }
+        let current = snap.status_at(now);
+        for state in ALL_STATES {
+            let value = if state == current { 1.0 } else { 0.0 };
+            gauge!(ACCOUNT_STATE, "account" => name.clone(), "state" => state.as_str()).set(value);
+        }
+    }
+    handle.render()
+}
+
+/// Drains histogram buffers; run periodically so an unscraped daemon does not grow.
+pub fn upkeep() {
+    handle().run_upkeep();
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}

@@ -3,25 +3,26 @@
 //! (added accounts start, removed ones stop, changed ones restart).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use axum::Router;
 use futures_util::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::access::Access;
 use crate::clock::Clock;
 use crate::config::{AccountConfig, AccountName, Config, ConfigError};
 use crate::http::{ApiState, router};
+use crate::listen::{self, ListenError};
 use crate::notify;
 use crate::provider::{Provider, ProviderError};
 use crate::refresher::{Deps, Refresher};
@@ -37,11 +38,8 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Provider(#[from] ProviderError),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    Listen(#[from] ListenError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -65,6 +63,7 @@ pub struct Daemon {
     tracker: TaskTracker,
     cancel: CancellationToken,
     changes: watch::Sender<u64>,
+    access: Arc<ArcSwap<Access>>,
 }
 
 /// How long start-up waits for accounts to settle before telling systemd it is ready
@@ -104,6 +103,7 @@ impl Daemon {
             tracker,
             cancel,
             changes: watch::Sender::new(0),
+            access: Arc::new(ArcSwap::from_pointee(Access::new(config.consumers.clone()))),
         };
         for account in config.accounts.values() {
             let running = daemon.start_account(account.clone()).await;
@@ -149,6 +149,7 @@ impl Daemon {
         ApiState {
             registry: self.registry.clone(),
             clock: self.clock.clone(),
+            access: self.access.clone(),
         }
     }
 
@@ -249,6 +250,8 @@ impl Daemon {
             }
         }
         self.publish_registry();
+        self.access
+            .store(Arc::new(Access::new(new.consumers.clone())));
         let ignored = std::mem::take(&mut report.ignored);
         self.config = Config {
             state: self.config.state.clone(),
@@ -269,43 +272,6 @@ impl Daemon {
     }
 }
 
-/// Binds every listen address before anything else starts, so a taken port fails fast.
-pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, RunError> {
-    let mut listeners = Vec::with_capacity(addrs.len());
-    for addr in addrs {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| RunError::Bind {
-                addr: *addr,
-                source,
-            })?;
-        listeners.push(listener);
-    }
-    Ok(listeners)
-}
-
-/// Serves `router` on every listener until `cancel`; in-flight requests finish.
-pub fn serve(
-    listeners: Vec<TcpListener>,
-    router: Router,
-    tracker: &TaskTracker,
-    cancel: &CancellationToken,
-) {
-    for listener in listeners {
-        let router = router.clone();
-        let cancel = cancel.clone();
-        tracker.spawn(async move {
-            let addr = listener.local_addr().ok();
-            let result = axum::serve(listener, router)
-                .with_graceful_shutdown(cancel.cancelled_owned())
-                .await;
-            if let Err(e) = result {
-                error!(?addr, error = %e, "HTTP listener failed");
-            }
-        });
-    }
-}
-
 /// The daemon: `tokend run`, with the config already loaded from `config_path`.
 pub async fn run(config: Config, config_path: PathBuf) -> Result<(), RunError> {
     // Installed first: a SIGHUP or SIGTERM during start-up must not kill the process
@@ -313,12 +279,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), RunError> {
     let signals = signals()?;
     let store = FileStore::open(&config.state.dir)?;
     let provider = Provider::http(config.provider.connect_timeout)?;
-    let listeners = bind(&config.server.listen).await?;
-    let addrs: Vec<String> = listeners
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .map(|a| a.to_string())
-        .collect();
+    let listeners = listen::bind_all(&config.server).await?;
+    let addrs: Vec<String> = listeners.iter().map(|l| l.to_string()).collect();
+    for warning in &config.warnings {
+        warn!("{warning}");
+    }
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let daemon = Daemon::start(
@@ -330,7 +295,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), RunError> {
         cancel.clone(),
     )
     .await;
-    serve(listeners, daemon.router(), &tracker, &cancel);
+    listen::serve(listeners, daemon.router(), &tracker, &cancel);
     info!(
         listen = %addrs.join(","),
         accounts = daemon.running.len(),

@@ -121,8 +121,8 @@ impl ConfigArg {
 /// How client commands reach the daemon.
 #[derive(Debug, clap::Args)]
 pub struct ClientArgs {
-    /// The daemon's base URL [default: the first listen address of the config, else
-    /// http://127.0.0.1:8731].
+    /// The daemon's base URL, or unix:/path/to/socket [default: the first listen address
+    /// of the config, else http://127.0.0.1:8731].
     #[arg(long, env = "TOKEND_ENDPOINT")]
     endpoint: Option<String>,
     /// A file holding this consumer's key, sent as `Authorization: Bearer`.
@@ -232,6 +232,9 @@ fn check(path: &Path) -> u8 {
         }
     };
     println!("{}: ok", path.display());
+    for warning in &config.warnings {
+        println!("warning: {warning}");
+    }
     let listen: Vec<String> = config.server.listen.iter().map(|a| a.to_string()).collect();
     println!("listen: {}", listen.join(", "));
     println!("state dir: {}", config.state.dir.display());
@@ -258,7 +261,11 @@ fn default_endpoint() -> String {
         let first = table.get("server")?.get("listen")?.as_array()?.first()?;
         first.as_str().map(str::to_string)
     });
-    format!("http://{}", listen.as_deref().unwrap_or(DEFAULT_LISTEN))
+    match listen {
+        Some(l) if l.starts_with("unix:") => l,
+        Some(l) => format!("http://{l}"),
+        None => format!("http://{DEFAULT_LISTEN}"),
+    }
 }
 
 /// A failed client call, already mapped to its exit code.
@@ -284,14 +291,21 @@ impl DaemonClient {
                 }
             },
         };
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .no_proxy()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| {
-                eprintln!("tokend: cannot build the HTTP client: {e}");
-                Failed(exit::FAILURE)
-            })?;
+            .timeout(Duration::from_secs(60));
+        // `unix:/run/tokend/tokend.sock`: talk HTTP over the socket.
+        let base = match base.strip_prefix("unix:") {
+            Some(path) => {
+                builder = builder.unix_socket(PathBuf::from(path));
+                "http://localhost".to_string()
+            }
+            None => base,
+        };
+        let http = builder.build().map_err(|e| {
+            eprintln!("tokend: cannot build the HTTP client: {e}");
+            Failed(exit::FAILURE)
+        })?;
         Ok(DaemonClient {
             base: base.trim_end_matches('/').to_string(),
             key,

@@ -14,6 +14,7 @@ use http::{HeaderName, HeaderValue};
 use reqwest::Url;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
+use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 use crate::secret::Secret;
@@ -33,11 +34,58 @@ pub struct Config {
     pub provider: ProviderLimits,
     pub log: LogConfig,
     pub accounts: BTreeMap<AccountName, Arc<AccountConfig>>,
+    pub consumers: Vec<ConsumerConfig>,
+    /// Things that are allowed but unwise (a world-readable config holding a literal
+    /// secret, a non-loopback listener): logged at start and shown by `tokend check`.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<ListenAddr>,
+    /// Non-loopback TCP addresses were explicitly allowed (`allow_remote = true`).
+    pub allow_remote: bool,
+    /// Mode of Unix sockets (default 0660).
+    pub socket_mode: u32,
+    /// Group given to Unix sockets, so its members may connect.
+    pub socket_group: Option<String>,
+}
+
+/// Where the API listens: a TCP address, or a Unix socket (`unix:/run/tokend/tokend.sock`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A local client of the API. When any is configured, token routes require one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerConfig {
+    pub name: String,
+    /// SHA-256 of the consumer's key (keys are never kept in clear once hashed).
+    pub key_sha256: Option<[u8; 32]>,
+    /// Peers on a Unix socket with this uid (and gid, if set) are this consumer.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Accounts it may read; `None` means every account (`accounts = ["*"]`).
+    pub accounts: Option<Vec<AccountName>>,
+}
+
+impl ConsumerConfig {
+    pub fn may_read(&self, account: &AccountName) -> bool {
+        self.accounts
+            .as_ref()
+            .is_none_or(|list| list.contains(account))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -301,8 +349,15 @@ impl Config {
             env,
             base_dir,
             problems: Vec::new(),
+            warnings: Vec::new(),
+            literal_secrets: false,
         };
-        let config = v.config(raw);
+        let mut config = v.config(raw);
+        if v.literal_secrets
+            && let Some(w) = exposure_warning(path)
+        {
+            config.warnings.push(w);
+        }
         if v.problems.is_empty() {
             Ok(config)
         } else {
@@ -311,14 +366,19 @@ impl Config {
             })
         }
     }
+}
 
-    /// The first listen address as a base URL for the client commands.
-    pub fn endpoint(&self) -> String {
-        match self.server.listen.first() {
-            Some(addr) => format!("http://{addr}"),
-            None => format!("http://{DEFAULT_LISTEN}"),
-        }
-    }
+/// A warning when the config at `path` holds a literal secret and other users may read
+/// it: allowed (the operator may have reasons), but worth saying.
+fn exposure_warning(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o044 != 0).then(|| {
+        format!(
+            "{} holds a literal secret and is readable by group or others (mode {mode:o}): chmod 600 it, or use {{ env = .. }} / {{ file = .. }}",
+            path.display()
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -338,6 +398,8 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     #[serde(default)]
+    consumers: BTreeMap<String, Spanned<RawConsumer>>,
+    #[serde(default)]
     accounts: BTreeMap<String, Spanned<RawAccount>>,
 }
 
@@ -345,6 +407,20 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    allow_remote: bool,
+    socket_mode: Option<Spanned<String>>,
+    socket_group: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsumer {
+    key: Option<Spanned<RawSecret>>,
+    key_sha256: Option<Spanned<String>>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    accounts: Spanned<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -562,6 +638,9 @@ struct Validator<'a> {
     env: &'a dyn Environment,
     base_dir: PathBuf,
     problems: Vec<Problem>,
+    warnings: Vec<String>,
+    /// A secret is written in the config itself.
+    literal_secrets: bool,
 }
 
 impl Validator<'_> {
@@ -571,7 +650,7 @@ impl Validator<'_> {
     }
 
     fn config(&mut self, raw: RawConfig) -> Config {
-        let listen = self.listen(raw.server.listen);
+        let server = self.server(raw.server);
         let dir = match raw.state.dir {
             Some(d) => {
                 if d.get_ref().is_empty() {
@@ -601,45 +680,182 @@ impl Validator<'_> {
                 Err(msg) => self.report(span, key, msg),
             }
         }
+        let consumers = self.consumers(raw.consumers, &accounts);
         Config {
-            server: ServerConfig { listen },
+            server,
             state: StateConfig { dir },
             provider: limits,
             log: LogConfig {
                 format: raw.log.format.unwrap_or_default(),
             },
             accounts,
+            consumers,
+            warnings: std::mem::take(&mut self.warnings),
         }
     }
 
-    fn listen(&mut self, raw: Option<Spanned<Vec<Spanned<String>>>>) -> Vec<SocketAddr> {
-        let Some(raw) = raw else {
-            return vec![
+    fn server(&mut self, raw: RawServer) -> ServerConfig {
+        let allow_remote = raw.allow_remote;
+        let listen = match raw.listen {
+            None => vec![ListenAddr::Tcp(
                 DEFAULT_LISTEN
                     .parse()
                     .expect("the default listen address parses"),
-            ];
-        };
-        if raw.get_ref().is_empty() {
-            self.report(raw.span(), "server.listen", "needs at least one address");
-        }
-        let mut out = Vec::new();
-        for item in raw.into_inner() {
-            match item.get_ref().parse::<SocketAddr>() {
-                Ok(addr) if addr.ip().is_loopback() => out.push(addr),
-                Ok(addr) => self.report(
-                    item.span(),
-                    "server.listen",
-                    format!(
-                        "{addr} is not a loopback address: tokend serves tokens to local consumers only"
-                    ),
-                ),
-                Err(e) => self.report(
-                    item.span(),
-                    "server.listen",
-                    format!("{:?} is not an IP:port address: {e}", item.get_ref()),
-                ),
+            )],
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    self.report(list.span(), "server.listen", "needs at least one address");
+                }
+                let mut out = Vec::new();
+                for item in list.into_inner() {
+                    if let Some(addr) = self.listen_addr(&item, allow_remote) {
+                        out.push(addr);
+                    }
+                }
+                out
             }
+        };
+        let socket_mode = match &raw.socket_mode {
+            None => 0o660,
+            Some(m) => match u32::from_str_radix(m.get_ref().trim_start_matches("0o"), 8) {
+                Ok(mode) if mode <= 0o777 && mode & 0o007 == 0 => mode,
+                Ok(_) => {
+                    self.report(
+                        m.span(),
+                        "server.socket_mode",
+                        "must be an octal mode without bits for others, such as \"0660\"",
+                    );
+                    0o660
+                }
+                Err(_) => {
+                    self.report(
+                        m.span(),
+                        "server.socket_mode",
+                        "must be an octal mode such as \"0660\"",
+                    );
+                    0o660
+                }
+            },
+        };
+        ServerConfig {
+            listen,
+            allow_remote,
+            socket_mode,
+            socket_group: raw.socket_group.map(Spanned::into_inner),
+        }
+    }
+
+    fn listen_addr(&mut self, item: &Spanned<String>, allow_remote: bool) -> Option<ListenAddr> {
+        let text = item.get_ref();
+        if let Some(path) = text.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                self.report(
+                    item.span(),
+                    "server.listen",
+                    format!("{text:?}: a Unix socket path must be absolute"),
+                );
+                return None;
+            }
+            return Some(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        match text.parse::<SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => Some(ListenAddr::Tcp(addr)),
+            Ok(addr) if allow_remote => {
+                self.warnings.push(format!(
+                    "server.listen: {addr} is not a loopback address; tokens are served to the network (allow_remote = true)"
+                ));
+                Some(ListenAddr::Tcp(addr))
+            }
+            Ok(addr) => {
+                self.report(
+                    item.span(),
+                    "server.listen",
+                    format!("{addr} is not a loopback address: tokend serves tokens to local consumers only (set server.allow_remote = true to override)"),
+                );
+                None
+            }
+            Err(e) => {
+                self.report(
+                    item.span(),
+                    "server.listen",
+                    format!("{text:?} is neither IP:port nor unix:/path: {e}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn consumers(
+        &mut self,
+        raw: BTreeMap<String, Spanned<RawConsumer>>,
+        accounts: &BTreeMap<AccountName, Arc<AccountConfig>>,
+    ) -> Vec<ConsumerConfig> {
+        let mut out = Vec::new();
+        for (name, consumer) in raw {
+            let span = consumer.span();
+            let consumer = consumer.into_inner();
+            let k = |field: &str| format!("consumers.{name}.{field}");
+            let key_sha256 = match (&consumer.key, &consumer.key_sha256) {
+                (Some(_), Some(h)) => {
+                    self.report(
+                        h.span(),
+                        k("key_sha256"),
+                        "set either key or key_sha256, not both",
+                    );
+                    None
+                }
+                (Some(key), None) => self
+                    .secret(key, &k("key"))
+                    .map(|s| Sha256::digest(s.expose().as_bytes()).into()),
+                (None, Some(h)) => {
+                    let parsed = decode_hex32(h.get_ref().trim());
+                    if parsed.is_none() {
+                        self.report(
+                            h.span(),
+                            k("key_sha256"),
+                            "must be 64 hex digits (sha256sum of the key)",
+                        );
+                    }
+                    parsed
+                }
+                (None, None) => None,
+            };
+            if key_sha256.is_none()
+                && consumer.uid.is_none()
+                && consumer.gid.is_none()
+                && consumer.key.is_none()
+                && consumer.key_sha256.is_none()
+            {
+                self.report(
+                    span.clone(),
+                    format!("consumers.{name}"),
+                    "a consumer needs a key, a key_sha256, or a uid/gid to match on a Unix socket",
+                );
+            }
+            let list = consumer.accounts.get_ref();
+            let allowed = if list.iter().any(|a| a == "*") {
+                None
+            } else {
+                let mut names = Vec::new();
+                for a in list {
+                    match AccountName::parse(a) {
+                        Ok(n) if accounts.contains_key(&n) => names.push(n),
+                        _ => self.report(
+                            consumer.accounts.span(),
+                            k("accounts"),
+                            format!("no account named {a:?} is configured"),
+                        ),
+                    }
+                }
+                Some(names)
+            };
+            out.push(ConsumerConfig {
+                name,
+                key_sha256,
+                uid: consumer.uid,
+                gid: consumer.gid,
+                accounts: allowed,
+            });
         }
         out
     }
@@ -769,7 +985,10 @@ impl Validator<'_> {
 
     fn secret(&mut self, raw: &Spanned<RawSecret>, key: &str) -> Option<Secret> {
         let value = match raw.get_ref() {
-            RawSecret::Literal(s) => Ok(s.clone()),
+            RawSecret::Literal(s) => {
+                self.literal_secrets = true;
+                Ok(s.clone())
+            }
             RawSecret::Env(name) => self
                 .env
                 .var(name)
@@ -1005,6 +1224,18 @@ fn is_loopback_host(url: &Url) -> bool {
     }
 }
 
+/// 64 hex digits → 32 bytes.
+fn decode_hex32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -1115,7 +1346,10 @@ timeout = "5s"
     #[test]
     fn an_empty_config_gets_the_documented_defaults() {
         let c = load("").unwrap();
-        assert_eq!(c.server.listen, vec!["127.0.0.1:8731".parse().unwrap()]);
+        assert_eq!(
+            c.server.listen,
+            vec![ListenAddr::Tcp("127.0.0.1:8731".parse().unwrap())]
+        );
         assert_eq!(c.state.dir, PathBuf::from("/var/lib/tokend"));
         assert!(c.accounts.is_empty());
     }

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -15,6 +14,7 @@ use crate::app::{self, Daemon, RunError};
 use crate::clock::Clock;
 use crate::config::{Config, DEFAULT_LISTEN, SystemEnvironment};
 use crate::fake_provider::{ClientSpec, FakeProvider};
+use crate::listen;
 use crate::provider::Provider;
 use crate::store::{FileStore, StoreError};
 
@@ -74,26 +74,20 @@ pub async fn run() -> Result<(), RunError> {
 
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
-    let provider_listener = app::bind(&["127.0.0.1:0".parse().expect("literal address")]).await?;
-    let provider_addr = provider_listener[0]
-        .local_addr()
-        .map_err(|source| RunError::Bind {
-            addr: "127.0.0.1:0".parse().expect("literal address"),
-            source,
-        })?;
-    app::serve(provider_listener, fake.router(), &tracker, &cancel);
+    let provider_listener = listen::bind_tcp(loopback(0)).await?;
+    let provider_addr = provider_listener
+        .local_tcp_addr()
+        .expect("a TCP listener has an address");
+    listen::serve(vec![provider_listener], fake.router(), &tracker, &cancel);
 
     // The usual port when it is free, so `tokend token` finds the demo without flags.
-    let listener = match TcpListener::bind(DEFAULT_LISTEN).await {
+    let listener = match listen::bind_tcp(DEFAULT_LISTEN.parse().expect("literal address")).await {
         Ok(l) => l,
-        Err(_) => app::bind(&["127.0.0.1:0".parse().expect("literal address")])
-            .await?
-            .remove(0),
+        Err(_) => listen::bind_tcp(loopback(0)).await?,
     };
-    let listen = listener.local_addr().map_err(|source| RunError::Bind {
-        addr: DEFAULT_LISTEN.parse().expect("literal address"),
-        source,
-    })?;
+    let listen = listener
+        .local_tcp_addr()
+        .expect("a TCP listener has an address");
 
     let state_dir = tempfile::Builder::new()
         .prefix("tokend-demo-")
@@ -122,7 +116,7 @@ pub async fn run() -> Result<(), RunError> {
         cancel.clone(),
     )
     .await;
-    app::serve(vec![listener], daemon.router(), &tracker, &cancel);
+    listen::serve(vec![listener], daemon.router(), &tracker, &cancel);
 
     println!("tokend demo: an embedded OAuth provider is running at http://{provider_addr}/token");
     println!(
@@ -145,4 +139,8 @@ pub async fn run() -> Result<(), RunError> {
     let result = app::supervise(daemon, signals, None, tracker, cancel).await;
     drop(state_dir);
     result
+}
+
+fn loopback(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }

@@ -5,17 +5,20 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use axum::extract::MatchedPath;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use crate::access::{Access, AccessError, Caller};
 use crate::clock::Clock;
+use crate::listen::Peer;
 use crate::refresher::rfc3339;
 use crate::token_cell::{AccountHandle, DemandError, Registry, Served, Status};
 
@@ -28,6 +31,8 @@ pub const REQUEST_HEADER: &str = "tokend-request";
 pub struct ApiState {
     pub registry: Arc<Registry>,
     pub clock: Clock,
+    /// The configured consumers; swapped on reload.
+    pub access: Arc<ArcSwap<Access>>,
 }
 
 /// Every route of the API.
@@ -36,7 +41,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/token/{account}", get(token_json))
         .route("/v1/token/{account}/access_token", get(token_plain))
         .route("/v1/accounts/{account}/refresh", post(force_refresh))
-        .route_layer(middleware::from_fn(require_request_header));
+        .route_layer(middleware::from_fn_with_state(state.clone(), guard));
     Router::new()
         .merge(token_routes)
         .route("/v1/accounts", get(accounts))
@@ -52,6 +57,13 @@ pub fn router(state: ApiState) -> Router {
 #[derive(Debug)]
 pub enum ApiError {
     MissingRequestHeader,
+    /// A proxy or a browser is in the path (Origin, X-Forwarded-For, Forwarded).
+    Proxied(&'static str),
+    /// The Host header names something other than this machine's loopback.
+    ForeignHost,
+    Unauthorized(AccessError),
+    /// The consumer may not read this account.
+    NotPermitted(String),
     UnknownAccount(String),
     BadRequest(String),
     Unavailable {
@@ -69,6 +81,32 @@ impl IntoResponse for ApiError {
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "token requests must carry a non-empty Tokend-Request header".to_string(),
+                None,
+            ),
+            ApiError::Proxied(header) => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "requests carrying {header} are refused: tokens are served to local processes, not through proxies or browsers"
+                ),
+                None,
+            ),
+            ApiError::ForeignHost => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the Host header must name a loopback address or localhost".to_string(),
+                None,
+            ),
+            ApiError::Unauthorized(e) => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                e.to_string(),
+                None,
+            ),
+            ApiError::NotPermitted(account) => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this consumer may not read account {account:?}"),
                 None,
             ),
             ApiError::UnknownAccount(name) => (
@@ -117,15 +155,67 @@ async fn count_requests(request: Request, next: Next) -> Response {
     response
 }
 
-async fn require_request_header(request: Request, next: Next) -> Response {
-    let present = request
-        .headers()
+/// The guards of every token and admin route, in order: the `Tokend-Request` header
+/// (keeps out forged requests from SSRF), no proxy or browser headers, a loopback `Host`
+/// (defeats DNS rebinding), then the consumer's identity when consumers are configured.
+async fn guard(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let marked = headers
         .get(REQUEST_HEADER)
         .is_some_and(|v| !v.as_bytes().iter().all(u8::is_ascii_whitespace));
-    if !present {
+    if !marked {
         return ApiError::MissingRequestHeader.into_response();
     }
+    for proxied in ["origin", "x-forwarded-for", "forwarded"] {
+        if headers.contains_key(proxied) {
+            return ApiError::Proxied(match proxied {
+                "origin" => "Origin",
+                "x-forwarded-for" => "X-Forwarded-For",
+                _ => "Forwarded",
+            })
+            .into_response();
+        }
+    }
+    let peer = request.extensions().get::<Peer>().cloned();
+    // Only loopback TCP peers are held to a loopback Host: a Unix socket has no host,
+    // and remote peers exist only where the operator set allow_remote.
+    if matches!(&peer, Some(p @ Peer::Tcp(_)) if p.is_loopback())
+        && let Some(host) = headers.get(header::HOST)
+        && !is_loopback_host(host.as_bytes())
+    {
+        return ApiError::ForeignHost.into_response();
+    }
+    let caller = match state.access.load().identify(headers, peer.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            let mut response = ApiError::Unauthorized(e).into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    };
+    request.extensions_mut().insert(caller);
     next.run(request).await
+}
+
+/// `localhost`, `127.x.y.z` or `[::1]`, with or without a port.
+fn is_loopback_host(host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((ip, port)) if port.is_empty() || port.starts_with(':') => ip,
+            _ => return false,
+        }
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[derive(Deserialize)]
@@ -153,20 +243,18 @@ impl TokenQuery {
 /// The token for `account`, valid at least `min_valid` (refreshing if need be).
 async fn current_token(
     state: &ApiState,
+    caller: &Caller,
     account: &str,
     query: &TokenQuery,
 ) -> Result<(Arc<AccountHandle>, Arc<Served>), ApiError> {
-    let handle = state
-        .registry
-        .get(account)
-        .ok_or_else(|| ApiError::UnknownAccount(account.to_string()))?;
+    let handle = permitted(state, caller, account)?;
     let min_valid = query.min_valid()?;
     let now = state.clock.now();
     if let Some(token) = handle
         .snapshot()
         .valid_token(now, min_valid.unwrap_or_default())
     {
-        served(&handle);
+        served(&handle, caller);
         return Ok((handle.clone(), token.clone()));
     }
     let wait = handle.config.limits.timeout + Duration::from_secs(5);
@@ -175,7 +263,7 @@ async fn current_token(
         .await
     {
         Ok(token) => {
-            served(&handle);
+            served(&handle, caller);
             Ok((handle, token))
         }
         Err(e) => {
@@ -193,9 +281,35 @@ async fn current_token(
     }
 }
 
-fn served(handle: &AccountHandle) {
-    handle.reads.increment(1);
-    tracing::debug!(account = %handle.config.name, consumer = "-", "token served");
+/// The account, if it exists and the caller may read it. A consumer limited to some
+/// accounts learns nothing about the others: it gets 403 whether they exist or not.
+fn permitted(
+    state: &ApiState,
+    caller: &Caller,
+    account: &str,
+) -> Result<Arc<AccountHandle>, ApiError> {
+    let handle = state.registry.get(account);
+    match (&handle, caller) {
+        (Some(h), c) if c.may_read(&h.config.name) => Ok(h.clone()),
+        (
+            _,
+            Caller::Consumer {
+                accounts: Some(_), ..
+            },
+        ) => Err(ApiError::NotPermitted(account.to_string())),
+        (Some(_), _) => Err(ApiError::NotPermitted(account.to_string())),
+        (None, _) => Err(ApiError::UnknownAccount(account.to_string())),
+    }
+}
+
+fn served(handle: &AccountHandle, caller: &Caller) {
+    match caller {
+        Caller::Anyone => handle.reads.increment(1),
+        Caller::Consumer { name, .. } => {
+            crate::metrics::token_reads(handle.config.name.as_str(), name).increment(1)
+        }
+    }
+    tracing::debug!(account = %handle.config.name, consumer = caller.label(), "token served");
 }
 
 fn no_store(mut response: Response) -> Response {
@@ -207,10 +321,11 @@ fn no_store(mut response: Response) -> Response {
 
 async fn token_json(
     State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path(account): Path<String>,
     Query(query): Query<TokenQuery>,
 ) -> Result<Response, ApiError> {
-    let (handle, token) = current_token(&state, &account, &query).await?;
+    let (handle, token) = current_token(&state, &caller, &account, &query).await?;
     let now = state.clock.now();
     let mut headers = Map::new();
     for (name, value) in &token.headers {
@@ -233,10 +348,11 @@ async fn token_json(
 
 async fn token_plain(
     State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path(account): Path<String>,
     Query(query): Query<TokenQuery>,
 ) -> Result<Response, ApiError> {
-    let (_, token) = current_token(&state, &account, &query).await?;
+    let (_, token) = current_token(&state, &caller, &account, &query).await?;
     let response = (
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         token.access_token.expose().to_string(),
@@ -293,12 +409,10 @@ async fn accounts(State(state): State<ApiState>) -> Response {
 /// (operators' `tokend refresh`). Answers with the account's new state, not the token.
 async fn force_refresh(
     State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path(account): Path<String>,
 ) -> Result<Response, ApiError> {
-    let handle = state
-        .registry
-        .get(&account)
-        .ok_or_else(|| ApiError::UnknownAccount(account.clone()))?;
+    let handle = permitted(&state, &caller, &account)?;
     let wait = handle.config.limits.timeout + Duration::from_secs(5);
     let result = handle.demand(Duration::ZERO, true, wait).await;
     let now = state.clock.now();
@@ -375,6 +489,33 @@ async fn not_found() -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_loopback_hosts_pass() {
+        for ok in [
+            "localhost",
+            "localhost:8731",
+            "127.0.0.1",
+            "127.0.0.1:8731",
+            "127.9.9.9:1",
+            "[::1]",
+            "[::1]:8731",
+            "LOCALHOST",
+        ] {
+            assert!(is_loopback_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8731",
+            "localhost.evil.example",
+            "10.0.0.1:8731",
+            "[::2]:80",
+            "[::1]x",
+            "0.0.0.0",
+        ] {
+            assert!(!is_loopback_host(bad.as_bytes()), "{bad}");
+        }
+    }
 
     #[test]
     fn header_names_are_shown_in_canonical_case() {

@@ -19,10 +19,13 @@
 //! - [`store`]: the narrow persistence interface and the atomic file store.
 //! - [`token_cell`]: the published per-account snapshot and reader demands.
 //! - [`http`]: the loopback API (`router()`), its guards and errors.
+//! - [`listen`]: TCP and Unix listeners, connection limits, graceful drain.
+//! - [`metrics`] and [`notify`]: Prometheus metrics; systemd readiness and watchdog.
 //! - [`app`]: wiring, signals, reload, shutdown.
 //! - [`cli`] and [`demo`]: the command line, and `tokend demo`.
 //! - [`fake_provider`]: the embedded OAuth provider of the demo and the tests.
 
+pub mod access;
 pub mod app;
 pub mod cli;
 pub mod clock;
@@ -30,6 +33,7 @@ pub mod config;
 pub mod demo;
 pub mod fake_provider;
 pub mod http;
+pub mod listen;
 pub mod metrics;
 pub mod notify;
 pub mod provider;

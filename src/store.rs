@@ -8,7 +8,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -61,6 +61,10 @@ pub enum StoreError {
         "state directory {dir} is writable by other users (mode {mode:o}); run chmod 700 on it"
     )]
     Insecure { dir: PathBuf, mode: u32 },
+    #[error(
+        "state directory {dir} belongs to uid {owner}, not to this process (uid {me}); chown it or pick another"
+    )]
+    NotOwner { dir: PathBuf, owner: u32, me: u32 },
     #[error("cannot read state for account {account} from {path}: {source}")]
     Read {
         account: AccountName,
@@ -147,6 +151,16 @@ impl FileStore {
                 });
             }
             Err(fs::TryLockError::Error(e)) => return Err(dir_err(e)),
+        }
+        // A state dir owned by another user could have its files swapped under us.
+        let me = rustix::process::geteuid().as_raw();
+        let owner = fs::metadata(dir).map_err(dir_err)?.uid();
+        if owner != me {
+            return Err(StoreError::NotOwner {
+                dir: dir.to_path_buf(),
+                owner,
+                me,
+            });
         }
         lock.set_len(0).map_err(dir_err)?;
         writeln!(lock, "{}", std::process::id()).map_err(dir_err)?;

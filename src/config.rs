@@ -622,6 +622,10 @@ impl Locator<'_> {
                 }
             }
         }
+        // Only what looks like a key path survives: a broken line may hold a value, and
+        // values may be secrets.
+        let table = key_path_prefix(&table);
+        let leaf = key_path_prefix(&leaf);
         match (table.is_empty(), leaf.is_empty()) {
             (_, true) => table,
             (true, false) => leaf,
@@ -1222,6 +1226,15 @@ fn is_loopback_host(url: &Url) -> bool {
         Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
         None => false,
     }
+}
+
+/// The leading part of `text` that can be a dotted TOML key (bare or quoted parts).
+fn key_path_prefix(text: &str) -> String {
+    let text = text.trim();
+    let end = text
+        .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '"')))
+        .unwrap_or(text.len());
+    text[..end].to_string()
 }
 
 /// 64 hex digits → 32 bytes.

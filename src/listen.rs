@@ -157,6 +157,22 @@ fn resolve_group(group: &str) -> Option<u32> {
     })
 }
 
+/// Per-connection limits; `Limits::default()` holds the documented constants.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
+}
+
 /// Serves `router` on every listener until `cancel`, then drains open connections.
 pub fn serve(
     listeners: Vec<Listener>,
@@ -164,13 +180,23 @@ pub fn serve(
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) {
+    serve_with(listeners, router, tracker, cancel, Limits::default());
+}
+
+pub fn serve_with(
+    listeners: Vec<Listener>,
+    router: Router,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+    limits: Limits,
+) {
     for listener in listeners {
         let router = router.clone();
         let cancel = cancel.clone();
         let connections = tracker.clone();
         tracker.spawn(async move {
             let name = listener.to_string();
-            accept_loop(listener, router, connections, cancel).await;
+            accept_loop(listener, router, connections, cancel, limits).await;
             debug!(listener = %name, "listener closed");
         });
     }
@@ -181,8 +207,9 @@ async fn accept_loop(
     router: Router,
     tracker: TaskTracker,
     cancel: CancellationToken,
+    limits: Limits,
 ) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let limit = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let unix_path = match &listener {
         Listener::Unix(_, p) => Some(p.clone()),
@@ -215,7 +242,7 @@ async fn accept_loop(
                 });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(MAX_HEAD_BYTES)
             .max_headers(MAX_HEADERS)
             .serve_connection(io, TowerToHyperService::new(service));

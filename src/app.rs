@@ -210,8 +210,8 @@ impl Daemon {
     /// refresh and save finish first) and started again from its stored state.
     pub async fn reload(&mut self, new: Config) -> ReloadReport {
         let mut report = ReloadReport::default();
-        if new.state.dir != self.config.state.dir {
-            report.ignored.push("state.dir".into());
+        if new.state != self.config.state {
+            report.ignored.push("state".into());
         }
         if new.server != self.config.server {
             report.ignored.push("server.listen".into());
@@ -277,7 +277,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), RunError> {
     // Installed first: a SIGHUP or SIGTERM during start-up must not kill the process
     // with its default action.
     let signals = signals()?;
-    let store = FileStore::open(&config.state.dir)?;
+    let store = FileStore::open_sealed(&config.state.dir, config.state.keyring.clone())?;
     let provider = Provider::http(config.provider.connect_timeout)?;
     let listeners = listen::bind_all(&config.server).await?;
     let addrs: Vec<String> = listeners.iter().map(|l| l.to_string()).collect();

@@ -17,6 +17,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
+use crate::seal::{Keyring, SealKey};
 use crate::secret::Secret;
 
 /// Where the daemon looks for its config when neither `--config` nor `$TOKEND_CONFIG` is set.
@@ -105,6 +106,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StateConfig {
     pub dir: PathBuf,
+    /// Keys for encryption at rest, when configured.
+    pub keyring: Option<Keyring>,
 }
 
 /// An account's name: it names a state file and a URL path segment, so it is restricted
@@ -255,6 +258,15 @@ pub struct AccountConfig {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub refresh: RefreshPolicy,
     pub limits: ProviderLimits,
+    /// Extra CA certificates to trust for this provider (private PKI).
+    pub ca_bundle: Option<Arc<CaBundle>>,
+}
+
+/// The PEM certificates of an account's `ca_file`, read and checked at load time.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct CaBundle {
+    pub path: PathBuf,
+    pub pem: Vec<u8>,
 }
 
 /// Every problem found in a config, each with its place.
@@ -433,6 +445,9 @@ struct RawLog {
 #[serde(deny_unknown_fields)]
 struct RawState {
     dir: Option<Spanned<String>>,
+    encryption_key: Option<Spanned<RawSecret>>,
+    #[serde(default)]
+    previous_encryption_keys: Vec<Spanned<RawSecret>>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -480,6 +495,7 @@ struct RawAccount {
     headers: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     allow_insecure_http: bool,
+    ca_file: Option<Spanned<String>>,
     #[serde(default)]
     refresh: RawRefresh,
     timeout: Option<Spanned<RawDuration>>,
@@ -655,6 +671,7 @@ impl Validator<'_> {
 
     fn config(&mut self, raw: RawConfig) -> Config {
         let server = self.server(raw.server);
+        let keyring = self.keyring(&raw.state);
         let dir = match raw.state.dir {
             Some(d) => {
                 if d.get_ref().is_empty() {
@@ -687,7 +704,7 @@ impl Validator<'_> {
         let consumers = self.consumers(raw.consumers, &accounts);
         Config {
             server,
-            state: StateConfig { dir },
+            state: StateConfig { dir, keyring },
             provider: limits,
             log: LogConfig {
                 format: raw.log.format.unwrap_or_default(),
@@ -695,6 +712,34 @@ impl Validator<'_> {
             accounts,
             consumers,
             warnings: std::mem::take(&mut self.warnings),
+        }
+    }
+
+    fn keyring(&mut self, raw: &RawState) -> Option<Keyring> {
+        let parse = |v: &mut Self, secret: &Spanned<RawSecret>, key: &str| {
+            let text = v.secret(secret, key)?;
+            match SealKey::parse(&text) {
+                Ok(k) => Some(k),
+                Err(msg) => {
+                    v.report(secret.span(), key, msg);
+                    None
+                }
+            }
+        };
+        let previous: Vec<SealKey> = raw
+            .previous_encryption_keys
+            .iter()
+            .filter_map(|k| parse(self, k, "state.previous_encryption_keys"))
+            .collect();
+        match &raw.encryption_key {
+            Some(current) => parse(self, current, "state.encryption_key")
+                .map(|current| Keyring { current, previous }),
+            None => {
+                if let Some(first) = raw.previous_encryption_keys.first() {
+                    self.report(first.span(), "state.previous_encryption_keys", "needs state.encryption_key: old keys only open files, new ones are sealed with the current key");
+                }
+                None
+            }
         }
     }
 
@@ -1154,6 +1199,31 @@ impl Validator<'_> {
         }
 
         let refresh = self.refresh(global_refresh, &raw.refresh, &k("refresh"));
+        let ca_bundle = raw.ca_file.as_ref().and_then(|f| {
+            let path = self.base_dir.join(f.get_ref());
+            let pem = match self.env.read_file(&path) {
+                Ok(text) => text.into_bytes(),
+                Err(e) => {
+                    self.report(
+                        f.span(),
+                        k("ca_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                    );
+                    return None;
+                }
+            };
+            match reqwest::Certificate::from_pem_bundle(&pem) {
+                Ok(certs) if !certs.is_empty() => Some(Arc::new(CaBundle { path, pem })),
+                _ => {
+                    self.report(
+                        f.span(),
+                        k("ca_file"),
+                        format!("{} holds no PEM certificate", path.display()),
+                    );
+                    None
+                }
+            }
+        });
         let mut limits = global_limits;
         self.timeout(&mut limits.timeout, raw.timeout.as_ref(), &k("timeout"));
 
@@ -1172,6 +1242,7 @@ impl Validator<'_> {
             headers,
             refresh,
             limits,
+            ca_bundle,
         }
     }
 
@@ -1473,6 +1544,39 @@ client_id = "c"
             .unwrap_err();
         let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["refresh.ratio", "refresh.backoff_max"], "{err}");
+    }
+
+    #[test]
+    fn a_ca_file_must_hold_pem_certificates() {
+        let mut e = env();
+        e.files
+            .insert(PathBuf::from("/etc/tokend/not-a-ca.pem"), "hello".into());
+        let text = "[accounts.a]\ngrant = \"client_credentials\"\ntoken_url = \"https://x/t\"\nclient_id = \"c\"\nclient_secret = \"s\"\nca_file = \"not-a-ca.pem\"\n[accounts.b]\ngrant = \"client_credentials\"\ntoken_url = \"https://x/t\"\nclient_id = \"c\"\nclient_secret = \"s\"\nca_file = \"/missing.pem\"\n";
+        let err = Config::from_str_at(text, Path::new("/etc/tokend/tokend.toml"), &e).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["accounts.a.ca_file", "accounts.b.ca_file"], "{err}");
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
+    }
+
+    #[test]
+    fn encryption_keys_are_validated_and_old_keys_need_a_current_one() {
+        let hex = "ab".repeat(32);
+        let ok = format!("[state]\nencryption_key = \"{hex}\"\n");
+        assert!(load(&ok).unwrap().state.keyring.is_some());
+        let err = load("[state]\nencryption_key = \"short\"\n").unwrap_err();
+        assert_eq!(err.problems[0].key, "state.encryption_key", "{err}");
+        let err = load(&format!(
+            "[state]\nprevious_encryption_keys = [\"{hex}\"]\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("needs state.encryption_key"),
+            "{err}"
+        );
+        assert!(
+            !err.to_string().contains(&hex),
+            "key material is never echoed"
+        );
     }
 
     #[test]

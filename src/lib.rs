@@ -39,6 +39,7 @@ pub mod notify;
 pub mod provider;
 pub mod refresher;
 pub mod schedule;
+pub mod seal;
 pub mod secret;
 pub mod store;
 pub mod token_cell;

@@ -3,8 +3,9 @@
 //! providers differ (§5.1) and keeps failures typed (§5.2, transport, parse) so the retry
 //! policy can match on their kind. It does not decide when to call or what to do next.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -15,7 +16,7 @@ use serde_json::Value;
 use tower::ServiceExt;
 use zeroize::Zeroize;
 
-use crate::config::{AccountConfig, ClientAuth, RequestFormat};
+use crate::config::{AccountConfig, CaBundle, ClientAuth, RequestFormat};
 use crate::secret::Secret;
 
 /// What the daemon asks the token endpoint for.
@@ -184,8 +185,46 @@ fn is_transient_status(status: u16) -> bool {
 /// virtual time do not mix).
 #[derive(Clone)]
 pub enum Transport {
-    Http(reqwest::Client),
+    Http(Arc<HttpClients>),
     InProcess(axum::Router),
+}
+
+/// One shared HTTPS client with the system's trust roots, plus one per extra CA bundle
+/// (accounts with `ca_file`), built on first use and kept so connections are reused.
+pub struct HttpClients {
+    connect_timeout: Duration,
+    system: reqwest::Client,
+    with_ca: Mutex<HashMap<Arc<CaBundle>, reqwest::Client>>,
+}
+
+impl HttpClients {
+    fn builder(connect_timeout: Duration) -> reqwest::ClientBuilder {
+        // Redirects are not followed: a token request carries credentials and must go
+        // only where the config says.
+        reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(Duration::from_secs(90))
+    }
+
+    fn client(&self, account: &AccountConfig) -> Result<reqwest::Client, ProviderError> {
+        let Some(bundle) = &account.ca_bundle else {
+            return Ok(self.system.clone());
+        };
+        let mut cache = self.with_ca.lock().expect("client cache lock");
+        if let Some(c) = cache.get(bundle) {
+            return Ok(c.clone());
+        }
+        let certs = reqwest::Certificate::from_pem_bundle(&bundle.pem).map_err(|e| {
+            ProviderError::Transport(format!("ca_file {}: {e}", bundle.path.display()))
+        })?;
+        let client = HttpClients::builder(self.connect_timeout)
+            .tls_certs_merge(certs)
+            .build()
+            .map_err(|e| ProviderError::Transport(format!("cannot build the HTTP client: {e}")))?;
+        cache.insert(bundle.clone(), client.clone());
+        Ok(client)
+    }
 }
 
 /// The token-endpoint client. Cheap to clone; one is shared by every account so
@@ -200,17 +239,16 @@ impl Provider {
         Provider { transport }
     }
 
-    /// An HTTPS client with the system's trust roots. Redirects are not followed: a token
-    /// request carries credentials and must go only where the config says.
+    /// Real HTTP(S) with the system's trust roots (and accounts' extra CA bundles).
     pub fn http(connect_timeout: Duration) -> Result<Provider, ProviderError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .https_only(false)
+        let system = HttpClients::builder(connect_timeout)
             .build()
             .map_err(|e| ProviderError::Transport(format!("cannot build the HTTP client: {e}")))?;
-        Ok(Provider::new(Transport::Http(client)))
+        Ok(Provider::new(Transport::Http(Arc::new(HttpClients {
+            connect_timeout,
+            system,
+            with_ca: Mutex::new(HashMap::new()),
+        }))))
     }
 
     /// Sends one token request for `account` and parses the answer. The whole exchange,
@@ -232,7 +270,10 @@ impl Provider {
         let timeout = account.limits.timeout;
         let exchange = async {
             match &self.transport {
-                Transport::Http(client) => send_http(client, account, &request, limit).await,
+                Transport::Http(clients) => {
+                    let client = clients.client(account)?;
+                    send_http(&client, account, &request, limit).await
+                }
                 Transport::InProcess(router) => {
                     send_in_process(router, account, &request, limit).await
                 }

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
 use crate::config::AccountName;
+use crate::seal::{Envelope, Keyring};
 use crate::secret::Secret;
 
 /// The state file format version this build writes and reads.
@@ -102,6 +103,7 @@ pub trait Store: Send + Sync + 'static {
 /// The file-backed store. Holding it holds the state directory's lock.
 pub struct FileStore {
     dir: PathBuf,
+    keyring: Option<Keyring>,
     _lock: File,
 }
 
@@ -112,6 +114,12 @@ const TEMP_SUFFIX: &str = ".tmp";
 impl FileStore {
     /// Opens (creating with mode 0700 if needed) and locks the state directory.
     pub fn open(dir: &Path) -> Result<Arc<FileStore>, StoreError> {
+        FileStore::open_sealed(dir, None)
+    }
+
+    /// Like `open`, sealing every file written with `keyring` when one is given. Files
+    /// found in clear are read and sealed at their next save.
+    pub fn open_sealed(dir: &Path, keyring: Option<Keyring>) -> Result<Arc<FileStore>, StoreError> {
         let dir_err = |source| StoreError::Dir {
             dir: dir.to_path_buf(),
             source,
@@ -167,6 +175,7 @@ impl FileStore {
         remove_stale_temp_files(dir);
         Ok(Arc::new(FileStore {
             dir: dir.to_path_buf(),
+            keyring,
             _lock: lock,
         }))
     }
@@ -176,7 +185,11 @@ impl FileStore {
     }
 }
 
-fn load_blocking(dir: &Path, account: &AccountName) -> Result<Option<State>, StoreError> {
+fn load_blocking(
+    dir: &Path,
+    keyring: Option<&Keyring>,
+    account: &AccountName,
+) -> Result<Option<State>, StoreError> {
     let path = state_path(dir, account);
     let mut bytes = match fs::read(&path) {
         Ok(b) => b,
@@ -189,7 +202,7 @@ fn load_blocking(dir: &Path, account: &AccountName) -> Result<Option<State>, Sto
             });
         }
     };
-    let parsed = decode(&bytes, account);
+    let parsed = decode(&bytes, account, keyring);
     bytes.zeroize();
     match parsed {
         Ok(state) => Ok(Some(state)),
@@ -224,8 +237,9 @@ impl Store for FileStore {
     fn load<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<State>> {
         Box::pin(async move {
             let dir = self.dir.clone();
+            let keyring = self.keyring.clone();
             let owned = account.clone();
-            tokio::task::spawn_blocking(move || load_blocking(&dir, &owned))
+            tokio::task::spawn_blocking(move || load_blocking(&dir, keyring.as_ref(), &owned))
                 .await
                 .unwrap_or_else(|join| {
                     Err(StoreError::Read {
@@ -239,7 +253,7 @@ impl Store for FileStore {
 
     fn save<'a>(&'a self, account: &'a AccountName, state: &'a State) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let bytes = encode(account, state);
+            let bytes = encode(account, state, self.keyring.as_ref());
             let dir = self.dir.clone();
             let path = self.path(account);
             let target = path.clone();
@@ -346,7 +360,7 @@ fn from_unix(s: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(s)
 }
 
-fn encode(account: &AccountName, state: &State) -> Vec<u8> {
+fn encode(account: &AccountName, state: &State, keyring: Option<&Keyring>) -> Vec<u8> {
     let mut wire = Wire {
         version: FORMAT_VERSION,
         account: account.to_string(),
@@ -364,17 +378,43 @@ fn encode(account: &AccountName, state: &State) -> Vec<u8> {
         last_refresh: state.last_refresh.map(to_unix),
     };
     let mut bytes = serde_json::to_vec_pretty(&wire).expect("state serializes");
-    bytes.push(b'\n');
     wire.refresh_token.zeroize();
     if let Some(a) = wire.access.as_mut() {
         a.token.zeroize();
     }
+    if let Some(keyring) = keyring {
+        let envelope = Envelope {
+            version: FORMAT_VERSION,
+            account: account.to_string(),
+            sealed: keyring.seal(account.as_str(), &bytes),
+        };
+        bytes.zeroize();
+        bytes = serde_json::to_vec_pretty(&envelope).expect("envelope serializes");
+    }
+    bytes.push(b'\n');
     bytes
 }
 
-fn decode(bytes: &[u8], account: &AccountName) -> Result<State, String> {
+fn decode(bytes: &[u8], account: &AccountName, keyring: Option<&Keyring>) -> Result<State, String> {
     if bytes.is_empty() {
         return Err("the file is empty".into());
+    }
+    // A sealed file names its account in clear too; the check below and the AEAD's
+    // associated data both tie it to this account.
+    if let Ok(envelope) = serde_json::from_slice::<Envelope>(bytes) {
+        if envelope.account != account.as_str() {
+            return Err(format!(
+                "the file belongs to account {:?}",
+                envelope.account
+            ));
+        }
+        let Some(keyring) = keyring else {
+            return Err("the file is encrypted but no state.encryption_key is configured".into());
+        };
+        let mut plain = keyring.open(account.as_str(), &envelope.sealed)?;
+        let state = decode(&plain, account, None);
+        plain.zeroize();
+        return state;
     }
     // serde_json's messages name line and column but never echo the input's values.
     let mut wire: Wire = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
@@ -482,14 +522,79 @@ mod tests {
 
     #[test]
     fn decode_rejects_other_versions_and_accounts_without_echoing_secrets() {
-        let bytes = encode(&name("a"), &sample());
-        assert!(decode(&bytes, &name("b")).unwrap_err().contains("\"a\""));
+        let bytes = encode(&name("a"), &sample(), None);
+        assert!(
+            decode(&bytes, &name("b"), None)
+                .unwrap_err()
+                .contains("\"a\"")
+        );
         let text = String::from_utf8(bytes)
             .unwrap()
             .replace("\"version\": 1", "\"version\": 9");
-        let err = decode(text.as_bytes(), &name("a")).unwrap_err();
+        let err = decode(text.as_bytes(), &name("a"), None).unwrap_err();
         assert!(err.contains("version 9"), "{err}");
         assert!(!err.contains("rt-1"));
+    }
+
+    fn ring(current: u8, previous: &[u8]) -> Keyring {
+        let key = |b: u8| {
+            crate::seal::SealKey::parse(&Secret::new(format!("{b:02x}").repeat(32))).unwrap()
+        };
+        Keyring {
+            current: key(current),
+            previous: previous.iter().map(|b| key(*b)).collect(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn sealed_files_hold_no_secret_in_clear_and_survive_key_rotation() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = name("acct");
+        {
+            let store = FileStore::open_sealed(tmp.path(), Some(ring(1, &[]))).unwrap();
+            store.save(&a, &sample()).await.unwrap();
+            let text = fs::read_to_string(store.path(&a)).unwrap();
+            assert!(!text.contains("rt-1") && !text.contains("at-1"), "{text}");
+            assert!(text.contains("XChaCha20-Poly1305"));
+            assert_eq!(store.load(&a).await.unwrap(), Some(sample()));
+        }
+        {
+            // Rotation: the old key still opens the file; the next save re-seals.
+            let store = FileStore::open_sealed(tmp.path(), Some(ring(2, &[1]))).unwrap();
+            assert_eq!(store.load(&a).await.unwrap(), Some(sample()));
+            store.save(&a, &sample()).await.unwrap();
+        }
+        {
+            // The old key can go once every file was re-sealed.
+            let store = FileStore::open_sealed(tmp.path(), Some(ring(2, &[]))).unwrap();
+            assert_eq!(store.load(&a).await.unwrap(), Some(sample()));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn plain_files_are_read_and_a_missing_key_keeps_the_file_aside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = name("acct");
+        {
+            let store = FileStore::open(tmp.path()).unwrap();
+            store.save(&a, &sample()).await.unwrap();
+        }
+        {
+            // Turning encryption on: the clear file is read, then sealed on save.
+            let store = FileStore::open_sealed(tmp.path(), Some(ring(1, &[]))).unwrap();
+            assert_eq!(store.load(&a).await.unwrap(), Some(sample()));
+            store.save(&a, &sample()).await.unwrap();
+        }
+        let store = FileStore::open_sealed(tmp.path(), Some(ring(3, &[]))).unwrap();
+        let err = store.load(&a).await.unwrap_err();
+        let StoreError::Corrupt { kept_as, .. } = &err else {
+            panic!("{err}")
+        };
+        assert!(err.to_string().contains("key id"), "{err}");
+        assert!(
+            fs::read_to_string(kept_as).unwrap().contains("sealed"),
+            "kept, not lost"
+        );
     }
 
     #[test]

@@ -214,7 +214,10 @@ impl Daemon {
             report.ignored.push("state".into());
         }
         if new.server != self.config.server {
-            report.ignored.push("server.listen".into());
+            report.ignored.push("server".into());
+        }
+        if new.log != self.config.log {
+            report.ignored.push("log".into());
         }
         if new.provider.connect_timeout != self.config.provider.connect_timeout {
             report.ignored.push("provider.connect_timeout".into());
@@ -223,7 +226,7 @@ impl Daemon {
             .running
             .iter()
             // An account waiting for re-authorization restarts too, so that a refresh
-            // token stored meanwhile (import, login) is picked up on SIGHUP.
+            // token stored meanwhile (or a state file made readable) is picked up.
             .filter(|(name, r)| {
                 new.accounts.get(*name) != Some(&r.config)
                     || r.handle.snapshot().status == Status::NeedsReauth
@@ -381,6 +384,9 @@ async fn reload_from(daemon: &mut Daemon, path: &Path) {
     info!(config = %path.display(), "SIGHUP: reloading the config");
     match Config::load(path) {
         Ok(config) => {
+            for warning in &config.warnings {
+                warn!("{warning}");
+            }
             let report = daemon.reload(config).await;
             let names = |v: &[AccountName]| {
                 v.iter()

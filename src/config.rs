@@ -677,7 +677,9 @@ impl Validator<'_> {
                 if d.get_ref().is_empty() {
                     self.report(d.span(), "state.dir", "must not be empty");
                 }
-                PathBuf::from(d.into_inner())
+                // Relative to the config file, like secret files: not to wherever the
+                // daemon happened to be started.
+                self.base_dir.join(d.into_inner())
             }
             // systemd's StateDirectory= tells us where the state lives.
             None => self

@@ -126,8 +126,10 @@ pub async fn run() -> Result<(), RunError> {
     println!();
     println!("Fetch a token (JSON with expiry and the headers to send):");
     println!("  curl -s -H 'Tokend-Request: 1' http://{listen}/v1/token/demo-zywave");
+    // The command as this process was started (target/release/tokend under cargo run).
+    let me = std::env::args().next().unwrap_or_else(|| "tokend".into());
     println!("Just the access token, from a script:");
-    println!("  tokend token demo-zywave --endpoint http://{listen}");
+    println!("  {me} token demo-zywave --endpoint http://{listen}");
     println!("Call the demo API with it:");
     println!(
         "  curl -s -H \"Authorization: Bearer $(curl -s -H 'Tokend-Request: 1' http://{listen}/v1/token/demo-zywave/access_token)\" -H 'Profile: B 1234' http://{provider_addr}/api/whoami"

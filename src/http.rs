@@ -379,12 +379,20 @@ fn time_field(t: Option<SystemTime>) -> Value {
     t.map_or(Value::Null, |t| Value::from(rfc3339(t)))
 }
 
-async fn accounts(State(state): State<ApiState>) -> Response {
+/// Every account's state. Open when no consumers are configured; otherwise a consumer
+/// must identify itself and sees only the accounts it may read.
+async fn accounts(State(state): State<ApiState>, request: Request) -> Response {
+    let peer = request.extensions().get::<Peer>();
+    let caller = match state.access.load().identify(request.headers(), peer) {
+        Ok(c) => c,
+        Err(e) => return ApiError::Unauthorized(e).into_response(),
+    };
     let now = state.clock.now();
     let list: Vec<Value> = state
         .registry
         .all()
         .values()
+        .filter(|handle| caller.may_read(&handle.config.name))
         .map(|handle| {
             let snap = handle.snapshot();
             let token = snap.token.as_ref();

@@ -76,11 +76,20 @@ impl Refresher {
         });
         let name = &config.name;
         let mut load_error = None;
+        let mut unreadable = None;
         let loaded = match deps.store.load(name).await {
             Ok(state) => state,
-            Err(e) => {
+            // The bad file was moved aside: starting from the seed loses nothing.
+            Err(e @ StoreError::Corrupt { .. }) => {
                 error!(account = %name, error = %e, "cannot load the persisted state; starting from the configured seed");
                 load_error = Some(e.to_string());
+                None
+            }
+            // The file may be fine and hold the only valid refresh token (a permission
+            // or I/O problem): never overwrite it; wait for a human and a reload.
+            Err(e) => {
+                error!(account = %name, error = %e, "cannot read the persisted state; the account is held until this is fixed and tokend is reloaded");
+                unreadable = Some(format!("{e}; fix it and reload (SIGHUP)"));
                 None
             }
         };
@@ -106,6 +115,12 @@ impl Refresher {
             last_call: None,
             refreshing: false,
         };
+        if let Some(reason) = unreadable {
+            r.needs_reauth = Some(reason.clone());
+            r.last_error = Some(reason);
+            r.publish();
+            return (r, handle);
+        }
         r.adopt_seed(now);
         if r.state.refresh_in_flight_since.is_some() {
             warn!(account = %name, "the last run stopped with a refresh in flight; retrying at once with the stored refresh token");
@@ -141,13 +156,17 @@ impl Refresher {
                 self.state.refresh_token_issued_at = Some(now);
                 self.state.refresh_in_flight_since = None;
                 self.unsaved = true;
+                // Tokens of the old chain may belong to another user or scope.
+                self.refresh_at = Some(now);
             }
         }
         if self.state.refresh_token.is_none() {
-            self.needs_reauth = Some(format!(
+            let reason = format!(
                 "no refresh token: set accounts.{}.refresh_token in the config",
                 self.config.name
-            ));
+            );
+            self.needs_reauth = Some(reason.clone());
+            self.last_error = Some(reason);
         }
     }
 
@@ -244,45 +263,58 @@ impl Refresher {
                 .send(Err(DemandError::NeedsReauth(reason.clone())));
             return;
         }
-        if !demand.force {
-            if let Some(retry_at) = self.retry_at.filter(|t| *t > now) {
-                let _ = demand.reply.send(Err(DemandError::Failing {
-                    error: self.last_error.clone().unwrap_or_default(),
-                    retry_in: retry_at.duration_since(now).unwrap_or_default(),
-                }));
-                return;
-            }
-            let min_interval = self.config.refresh.min_interval;
-            if self.last_call.is_some_and(|t| t.elapsed() < min_interval) {
-                let valid_for = self
-                    .served
-                    .as_ref()
-                    .map_or(Duration::ZERO, |t| t.valid_for(now));
-                let _ = demand.reply.send(Err(DemandError::TooShort {
-                    valid_for,
+        if !demand.force
+            && let Some(retry_at) = self.retry_at.filter(|t| *t > now)
+        {
+            let _ = demand.reply.send(Err(DemandError::Failing {
+                error: self.last_error.clone().unwrap_or_default(),
+                retry_in: retry_at.duration_since(now).unwrap_or_default(),
+            }));
+            return;
+        }
+        // Forced or not, one account calls the provider at most once per min_interval:
+        // neither a reader nor an operator script can turn into a refresh storm.
+        let min_interval = self.config.refresh.min_interval;
+        if let Some(ago) = self
+            .last_call
+            .map(|t| t.elapsed())
+            .filter(|ago| *ago < min_interval)
+        {
+            let error = if demand.force {
+                DemandError::TooSoon { ago, min_interval }
+            } else {
+                DemandError::TooShort {
+                    valid_for: self
+                        .served
+                        .as_ref()
+                        .map_or(Duration::ZERO, |t| t.valid_for(now)),
                     min_valid: demand.min_valid,
-                }));
-                return;
-            }
+                }
+            };
+            let _ = demand.reply.send(Err(error));
+            return;
         }
         let mut waiting = vec![demand];
-        self.refresh().await;
+        let refreshed = self.refresh().await;
         // Every reader that queued up during the refresh shares its result.
         while let Ok(d) = self.demands.try_recv() {
             waiting.push(d);
         }
         let now = self.deps.clock.now();
         for d in waiting {
+            let failing = || DemandError::Failing {
+                error: self.last_error.clone().unwrap_or_default(),
+                retry_in: self
+                    .retry_at
+                    .and_then(|t| t.duration_since(now).ok())
+                    .unwrap_or_default(),
+            };
             let answer = match (&self.served, &self.needs_reauth) {
                 (_, Some(reason)) => Err(DemandError::NeedsReauth(reason.clone())),
+                // Whoever forced a refresh learns that it failed, valid old token or not.
+                _ if d.force && !refreshed => Err(failing()),
                 (Some(t), _) if t.satisfies(now, d.min_valid) => Ok(t.clone()),
-                (_, _) if self.retry_at.is_some() => Err(DemandError::Failing {
-                    error: self.last_error.clone().unwrap_or_default(),
-                    retry_in: self
-                        .retry_at
-                        .and_then(|t| t.duration_since(now).ok())
-                        .unwrap_or_default(),
-                }),
+                _ if !refreshed => Err(failing()),
                 (t, _) => Err(DemandError::TooShort {
                     valid_for: t.as_ref().map_or(Duration::ZERO, |t| t.valid_for(now)),
                     min_valid: d.min_valid,
@@ -292,15 +324,15 @@ impl Refresher {
         }
     }
 
-    /// One refresh: mark → call → persist → publish.
-    async fn refresh(&mut self) {
+    /// One refresh: mark → call → persist → publish. True when a new token was obtained.
+    async fn refresh(&mut self) -> bool {
         let name = self.config.name.clone();
         let rotating = matches!(self.config.grant, Grant::RefreshToken { .. });
         let refresh_token = self.state.refresh_token.clone();
         let grant = match (&self.config.grant, &refresh_token) {
             (Grant::ClientCredentials, _) => TokenGrant::ClientCredentials,
             (Grant::RefreshToken { .. }, Some(rt)) => TokenGrant::RefreshToken(rt),
-            (Grant::RefreshToken { .. }, None) => return,
+            (Grant::RefreshToken { .. }, None) => return false,
         };
         self.refreshing = true;
         self.publish();
@@ -321,6 +353,7 @@ impl Refresher {
         let elapsed = started.elapsed();
         self.refreshing = false;
         let now = self.deps.clock.now();
+        let ok = result.is_ok();
         match result {
             Ok(response) => {
                 let lifetime = schedule::lifetime(
@@ -417,7 +450,8 @@ impl Refresher {
                             rand::random(),
                             retry_after,
                         )
-                        .max(policy.slow_retry);
+                        // Jittered so accounts failing together do not retry together.
+                        .max(policy.slow_retry.mul_f64(1.0 + 0.1 * rand::random::<f64>()));
                         let hint = match e.oauth_error() {
                             Some("invalid_client") => {
                                 " (check client_id, client_secret and client_auth)"
@@ -430,9 +464,20 @@ impl Refresher {
                         self.last_error = Some(format!("{message}{hint}"));
                     }
                 }
+                // An OAuth error answer means the provider did not rotate anything: the
+                // in-flight mark can go, so a restart does not mistake this for a crash.
+                if rotating
+                    && e.oauth_error().is_some()
+                    && self.state.refresh_in_flight_since.is_some()
+                {
+                    self.state.refresh_in_flight_since = None;
+                    self.unsaved = true;
+                    self.save().await;
+                }
             }
         }
         self.publish();
+        ok
     }
 
     async fn save(&mut self) {

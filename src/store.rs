@@ -129,12 +129,26 @@ impl FileStore {
             .mode(0o700)
             .create(dir)
             .map_err(dir_err)?;
-        let mode = fs::metadata(dir).map_err(dir_err)?.permissions().mode();
+        let meta = fs::metadata(dir).map_err(dir_err)?;
+        let mode = meta.permissions().mode();
         if mode & 0o022 != 0 {
             return Err(StoreError::Insecure {
                 dir: dir.to_path_buf(),
                 mode: mode & 0o7777,
             });
+        }
+        // A state dir owned by another user could have its files swapped under us.
+        let me = rustix::process::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(StoreError::NotOwner {
+                dir: dir.to_path_buf(),
+                owner: meta.uid(),
+                me,
+            });
+        }
+        // Ours, but readable by others (made by hand, or an old umask): close it.
+        if mode & 0o077 != 0 {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
         }
         let lock_path = dir.join(LOCK_FILE);
         let mut lock = OpenOptions::new()
@@ -159,16 +173,6 @@ impl FileStore {
                 });
             }
             Err(fs::TryLockError::Error(e)) => return Err(dir_err(e)),
-        }
-        // A state dir owned by another user could have its files swapped under us.
-        let me = rustix::process::geteuid().as_raw();
-        let owner = fs::metadata(dir).map_err(dir_err)?.uid();
-        if owner != me {
-            return Err(StoreError::NotOwner {
-                dir: dir.to_path_buf(),
-                owner,
-                me,
-            });
         }
         lock.set_len(0).map_err(dir_err)?;
         writeln!(lock, "{}", std::process::id()).map_err(dir_err)?;

@@ -152,15 +152,25 @@ pub struct Demand {
 pub enum DemandError {
     #[error("{0}")]
     NeedsReauth(String),
-    #[error("refreshing fails: {error}; next attempt in {}", humantime::format_duration(*retry_in))]
+    #[error("refreshing fails: {error}; next attempt in {}", secs(*retry_in))]
     Failing { error: String, retry_in: Duration },
-    #[error("the provider issues tokens valid for {}, less than the {} asked for", humantime::format_duration(*valid_for), humantime::format_duration(*min_valid))]
+    #[error("the provider issues tokens valid for {}, less than the {} asked for", secs(*valid_for), secs(*min_valid))]
     TooShort {
         valid_for: Duration,
         min_valid: Duration,
     },
+    #[error("the token was refreshed {} ago; refreshes are at least {} apart (refresh.min_interval)", secs(*ago), secs(*min_interval))]
+    TooSoon {
+        ago: Duration,
+        min_interval: Duration,
+    },
     #[error("the account is shutting down or being reloaded")]
     Gone,
+}
+
+/// A duration in whole seconds, as people read it ("4m 10s").
+fn secs(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_secs(d.as_secs()))
 }
 
 /// The shared face of one running account: its config, its published snapshot and the

@@ -229,7 +229,7 @@ async fn invalid_client_is_a_credential_problem_retried_slowly() {
         StatusCode::SERVICE_UNAVAILABLE,
         "expired meanwhile"
     );
-    h.advance(S(12)).await;
+    h.advance(S(102)).await; // plus up to 10% jitter
     assert_eq!(h.fake.counts().token_requests, calls + 1);
     assert_eq!(
         h.get("/v1/token/zy").await.0,
@@ -431,4 +431,30 @@ async fn a_reload_retries_an_account_waiting_for_reauth_once() {
     assert_eq!(h.fake.counts().token_requests, calls + 1);
     assert_eq!(h.account_state("zy").await["state"], "ok");
     h.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreadable_state_file_is_never_overwritten() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, S(300));
+    let seed = fake.grant_refresh_token("zy-client", None);
+    let dir = tempfile::tempdir().unwrap();
+    // Reading fails with an I/O error (here: a directory where the file should be), not
+    // with a parse error: the content may be the only valid refresh token.
+    std::fs::create_dir(dir.path().join("zy.json")).unwrap();
+    std::fs::write(dir.path().join("zy.json").join("keep"), b"precious").unwrap();
+    let store = FileStore::open(dir.path()).unwrap();
+    let h = Harness::start_with_store(fake, clock, &zywave_account("zy", &seed), dir, store).await;
+    h.advance(S(60)).await;
+    let state = h.account_state("zy").await;
+    assert_eq!(state["state"], "needs_reauth", "{state}");
+    assert!(
+        state["last_error"].as_str().unwrap().contains("reload"),
+        "{state}"
+    );
+    assert_eq!(h.fake.counts().token_requests, 0, "held: no provider call");
+    assert_eq!(
+        std::fs::read(h.dir.path().join("zy.json").join("keep")).unwrap(),
+        b"precious"
+    );
 }

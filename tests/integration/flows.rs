@@ -324,7 +324,21 @@ async fn a_new_seed_in_the_config_replaces_the_stored_refresh_token() {
     let h =
         Harness::start_with_store(fake, clock, &zywave_account("zy", &new_seed), dir, store).await;
     h.advance(Duration::from_millis(10)).await;
-    assert_eq!(h.state_file("zy")["refresh_token"], new_seed.as_str());
+    // It is used at once (the old chain's access token may be another user's), so the
+    // file now holds its successor.
+    let stored = h.state_file("zy")["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(h.fake.is_live_refresh_token(&stored));
+    assert!(
+        !h.fake.is_live_refresh_token(&new_seed),
+        "the new seed was used and rotated"
+    );
+    assert!(
+        h.fake.is_live_refresh_token(&old_rt),
+        "the old chain was left alone"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -491,4 +505,56 @@ async fn metrics_report_refreshes_reads_expiry_and_state() {
     );
     assert!(text.contains("# HELP tokend_refresh_attempts_total"));
     assert!(!text.contains(&seed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn forced_refreshes_report_failure_and_respect_the_minimum_interval() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(3600));
+    let seed = fake.grant_refresh_token("zy-client", None);
+    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    h.advance(Duration::from_secs(30)).await;
+    let force = || async {
+        use tower::ServiceExt;
+        let req = http::Request::post("/v1/accounts/zy/refresh")
+            .header("Tokend-Request", "1")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = h.api.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        (
+            status,
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+        )
+    };
+    h.fake
+        .push_faults([tokend::fake_provider::Fault::Status(503)]);
+    let (status, body) = force().await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a failed forced refresh is an error: {body}"
+    );
+    assert_eq!(body["state"], "degraded");
+    let calls = h.fake.counts().token_requests;
+    let (status, body) = force().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("min_interval"),
+        "{body}"
+    );
+    assert_eq!(
+        h.fake.counts().token_requests,
+        calls,
+        "no call within min_interval"
+    );
+    h.advance(Duration::from_secs(6)).await;
+    assert_eq!(force().await.0, StatusCode::OK);
 }

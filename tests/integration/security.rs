@@ -397,3 +397,40 @@ fn state_dirs_open_to_others_or_owned_by_another_user_are_refused() {
         0o700
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_consumers_the_account_list_is_filtered_by_consumer() {
+    let s = Served::start(&consumers(), TCP, Limits::default()).await;
+    let list = |key: Option<&'static str>| {
+        let client = s.client();
+        let url = format!("{}/v1/accounts", s.base);
+        async move {
+            let mut req = client.get(url);
+            if let Some(k) = key {
+                req = req.bearer_auth(k);
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let body: serde_json::Value = resp.json().await.unwrap_or_default();
+            let names: Vec<String> = body["accounts"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| x["account"].as_str().unwrap().to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            (status, names)
+        }
+    };
+    assert_eq!(list(None).await.0, 401);
+    assert_eq!(
+        list(Some("billing-key-0123456789")).await,
+        (200, vec!["a".to_string()])
+    );
+    assert_eq!(
+        list(Some("ops-key-0123456789")).await,
+        (200, vec!["a".to_string(), "b".to_string()])
+    );
+    s.stop().await;
+}

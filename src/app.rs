@@ -64,6 +64,7 @@ pub struct Daemon {
     cancel: CancellationToken,
     changes: watch::Sender<u64>,
     access: Arc<ArcSwap<Access>>,
+    keep_sinks: bool,
 }
 
 /// How long start-up waits for accounts to settle before telling systemd it is ready
@@ -91,6 +92,19 @@ impl Daemon {
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> Daemon {
+        Daemon::start_with(config, store, provider, clock, tracker, cancel, false).await
+    }
+
+    /// Like `start`; `keep_sinks` leaves token files in place when the daemon stops.
+    pub async fn start_with(
+        config: Config,
+        store: Arc<dyn Store>,
+        provider: Provider,
+        clock: Clock,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+        keep_sinks: bool,
+    ) -> Daemon {
         let jumps = clock.spawn_jump_detector(&tracker, cancel.clone());
         let mut daemon = Daemon {
             config: config.clone(),
@@ -104,6 +118,7 @@ impl Daemon {
             cancel,
             changes: watch::Sender::new(0),
             access: Arc::new(ArcSwap::from_pointee(Access::new(config.consumers.clone()))),
+            keep_sinks,
         };
         for account in config.accounts.values() {
             let running = daemon.start_account(account.clone()).await;
@@ -121,6 +136,9 @@ impl Daemon {
             clock: self.clock.clone(),
             jumps: self.jumps.clone(),
             changes: self.changes.clone(),
+            tracker: self.tracker.clone(),
+            daemon_stopping: self.cancel.clone(),
+            keep_sinks: self.keep_sinks,
         };
         let (refresher, handle) = Refresher::prepare(config.clone(), deps).await;
         let done = self.tracker.spawn(refresher.run(cancel.clone()));
@@ -306,6 +324,48 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), RunError> {
         "tokend started"
     );
     supervise(daemon, signals, Some(&config_path), tracker, cancel).await
+}
+
+/// `tokend run --once`: every account gets a token (or settles without one), sinks are
+/// written and hooks run, then the daemon stops, leaving the sinks. True when every
+/// account holds a valid token.
+pub async fn run_once(config: Config) -> Result<bool, RunError> {
+    let store = FileStore::open_sealed(&config.state.dir, config.state.keyring.clone())?;
+    let provider = Provider::http(config.provider.connect_timeout)?;
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let clock = Clock::system();
+    let daemon = Daemon::start_with(
+        config,
+        store,
+        provider,
+        clock.clone(),
+        tracker.clone(),
+        cancel.clone(),
+        true,
+    )
+    .await;
+    daemon
+        .wait_settled(tokio::time::Instant::now() + START_TIMEOUT)
+        .await;
+    let now = clock.now();
+    let mut ok = true;
+    for (name, account) in daemon.registry.all().iter() {
+        let snap = account.snapshot();
+        match snap.valid_token(now, Duration::ZERO) {
+            Some(t) => {
+                info!(account = %name, expires_at = %crate::token_cell::rfc3339(t.expires_at), "token obtained")
+            }
+            None => {
+                ok = false;
+                error!(account = %name, state = snap.status_at(now).as_str(), error = snap.last_error.as_deref().unwrap_or("-"), "no token");
+            }
+        }
+    }
+    daemon.shutdown().await;
+    tracker.close();
+    tracker.wait().await;
+    Ok(ok)
 }
 
 /// The signals the daemon handles.

@@ -57,6 +57,10 @@ pub enum Command {
     Run {
         #[command(flatten)]
         config: ConfigArg,
+        /// Obtain every token, write the sinks, run the hooks, and exit: 0 when every
+        /// account got a token, 1 otherwise (init-container mode; no listener is opened).
+        #[arg(long)]
+        once: bool,
     },
     /// Validate the config and show what each account will do.
     Check {
@@ -183,13 +187,20 @@ pub fn dispatch(cli: Cli) -> u8 {
         }
     };
     match cli.command {
-        Command::Run { config } => {
+        Command::Run { config, once } => {
             let path = config.path();
             let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => return daemon_exit(Err(RunError::Config(e))),
             };
             init_tracing(config.log.format);
+            if once {
+                return match runtime.block_on(app::run_once(config)) {
+                    Ok(true) => exit::OK,
+                    Ok(false) => exit::FAILURE,
+                    Err(e) => daemon_exit(Err(e)),
+                };
+            }
             daemon_exit(runtime.block_on(app::run(config, path)))
         }
         Command::Demo => {

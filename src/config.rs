@@ -206,6 +206,9 @@ pub struct RefreshPolicy {
     /// Retry delay after a permanent error that may be fixed on the provider's side
     /// (`invalid_client`, `unauthorized_client`, …).
     pub slow_retry: Duration,
+    /// Longest time between two refreshes, whatever the token's lifetime: keeps a
+    /// refresh token with an idle timeout in use (unset: no such bound).
+    pub max_interval: Option<Duration>,
 }
 
 impl Default for RefreshPolicy {
@@ -219,6 +222,7 @@ impl Default for RefreshPolicy {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             slow_retry: Duration::from_secs(900),
+            max_interval: None,
         }
     }
 }
@@ -260,7 +264,56 @@ pub struct AccountConfig {
     pub limits: ProviderLimits,
     /// Extra CA certificates to trust for this provider (private PKI).
     pub ca_bundle: Option<Arc<CaBundle>>,
+    /// Files the current token is written to on every refresh.
+    pub sinks: Vec<SinkConfig>,
+    /// Run after the sinks are written, on every refresh.
+    pub on_refresh: Option<HookConfig>,
 }
+
+/// A token file (Vault Agent style sink).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkConfig {
+    pub path: PathBuf,
+    pub format: SinkFormat,
+    pub mode: u32,
+    pub on_shutdown: OnShutdown,
+}
+
+/// `raw`: the bare access token; `json`: what `GET /v1/token/{account}` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkFormat {
+    #[default]
+    Raw,
+    Json,
+}
+
+/// What happens to a sink file when tokend stops (not on reload).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnShutdown {
+    #[default]
+    Remove,
+    Keep,
+}
+
+/// A rotation hook: a command to run, or a signal to send to a process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HookConfig {
+    pub action: HookAction,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum HookAction {
+    /// argv, run without a shell.
+    Exec(Vec<String>),
+    /// Signal name (HUP, USR1, …) and the file holding the target's pid.
+    Signal { signal: String, pid_file: PathBuf },
+}
+
+/// Signals a hook may send.
+pub const HOOK_SIGNALS: &[&str] = &["HUP", "USR1", "USR2", "TERM", "INT"];
 
 /// The PEM certificates of an account's `ca_file`, read and checked at load time.
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -466,6 +519,7 @@ struct RawRefresh {
     backoff_initial: Option<Spanned<RawDuration>>,
     backoff_max: Option<Spanned<RawDuration>>,
     slow_retry: Option<Spanned<RawDuration>>,
+    max_interval: Option<Spanned<RawDuration>>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -504,6 +558,32 @@ struct RawAccount {
     #[serde(default)]
     refresh: RawRefresh,
     timeout: Option<Spanned<RawDuration>>,
+    // Hand-off: Zywave profile header, token files, rotation hook.
+    profile: Option<Spanned<String>>,
+    profile_token: Option<Spanned<RawSecret>>,
+    #[serde(default)]
+    sinks: Vec<Spanned<RawSink>>,
+    on_refresh: Option<Spanned<RawHook>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    path: String,
+    #[serde(default)]
+    format: SinkFormat,
+    mode: Option<String>,
+    #[serde(default)]
+    on_shutdown: OnShutdown,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    exec: Option<Vec<String>>,
+    signal: Option<String>,
+    pid_file: Option<String>,
+    timeout: Option<RawDuration>,
 }
 
 /// A secret as written: a literal string, `{ env = "NAME" }` or `{ file = "PATH" }`.
@@ -993,6 +1073,17 @@ impl Validator<'_> {
             Duration::from_secs(1),
             &mut p.slow_retry,
         );
+        if let Some(m) = &raw.max_interval {
+            if m.get_ref().0 < Duration::from_secs(1) {
+                self.report(
+                    m.span(),
+                    format!("{prefix}.max_interval"),
+                    "must be at least 1s",
+                );
+            } else {
+                p.max_interval = Some(m.get_ref().0);
+            }
+        }
         // Checked only where this table sets one of the two: an account inheriting a
         // conflict from [refresh] has it reported there, once.
         let own = raw.backoff_max.as_ref().or(raw.backoff_initial.as_ref());
@@ -1204,6 +1295,16 @@ impl Validator<'_> {
                 Err(_) => self.report(value.span(), hk, "not a valid HTTP header value"),
             }
         }
+        self.profile(&raw.profile, &raw.profile_token, &mut headers, &k);
+        let sinks = raw
+            .sinks
+            .iter()
+            .filter_map(|s| self.sink(s, &k("sinks")))
+            .collect();
+        let on_refresh = raw
+            .on_refresh
+            .as_ref()
+            .and_then(|h| self.hook(h, &k("on_refresh")));
 
         let refresh = self.refresh(global_refresh, &raw.refresh, &k("refresh"));
         let ca_bundle = raw.ca_file.as_ref().and_then(|f| {
@@ -1250,7 +1351,160 @@ impl Validator<'_> {
             refresh,
             limits,
             ca_bundle,
+            sinks,
+            on_refresh,
         }
+    }
+
+    /// Zywave's `Profile` header: `profile = "B 1234"` (type code and id) or
+    /// `profile_token` (a secret, served as `Profile: Token …`).
+    fn profile(
+        &mut self,
+        profile: &Option<Spanned<String>>,
+        token: &Option<Spanned<RawSecret>>,
+        headers: &mut Vec<(HeaderName, HeaderValue)>,
+        k: &dyn Fn(&str) -> String,
+    ) {
+        let name = HeaderName::from_static("profile");
+        let value = match (profile, token) {
+            (None, None) => return,
+            (Some(_), Some(t)) => {
+                self.report(
+                    t.span(),
+                    k("profile_token"),
+                    "set profile or profile_token, not both",
+                );
+                return;
+            }
+            (Some(p), None) => {
+                let text = p.get_ref().trim();
+                let valid = text.split_once(' ').is_some_and(|(code, id)| {
+                    !code.is_empty()
+                        && code.len() <= 16
+                        && code.chars().all(|c| c.is_ascii_alphanumeric())
+                        && code != "Token"
+                        && !id.is_empty()
+                        && id.len() <= 64
+                        && id
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+                });
+                if !valid {
+                    self.report(
+                        p.span(),
+                        k("profile"),
+                        "must be \"{TypeCode} {ID}\", such as \"B 1234\" (for a profile token use profile_token)",
+                    );
+                    return;
+                }
+                HeaderValue::from_str(text).expect("validated as visible ASCII")
+            }
+            (None, Some(t)) => {
+                let Some(secret) = self.secret(t, &k("profile_token")) else {
+                    return;
+                };
+                match HeaderValue::from_str(&format!("Token {}", secret.expose())) {
+                    Ok(mut v) => {
+                        v.set_sensitive(true);
+                        v
+                    }
+                    Err(_) => {
+                        self.report(t.span(), k("profile_token"), "not a valid header value");
+                        return;
+                    }
+                }
+            }
+        };
+        if headers.iter().any(|(n, _)| *n == name) {
+            let span = profile
+                .as_ref()
+                .map_or_else(|| token.as_ref().map_or(0..0, |t| t.span()), |p| p.span());
+            self.report(
+                span,
+                k("profile"),
+                "a Profile header is already set in headers",
+            );
+            return;
+        }
+        headers.push((name, value));
+    }
+
+    fn sink(&mut self, raw: &Spanned<RawSink>, key: &str) -> Option<SinkConfig> {
+        let sink = raw.get_ref();
+        if !sink.path.starts_with('/') {
+            self.report(
+                raw.span(),
+                key,
+                format!("sink path {:?} must be absolute", sink.path),
+            );
+            return None;
+        }
+        let mode = match &sink.mode {
+            None => 0o600,
+            Some(m) => {
+                match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
+                    Ok(mode) if mode <= 0o777 && mode & 0o002 == 0 => mode,
+                    _ => {
+                        self.report(raw.span(), key, format!("mode {m:?} must be octal without write for others, such as \"0640\""));
+                        return None;
+                    }
+                }
+            }
+        };
+        if mode & 0o004 != 0 {
+            self.warnings.push(format!(
+                "{key}: {} is readable by every user (mode {mode:o})",
+                sink.path
+            ));
+        }
+        Some(SinkConfig {
+            path: PathBuf::from(&sink.path),
+            format: sink.format,
+            mode,
+            on_shutdown: sink.on_shutdown,
+        })
+    }
+
+    fn hook(&mut self, raw: &Spanned<RawHook>, key: &str) -> Option<HookConfig> {
+        let hook = raw.get_ref();
+        let timeout = hook.timeout.map_or(Duration::from_secs(30), |d| d.0);
+        let action = match (&hook.exec, &hook.signal, &hook.pid_file) {
+            (Some(argv), None, None) if !argv.is_empty() && argv[0].starts_with('/') => {
+                HookAction::Exec(argv.clone())
+            }
+            (Some(_), None, None) => {
+                self.report(
+                    raw.span(),
+                    key,
+                    "exec needs a program given by absolute path, then its arguments",
+                );
+                return None;
+            }
+            (None, Some(signal), Some(pid_file)) => {
+                let signal = signal.trim_start_matches("SIG").to_ascii_uppercase();
+                if !HOOK_SIGNALS.contains(&signal.as_str()) {
+                    self.report(
+                        raw.span(),
+                        key,
+                        format!("signal must be one of {}", HOOK_SIGNALS.join(", ")),
+                    );
+                    return None;
+                }
+                HookAction::Signal {
+                    signal,
+                    pid_file: PathBuf::from(pid_file),
+                }
+            }
+            _ => {
+                self.report(
+                    raw.span(),
+                    key,
+                    "a hook is { exec = [..] } or { signal = \"HUP\", pid_file = \"..\" }",
+                );
+                return None;
+            }
+        };
+        Some(HookConfig { action, timeout })
     }
 
     fn token_url(&mut self, raw: &Spanned<String>, allow_http: bool, key: &str) -> Option<Url> {

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::access::{Access, AccessError, Caller};
 use crate::clock::Clock;
@@ -325,25 +325,10 @@ async fn token_json(
     Path(account): Path<String>,
     Query(query): Query<TokenQuery>,
 ) -> Result<Response, ApiError> {
-    let (handle, token) = current_token(&state, &caller, &account, &query).await?;
-    let now = state.clock.now();
-    let mut headers = Map::new();
-    for (name, value) in &token.headers {
-        headers.insert(
-            canonical_header_name(name.as_str()),
-            Value::from(value.expose()),
-        );
-    }
-    let body = json!({
-        "account": handle.config.name.as_str(),
-        "access_token": token.access_token.expose(),
-        "token_type": token.token_type,
-        "expires_at": rfc3339(token.expires_at),
-        "expires_in": token.valid_for(now).as_secs(),
-        "scope": token.scope,
-        "headers": headers,
-    });
-    Ok(no_store(Json(body).into_response()))
+    let (_, token) = current_token(&state, &caller, &account, &query).await?;
+    let body = token.json_body(state.clock.now());
+    let response = ([(header::CONTENT_TYPE, "application/json")], body.to_vec()).into_response();
+    Ok(no_store(response))
 }
 
 async fn token_plain(
@@ -359,20 +344,6 @@ async fn token_plain(
     )
         .into_response();
     Ok(no_store(response))
-}
-
-/// `profile` → `Profile`, `x-api-key` → `X-Api-Key`: how consumers expect to see them.
-fn canonical_header_name(name: &str) -> String {
-    name.split('-')
-        .map(|part| {
-            let mut chars = part.chars();
-            match chars.next() {
-                Some(first) => first.to_ascii_uppercase().to_string() + chars.as_str(),
-                None => String::new(),
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("-")
 }
 
 fn time_field(t: Option<SystemTime>) -> Value {
@@ -407,6 +378,9 @@ async fn accounts(State(state): State<ApiState>, request: Request) -> Response {
                 "next_refresh": time_field(snap.next_refresh),
                 "last_error": snap.last_error,
                 "refresh_token_issued_at": time_field(snap.refresh_token_issued_at),
+                "refresh_token_age": snap.refresh_token_issued_at.map(|t| now.duration_since(t).unwrap_or_default().as_secs()),
+                "refresh_token_expires_at": time_field(snap.refresh_token_expires_at),
+                "warning": snap.refresh_token_warning(now),
             })
         })
         .collect();
@@ -523,12 +497,5 @@ mod tests {
         ] {
             assert!(!is_loopback_host(bad.as_bytes()), "{bad}");
         }
-    }
-
-    #[test]
-    fn header_names_are_shown_in_canonical_case() {
-        assert_eq!(canonical_header_name("profile"), "Profile");
-        assert_eq!(canonical_header_name("authorization"), "Authorization");
-        assert_eq!(canonical_header_name("x-api-key"), "X-Api-Key");
     }
 }

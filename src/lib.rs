@@ -16,7 +16,10 @@
 //! - [`schedule`]: pure timing math (refresh time, jitter, backoff).
 //! - [`clock`]: wall-clock time and clock-jump detection.
 //! - [`refresher`]: the per-account task: mark → call → persist → publish.
-//! - [`store`]: the narrow persistence interface and the atomic file store.
+//! - [`store`]: the narrow persistence interface and the atomic file store; [`seal`]:
+//!   optional encryption of the state files.
+//! - [`sinks`]: token files and rotation hooks.
+//! - [`access`]: consumers and what each may read.
 //! - [`token_cell`]: the published per-account snapshot and reader demands.
 //! - [`http`]: the loopback API (`router()`), its guards and errors.
 //! - [`listen`]: TCP and Unix listeners, connection limits, graceful drain.
@@ -41,5 +44,6 @@ pub mod refresher;
 pub mod schedule;
 pub mod seal;
 pub mod secret;
+pub mod sinks;
 pub mod store;
 pub mod token_cell;

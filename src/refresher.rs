@@ -9,12 +9,14 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::clock::Clock;
 use crate::config::{AccountConfig, Grant};
 use crate::provider::{ErrorClass, Provider, TokenGrant, jwt_exp};
 use crate::schedule;
+use crate::sinks;
 use crate::store::{AccessToken, State, Store, StoreError};
 use crate::token_cell::{AccountHandle, Demand, DemandError, Served, Snapshot, Status};
 
@@ -26,6 +28,13 @@ pub struct Deps {
     pub jumps: watch::Receiver<u64>,
     /// Shared by every account: bumped on each publish.
     pub changes: watch::Sender<u64>,
+    /// Where rotation hooks run, so shutdown waits for them.
+    pub tracker: TaskTracker,
+    /// Cancelled when the whole daemon stops (not when one account restarts on reload):
+    /// only then are sinks removed.
+    pub daemon_stopping: CancellationToken,
+    /// `run --once`: sinks stay for the process that needs them.
+    pub keep_sinks: bool,
 }
 
 /// The per-account task's state.
@@ -57,6 +66,10 @@ pub struct Refresher {
     /// When the provider was last called, for the `min_interval` guard on demands.
     last_call: Option<Instant>,
     refreshing: bool,
+    /// The last sink write failed.
+    sink_error: Option<String>,
+    /// One hook run at a time per account.
+    hook_running: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Refresher {
@@ -114,6 +127,8 @@ impl Refresher {
             rotation_uncertain: false,
             last_call: None,
             refreshing: false,
+            sink_error: None,
+            hook_running: Arc::new(tokio::sync::Mutex::new(())),
         };
         if let Some(reason) = unreadable {
             r.needs_reauth = Some(reason.clone());
@@ -128,7 +143,7 @@ impl Refresher {
             r.refresh_at = Some(now);
         }
         if let Some(access) = &r.state.access {
-            r.served = Some(Arc::new(Served::new(access, &config.headers)));
+            r.served = Some(Arc::new(Served::new(&config.name, access, &config.headers)));
             if r.refresh_at.is_none() {
                 r.refresh_at = Some(r.plan_refresh(access));
             }
@@ -183,6 +198,16 @@ impl Refresher {
         if self.unsaved {
             self.save().await;
         }
+        // A token carried over from the last run goes to the sinks too (no hook: this is
+        // not a refresh).
+        if self
+            .served
+            .as_ref()
+            .is_some_and(|t| t.satisfies(self.deps.clock.now(), Duration::ZERO))
+        {
+            self.write_sinks().await;
+            self.publish();
+        }
         let mut watch_jumps = true;
         loop {
             let wake = self.next_wake();
@@ -207,6 +232,9 @@ impl Refresher {
         }
         if self.unsaved {
             self.save().await;
+        }
+        if self.deps.daemon_stopping.is_cancelled() && !self.deps.keep_sinks {
+            sinks::remove(&self.config);
         }
         // Readers waiting on this refresher get a clear answer, not a dropped channel.
         self.demands.close();
@@ -369,6 +397,10 @@ impl Refresher {
                 if rotated {
                     self.state.refresh_token = response.refresh_token.clone();
                     self.state.refresh_token_issued_at = Some(now);
+                    self.state.refresh_token_expires_at = None;
+                }
+                if let Some(rt_life) = response.refresh_token_expires_in {
+                    self.state.refresh_token_expires_at = Some(now + rt_life);
                 }
                 let access = AccessToken {
                     token: response.access_token,
@@ -394,12 +426,23 @@ impl Refresher {
                 self.unsaved = true;
                 self.save().await;
                 let access = self.state.access.as_ref().expect("just set");
-                self.served = Some(Arc::new(Served::new(access, &self.config.headers)));
+                let expires_at = access.expires_at;
+                self.served = Some(Arc::new(Served::new(
+                    &self.config.name,
+                    access,
+                    &self.config.headers,
+                )));
+                self.write_sinks().await;
+                self.spawn_hook();
+                let warning = self.snapshot_warning(now);
+                if let Some(w) = &warning {
+                    warn!(account = %name, "{w}");
+                }
                 crate::metrics::record_refresh(name.as_str(), "ok", elapsed);
                 info!(
                     account = %name,
                     outcome = "ok",
-                    expires_at = %rfc3339(access.expires_at),
+                    expires_at = %rfc3339(expires_at),
                     lifetime_s = lifetime.as_secs(),
                     rotated,
                     took_ms = elapsed.as_millis() as u64,
@@ -480,6 +523,39 @@ impl Refresher {
         ok
     }
 
+    async fn write_sinks(&mut self) {
+        let Some(served) = self.served.clone() else {
+            return;
+        };
+        match sinks::write(&self.config, &served, self.deps.clock.now()).await {
+            Ok(()) => self.sink_error = None,
+            Err(e) => self.sink_error = Some(e),
+        }
+    }
+
+    /// The rotation hook runs beside the refresher (never delaying the next refresh), one
+    /// run at a time per account, on the daemon's tracker so shutdown waits for it.
+    fn spawn_hook(&self) {
+        let Some(hook) = self.config.on_refresh.clone() else {
+            return;
+        };
+        let config = self.config.clone();
+        let running = self.hook_running.clone();
+        self.deps.tracker.spawn(async move {
+            let _one_at_a_time = running.lock().await;
+            let _ = sinks::run_hook(&config, &hook).await;
+        });
+    }
+
+    fn snapshot_warning(&self, now: SystemTime) -> Option<String> {
+        Snapshot {
+            refresh_token_issued_at: self.state.refresh_token_issued_at,
+            refresh_token_expires_at: self.state.refresh_token_expires_at,
+            ..Snapshot::pending()
+        }
+        .refresh_token_warning(now)
+    }
+
     async fn save(&mut self) {
         match self.deps.store.save(&self.config.name, &self.state).await {
             Ok(()) => {
@@ -511,16 +587,19 @@ impl Refresher {
             Status::Refreshing
         } else if self.served.is_none() {
             Status::Pending
-        } else if self.last_error.is_some() || self.save_error.is_some() {
+        } else if self.last_error.is_some()
+            || self.save_error.is_some()
+            || self.sink_error.is_some()
+        {
             Status::Degraded
         } else {
             Status::Ok
         };
-        let last_error = match (&self.last_error, &self.save_error) {
-            (Some(e), _) => Some(e.clone()),
-            (None, Some(s)) => Some(s.clone()),
-            (None, None) => None,
-        };
+        let last_error = self
+            .last_error
+            .clone()
+            .or_else(|| self.save_error.clone())
+            .or_else(|| self.sink_error.clone());
         self.handle.publish(Snapshot {
             status,
             token: self.served.clone(),
@@ -528,11 +607,9 @@ impl Refresher {
             next_refresh: self.next_wake(),
             last_error,
             refresh_token_issued_at: self.state.refresh_token_issued_at,
+            refresh_token_expires_at: self.state.refresh_token_expires_at,
         });
     }
 }
 
-/// RFC 3339 in UTC, second precision.
-pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
+pub use crate::token_cell::rfc3339;

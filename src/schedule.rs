@@ -35,6 +35,9 @@ pub fn refresh_delay(lifetime: Duration, policy: &RefreshPolicy, sample: f64) ->
     if lifetime > policy.margin {
         delay = delay.min((lifetime - policy.margin).as_secs_f64());
     }
+    if let Some(max) = policy.max_interval {
+        delay = delay.min(max.as_secs_f64());
+    }
     Duration::from_secs_f64(delay.max(0.0)).max(policy.min_interval)
 }
 
@@ -93,6 +96,21 @@ mod tests {
         assert_eq!(refresh_delay(S(200), &p, 0.0), S(140));
         // A 30 s token cannot keep a 60 s margin: the ratio decides.
         assert_eq!(refresh_delay(S(30), &p, 0.0), S(24));
+    }
+
+    #[test]
+    fn max_interval_keeps_an_idle_refresh_token_in_use() {
+        let p = RefreshPolicy {
+            max_interval: Some(S(6 * 3600)),
+            ..policy()
+        };
+        // A 24 h access token would be refreshed after ~19 h; the bound makes it 6 h.
+        assert_eq!(refresh_delay(S(86_400), &p, 0.0), S(6 * 3600));
+        assert_eq!(
+            refresh_delay(S(3600), &p, 0.0),
+            S(2880),
+            "no effect on shorter tokens"
+        );
     }
 
     #[test]

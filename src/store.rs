@@ -33,6 +33,8 @@ pub struct State {
     pub seed_fingerprint: Option<String>,
     /// When the current refresh token was issued (first seen).
     pub refresh_token_issued_at: Option<SystemTime>,
+    /// When the provider said the refresh token expires (`refresh_token_expires_in`).
+    pub refresh_token_expires_at: Option<SystemTime>,
     pub access: Option<AccessToken>,
     /// Set before a refresh that may rotate the refresh token is sent, cleared by the
     /// save that records its outcome. Found set at start, it means the process died with
@@ -262,7 +264,8 @@ impl Store for FileStore {
             let path = self.path(account);
             let target = path.clone();
             let result =
-                tokio::task::spawn_blocking(move || write_atomically(&dir, &target, bytes)).await;
+                tokio::task::spawn_blocking(move || write_atomically(&dir, &target, bytes, 0o600))
+                    .await;
             let result = result.unwrap_or_else(|join| Err(io::Error::other(join.to_string())));
             result.map_err(|source| StoreError::Write {
                 account: account.clone(),
@@ -279,13 +282,21 @@ impl Store for FileStore {
 
 /// temp file in the same directory → write → fsync → rename over the target → fsync the
 /// directory. A crash at any point leaves either the old or the new file, never a torn one.
-fn write_atomically(dir: &Path, target: &Path, mut bytes: Vec<u8>) -> io::Result<()> {
+pub(crate) fn write_atomically(
+    dir: &Path,
+    target: &Path,
+    mut bytes: Vec<u8>,
+    mode: u32,
+) -> io::Result<()> {
     let result = (|| {
         let mut tmp = tempfile::Builder::new()
             .prefix(TEMP_PREFIX)
             .suffix(TEMP_SUFFIX)
             .permissions(fs::Permissions::from_mode(0o600))
             .tempfile_in(dir)?;
+        // Exactly `mode`, whatever the umask took away at creation.
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(mode))?;
         tmp.write_all(&bytes)?;
         tmp.as_file().sync_all()?;
         tmp.persist(target).map_err(|e| e.error)?;
@@ -338,6 +349,8 @@ struct Wire {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     refresh_token_issued_at: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token_expires_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     access: Option<WireAccess>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     refresh_in_flight_since: Option<u64>,
@@ -371,6 +384,7 @@ fn encode(account: &AccountName, state: &State, keyring: Option<&Keyring>) -> Ve
         refresh_token: state.refresh_token.as_ref().map(|s| s.expose().to_string()),
         seed_fingerprint: state.seed_fingerprint.clone(),
         refresh_token_issued_at: state.refresh_token_issued_at.map(to_unix),
+        refresh_token_expires_at: state.refresh_token_expires_at.map(to_unix),
         access: state.access.as_ref().map(|a| WireAccess {
             token: a.token.expose().to_string(),
             token_type: a.token_type.clone(),
@@ -435,6 +449,7 @@ fn decode(bytes: &[u8], account: &AccountName, keyring: Option<&Keyring>) -> Res
         refresh_token: wire.refresh_token.take().map(Secret::new),
         seed_fingerprint: wire.seed_fingerprint.take(),
         refresh_token_issued_at: wire.refresh_token_issued_at.map(from_unix),
+        refresh_token_expires_at: wire.refresh_token_expires_at.map(from_unix),
         access: wire.access.take().map(|a| AccessToken {
             token: Secret::new(a.token),
             token_type: a.token_type,
@@ -461,6 +476,7 @@ mod tests {
             refresh_token: Some(Secret::new("rt-1")),
             seed_fingerprint: Some("abc".into()),
             refresh_token_issued_at: Some(from_unix(1_700_000_000)),
+            refresh_token_expires_at: Some(from_unix(1_702_592_000)),
             access: Some(AccessToken {
                 token: Secret::new("at-1"),
                 token_type: "Bearer".into(),

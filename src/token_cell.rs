@@ -4,12 +4,14 @@
 //! refresher for a fresher token.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::{HeaderName, HeaderValue};
 use tokio::sync::{mpsc, oneshot, watch};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::{AccountConfig, AccountName};
 use crate::secret::Secret;
@@ -44,8 +46,8 @@ impl Status {
     }
 }
 
-/// A token ready to serve: the access token with the headers a consumer must send.
-#[derive(Debug)]
+/// A token ready to serve: the access token with the headers a consumer must send, and
+/// its JSON answer rendered once per refresh (only `expires_in` is filled in per read).
 pub struct Served {
     pub access_token: Secret,
     pub token_type: String,
@@ -53,10 +55,26 @@ pub struct Served {
     pub scope: Option<String>,
     /// `Authorization` first, then the account's extra headers.
     pub headers: Vec<(HeaderName, Secret)>,
+    /// `{"account":…,"headers":{…},"expires_in":` — holds the token, zeroized on drop.
+    json_prefix: Zeroizing<Vec<u8>>,
+}
+
+impl fmt::Debug for Served {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Served")
+            .field("token_type", &self.token_type)
+            .field("expires_at", &self.expires_at)
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Served {
-    pub fn new(access: &AccessToken, extra_headers: &[(HeaderName, HeaderValue)]) -> Served {
+    pub fn new(
+        account: &AccountName,
+        access: &AccessToken,
+        extra_headers: &[(HeaderName, HeaderValue)],
+    ) -> Served {
         let mut headers = Vec::with_capacity(1 + extra_headers.len());
         headers.push((
             http::header::AUTHORIZATION,
@@ -67,13 +85,40 @@ impl Served {
             let text = value.to_str().unwrap_or_default();
             headers.push((name.clone(), Secret::new(text)));
         }
+        let mut header_map = serde_json::Map::new();
+        for (name, value) in &headers {
+            header_map.insert(canonical_header_name(name.as_str()), value.expose().into());
+        }
+        let mut body = serde_json::json!({
+            "account": account.as_str(),
+            "access_token": access.token.expose(),
+            "token_type": access.token_type,
+            "expires_at": rfc3339(access.expires_at),
+            "scope": access.scope,
+            "headers": header_map,
+        });
+        let mut text = serde_json::to_vec(&body).expect("a JSON value serializes");
+        zeroize_json(&mut body);
+        // Reopen the object to append the one field that changes with every read.
+        text.pop();
+        text.extend_from_slice(b",\"expires_in\":");
         Served {
             access_token: access.token.clone(),
             token_type: access.token_type.clone(),
             expires_at: access.expires_at,
             scope: access.scope.clone(),
             headers,
+            json_prefix: Zeroizing::new(text),
         }
+    }
+
+    /// The JSON answer of `GET /v1/token/{account}` at `now`.
+    pub fn json_body(&self, now: SystemTime) -> Zeroizing<Vec<u8>> {
+        let mut out = Vec::with_capacity(self.json_prefix.len() + 24);
+        out.extend_from_slice(&self.json_prefix);
+        out.extend_from_slice(self.valid_for(now).as_secs().to_string().as_bytes());
+        out.push(b'}');
+        Zeroizing::new(out)
     }
 
     /// How long the token stays valid after `now` (zero once expired).
@@ -99,6 +144,7 @@ pub struct Snapshot {
     pub next_refresh: Option<SystemTime>,
     pub last_error: Option<String>,
     pub refresh_token_issued_at: Option<SystemTime>,
+    pub refresh_token_expires_at: Option<SystemTime>,
 }
 
 impl Snapshot {
@@ -110,6 +156,7 @@ impl Snapshot {
             next_refresh: None,
             last_error: None,
             refresh_token_issued_at: None,
+            refresh_token_expires_at: None,
         }
     }
 
@@ -122,6 +169,24 @@ impl Snapshot {
             (None, Status::Ok | Status::Degraded) => Status::Expired,
             (_, s) => s,
         }
+    }
+
+    /// A warning when the refresh token itself nears its end (last fifth of its life,
+    /// or three days): a human must re-consent before it runs out.
+    pub fn refresh_token_warning(&self, now: SystemTime) -> Option<String> {
+        let expires = self.refresh_token_expires_at?;
+        let left = expires.duration_since(now).unwrap_or_default();
+        let life = self
+            .refresh_token_issued_at
+            .and_then(|i| expires.duration_since(i).ok())
+            .unwrap_or_default();
+        (left < life / 5 || left < Duration::from_secs(3 * 86_400)).then(|| {
+            format!(
+                "the refresh token expires at {} (in {}): re-authorize before then",
+                rfc3339(expires),
+                secs(left)
+            )
+        })
     }
 
     /// Start-up is over for this account: it holds a valid token, or it cannot get one
@@ -166,6 +231,35 @@ pub enum DemandError {
     },
     #[error("the account is shutting down or being reloaded")]
     Gone,
+}
+
+/// `profile` → `Profile`, `x-api-key` → `X-Api-Key`: how consumers expect to see them.
+pub fn canonical_header_name(name: &str) -> String {
+    name.split('-')
+        .map(|part| {
+            let mut chars = part.chars();
+            match chars.next() {
+                Some(first) => first.to_ascii_uppercase().to_string() + chars.as_str(),
+                None => String::new(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+/// Wipes the strings of a JSON value that held secrets.
+fn zeroize_json(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::String(s) => s.zeroize(),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(zeroize_json),
+        serde_json::Value::Object(o) => o.values_mut().for_each(zeroize_json),
+        _ => {}
+    }
+}
+
+/// RFC 3339 in UTC, second precision.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// A duration in whole seconds, as people read it ("4m 10s").
@@ -242,5 +336,48 @@ impl Registry {
 
     pub fn replace(&self, accounts: BTreeMap<AccountName, Arc<AccountHandle>>) {
         self.accounts.store(Arc::new(accounts));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_names_are_shown_in_canonical_case() {
+        assert_eq!(canonical_header_name("profile"), "Profile");
+        assert_eq!(canonical_header_name("authorization"), "Authorization");
+        assert_eq!(canonical_header_name("x-api-key"), "X-Api-Key");
+    }
+
+    #[test]
+    fn the_prerendered_answer_is_valid_json_with_a_live_expires_in() {
+        let issued = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let access = AccessToken {
+            token: Secret::new("at-\"quoted\"-1"),
+            token_type: "Bearer".into(),
+            expires_at: issued + Duration::from_secs(3600),
+            scope: Some("a b".into()),
+            issued_at: issued,
+        };
+        let profile = (
+            HeaderName::from_static("profile"),
+            HeaderValue::from_static("B 1234"),
+        );
+        let served = Served::new(&AccountName::parse("zy").unwrap(), &access, &[profile]);
+        let body: serde_json::Value =
+            serde_json::from_slice(&served.json_body(issued + Duration::from_secs(100))).unwrap();
+        assert_eq!(body["expires_in"], 3500);
+        assert_eq!(body["access_token"], "at-\"quoted\"-1");
+        assert_eq!(body["headers"]["Authorization"], "Bearer at-\"quoted\"-1");
+        assert_eq!(body["headers"]["Profile"], "B 1234");
+        assert_eq!(body["expires_at"], "2027-01-15T09:00:00Z");
+        assert!(
+            !format!("{served:?}").contains("quoted"),
+            "Debug never shows the token"
+        );
+        let later: serde_json::Value =
+            serde_json::from_slice(&served.json_body(issued + Duration::from_secs(3599))).unwrap();
+        assert_eq!(later["expires_in"], 1);
     }
 }

@@ -4,6 +4,7 @@ mod binary;
 mod crash;
 mod faults;
 mod flows;
+mod handoff;
 mod hardening;
 mod harness;
 mod logs;

@@ -117,8 +117,9 @@ struct Inner {
     /// Delay between acting on a request and answering it: the window in which a crash
     /// loses a rotation.
     latency: Duration,
-    /// Requests acted on whose answer has not been sent yet.
+    /// Requests acted on whose answer has not been sent yet, and the most ever at once.
     unanswered: u64,
+    peak_unanswered: u64,
 }
 
 struct RefreshRecord {
@@ -152,6 +153,7 @@ impl FakeProvider {
                 minted: Vec::new(),
                 latency: Duration::ZERO,
                 unanswered: 0,
+                peak_unanswered: 0,
             })),
             clock,
         }
@@ -192,6 +194,11 @@ impl FakeProvider {
     /// a crash now loses those rotations.
     pub fn unanswered(&self) -> u64 {
         self.lock().unanswered
+    }
+
+    /// The most requests ever waiting for their answer at once (with a latency set).
+    pub fn peak_unanswered(&self) -> u64 {
+        self.lock().peak_unanswered
     }
 
     /// Answers each token request this long after acting on it.
@@ -517,7 +524,11 @@ async fn token_endpoint(
                 self.0.lock().unanswered -= 1;
             }
         }
-        provider.lock().unanswered += 1;
+        {
+            let mut inner = provider.lock();
+            inner.unanswered += 1;
+            inner.peak_unanswered = inner.peak_unanswered.max(inner.unanswered);
+        }
         let _pending = Unanswered(provider.clone());
         tokio::time::sleep(latency).await;
     }

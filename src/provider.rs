@@ -232,11 +232,32 @@ impl HttpClients {
 #[derive(Clone)]
 pub struct Provider {
     transport: Transport,
+    /// One semaphore per token endpoint host: how many requests may be in flight to it.
+    in_flight: Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
 }
+
+/// Requests in flight to one provider host at once: after a restart or an outage,
+/// thousands of accounts due together queue here instead of stampeding the provider.
+pub const MAX_CONCURRENT_PER_HOST: usize = 16;
 
 impl Provider {
     pub fn new(transport: Transport) -> Provider {
-        Provider { transport }
+        Provider {
+            transport,
+            in_flight: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn host_limit(&self, account: &AccountConfig) -> Arc<tokio::sync::Semaphore> {
+        let host = format!(
+            "{}://{}",
+            account.token_url.scheme(),
+            account.token_url.authority()
+        );
+        let mut map = self.in_flight.lock().expect("host limit lock");
+        map.entry(host)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PER_HOST)))
+            .clone()
     }
 
     /// Real HTTP(S) with the system's trust roots (and accounts' extra CA bundles).
@@ -279,6 +300,12 @@ impl Provider {
                 }
             }
         };
+        // Waiting for a slot is not part of the exchange's timeout.
+        let host_slots = self.host_limit(account);
+        let _slot = host_slots
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
         let outcome = tokio::time::timeout(timeout, exchange).await;
         request.body.zeroize();
         let (status, headers, body) = outcome.map_err(|_| ProviderError::Timeout(timeout))??;

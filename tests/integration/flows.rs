@@ -558,3 +558,25 @@ async fn forced_refreshes_report_failure_and_respect_the_minimum_interval() {
     h.advance(Duration::from_secs(6)).await;
     assert_eq!(force().await.0, StatusCode::OK);
 }
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_refreshes_to_one_provider_are_bounded() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(3600));
+    fake.set_latency(Duration::from_millis(500));
+    let accounts: String = (0..40)
+        .map(|i| client_credentials_account(&format!("cc{i}")))
+        .collect();
+    let h = Harness::start(fake, clock, &accounts).await;
+    h.advance(Duration::from_secs(10)).await;
+    assert_eq!(
+        h.fake.counts().client_credentials_grants,
+        40,
+        "every account got its token"
+    );
+    assert_eq!(
+        h.fake.peak_unanswered(),
+        tokend::provider::MAX_CONCURRENT_PER_HOST as u64,
+        "40 accounts due at once reach the provider 16 at a time"
+    );
+}

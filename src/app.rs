@@ -71,6 +71,9 @@ pub struct Daemon {
 /// anyway (accounts still without a token then show in `/readyz` and `tokend status`).
 pub const START_TIMEOUT: Duration = Duration::from_secs(45);
 
+/// Accounts whose state is loaded at once during start-up.
+const STARTUP_CONCURRENCY: usize = 64;
+
 /// What a reload changed.
 #[derive(Debug, Default, PartialEq)]
 pub struct ReloadReport {
@@ -120,10 +123,20 @@ impl Daemon {
             access: Arc::new(ArcSwap::from_pointee(Access::new(config.consumers.clone()))),
             keep_sinks,
         };
-        for account in config.accounts.values() {
-            let running = daemon.start_account(account.clone()).await;
-            daemon.running.insert(account.name.clone(), running);
-        }
+        // State files are read concurrently: with thousands of accounts a sequential
+        // start would keep still-valid tokens from being served for seconds.
+        let started: Vec<(AccountName, Running)> =
+            futures_util::stream::iter(config.accounts.values())
+                .map(|account| async {
+                    (
+                        account.name.clone(),
+                        daemon.start_account(account.clone()).await,
+                    )
+                })
+                .buffer_unordered(STARTUP_CONCURRENCY)
+                .collect()
+                .await;
+        daemon.running.extend(started);
         daemon.publish_registry();
         daemon
     }

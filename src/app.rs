@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -64,7 +65,7 @@ pub struct Daemon {
     cancel: CancellationToken,
     changes: watch::Sender<u64>,
     access: Arc<ArcSwap<Access>>,
-    keep_sinks: bool,
+    keep_sinks: Arc<AtomicBool>,
 }
 
 /// How long start-up waits for accounts to settle before telling systemd it is ready
@@ -95,19 +96,6 @@ impl Daemon {
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> Daemon {
-        Daemon::start_with(config, store, provider, clock, tracker, cancel, false).await
-    }
-
-    /// Like `start`; `keep_sinks` leaves token files in place when the daemon stops.
-    pub async fn start_with(
-        config: Config,
-        store: Arc<dyn Store>,
-        provider: Provider,
-        clock: Clock,
-        tracker: TaskTracker,
-        cancel: CancellationToken,
-        keep_sinks: bool,
-    ) -> Daemon {
         let jumps = clock.spawn_jump_detector(&tracker, cancel.clone());
         let mut daemon = Daemon {
             config: config.clone(),
@@ -121,7 +109,7 @@ impl Daemon {
             cancel,
             changes: watch::Sender::new(0),
             access: Arc::new(ArcSwap::from_pointee(Access::new(config.consumers.clone()))),
-            keep_sinks,
+            keep_sinks: Arc::new(AtomicBool::new(false)),
         };
         // State files are read concurrently: with thousands of accounts a sequential
         // start would keep still-valid tokens from being served for seconds.
@@ -151,7 +139,7 @@ impl Daemon {
             changes: self.changes.clone(),
             tracker: self.tracker.clone(),
             daemon_stopping: self.cancel.clone(),
-            keep_sinks: self.keep_sinks,
+            keep_sinks: self.keep_sinks.clone(),
         };
         let (refresher, handle) = Refresher::prepare(config.clone(), deps).await;
         let done = self.tracker.spawn(refresher.run(cancel.clone()));
@@ -297,6 +285,11 @@ impl Daemon {
         report
     }
 
+    /// Token files stay when this daemon stops (`run --once`: they are its product).
+    pub fn keep_sinks_on_exit(&self) {
+        self.keep_sinks.store(true, Ordering::SeqCst);
+    }
+
     /// Stops every refresher (each finishes its in-flight refresh and save) and waits.
     pub async fn shutdown(self) {
         self.cancel.cancel();
@@ -348,16 +341,16 @@ pub async fn run_once(config: Config) -> Result<bool, RunError> {
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let clock = Clock::system();
-    let daemon = Daemon::start_with(
+    let daemon = Daemon::start(
         config,
         store,
         provider,
         clock.clone(),
         tracker.clone(),
         cancel.clone(),
-        true,
     )
     .await;
+    daemon.keep_sinks_on_exit();
     daemon
         .wait_settled(tokio::time::Instant::now() + START_TIMEOUT)
         .await;

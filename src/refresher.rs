@@ -34,7 +34,7 @@ pub struct Deps {
     /// only then are sinks removed.
     pub daemon_stopping: CancellationToken,
     /// `run --once`: sinks stay for the process that needs them.
-    pub keep_sinks: bool,
+    pub keep_sinks: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The per-account task's state.
@@ -233,7 +233,12 @@ impl Refresher {
         if self.unsaved {
             self.save().await;
         }
-        if self.deps.daemon_stopping.is_cancelled() && !self.deps.keep_sinks {
+        if self.deps.daemon_stopping.is_cancelled()
+            && !self
+                .deps
+                .keep_sinks
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
             sinks::remove(&self.config);
         }
         // Readers waiting on this refresher get a clear answer, not a dropped channel.

@@ -24,29 +24,28 @@ async fn sigkill_at_any_instant_loses_no_refresh_token() {
     fake.set_reuse_grace(Duration::from_secs(60));
     fake.set_latency(Duration::from_millis(300));
     let (provider, _stop) = serve_fake(&fake).await;
+    let url = token_url(provider);
 
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let port = free_port();
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let mut config = format!(
-        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[state]\ndir = \"{}\"\n[refresh]\nmin_interval = \"1s\"\n",
-        state.display()
-    );
+    let setup = Setup::new();
+    let mut sections = vec![FAST_REFRESH.to_string()];
     for i in 0..ACCOUNTS {
         let seed = fake.grant_refresh_token("zy-client", None);
-        config.push_str(&format!(
-            "[accounts.a{i}]\ngrant = \"refresh_token\"\ntoken_url = \"http://{provider}/token\"\nclient_id = \"zy-client\"\nclient_secret = \"zy-secret\"\nrefresh_token = \"{seed}\"\n"
+        sections.push(refresh_token_account(
+            &format!("a{i}"),
+            &url,
+            "zy-client",
+            "zy-secret",
+            &seed,
+            "",
         ));
     }
-    let config_path = dir.path().join("tokend.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let log = dir.path().join("tokend.log");
+    setup.write_config(&sections);
+    let state = setup.state_dir();
+    let client = http_client();
 
     let mut files_checked = 0;
     for kill in 0..KILLS {
-        let mut daemon = Proc::run(&config_path, &log, "info");
-        wait_ready(&mut daemon, &endpoint, Duration::from_secs(15)).await;
+        let mut daemon = setup.start_ready(&client).await;
         if kill % 2 == 0 {
             // Half the kills land while the provider has rotated a token and not yet
             // answered: the worst instant.
@@ -72,7 +71,7 @@ async fn sigkill_at_any_instant_loses_no_refresh_token() {
             let at = Duration::from_millis(rand::rng().random_range(0..3000));
             tokio::time::sleep(at).await;
         }
-        daemon.signal("-KILL");
+        daemon.signal("KILL");
         daemon.wait_exit(Duration::from_secs(5)).await;
         for entry in std::fs::read_dir(&state).unwrap() {
             let path = entry.unwrap().path();
@@ -105,35 +104,21 @@ async fn sigkill_at_any_instant_loses_no_refresh_token() {
 
     // Every account resumes: ready, no account needing re-auth, each stored refresh
     // token live at the provider after a clean stop.
-    let mut daemon = Proc::run(&config_path, &log, "info");
-    wait_ready(&mut daemon, &endpoint, Duration::from_secs(15)).await;
-    let accounts: serde_json::Value = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("{endpoint}/v1/accounts"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let mut daemon = setup.start_ready(&client).await;
+    let (_, accounts) = daemon.accounts(&client).await;
     for account in accounts["accounts"].as_array().unwrap() {
         assert_ne!(account["state"], "needs_reauth", "{account}");
     }
-    daemon.signal("-TERM");
-    assert_eq!(daemon.wait_exit(Duration::from_secs(10)).await, Some(0));
+    assert_eq!(daemon.stop().await.code(), Some(0));
     for i in 0..ACCOUNTS {
-        let file: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(state.join(format!("a{i}.json"))).unwrap())
-                .unwrap();
+        let file = setup.state(&format!("a{i}"));
         let rt = file["refresh_token"].as_str().unwrap();
         assert!(
             fake.is_live_refresh_token(rt),
             "a{i}: the stored refresh token is not the live one"
         );
     }
-    let log_text = std::fs::read_to_string(&log).unwrap();
+    let log_text = daemon.log();
     let recovered = log_text.matches("stopped with a refresh in flight").count();
     eprintln!(
         "crash suite: {KILLS} kills, {files_checked} state files checked, {recovered} interrupted rotations recovered"

@@ -229,20 +229,12 @@ async fn run_once_writes_sinks_and_exits_by_outcome() {
         std::fs::write(&path, text).unwrap();
         path
     };
-    let run = |config: &Path| {
-        let config = config.to_path_buf();
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_tokend"))
-                .args(["run", "--once", "--config"])
-                .arg(&config)
-                .output()
-                .unwrap()
-        })
+    let run = |config: std::path::PathBuf| async move {
+        let mut cmd = crate::process::tokend();
+        cmd.args(["run", "--once", "--config"]).arg(&config);
+        crate::process::run_cmd(&mut cmd, Duration::from_secs(60)).await
     };
-    let out = tokio::time::timeout(Duration::from_secs(30), run(&write("")))
-        .await
-        .unwrap()
-        .unwrap();
+    let out = run(write("")).await;
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -256,10 +248,7 @@ async fn run_once_writes_sinks_and_exits_by_outcome() {
     );
 
     let broken = "[accounts.bad]\ngrant = \"refresh_token\"\ntoken_url = \"http://127.0.0.1:1/token\"\nclient_id = \"x\"\nrefresh_token = \"rt-unknown\"\n";
-    let out = tokio::time::timeout(Duration::from_secs(60), run(&write(broken)))
-        .await
-        .unwrap()
-        .unwrap();
+    let out = run(write(broken)).await;
     assert_eq!(
         out.status.code(),
         Some(1),

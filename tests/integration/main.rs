@@ -8,6 +8,7 @@ mod handoff;
 mod hardening;
 mod harness;
 mod logs;
+mod ops;
 mod process;
 mod provider_http;
 mod security;

@@ -10,7 +10,7 @@ use tokend::fake_provider::{ClientSpec, FakeProvider};
 use tokend::provider::{ErrorClass, Provider, ProviderError, TokenGrant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::process::serve_fake;
+use crate::process::{free_port, serve_fake, token_url};
 
 fn account(token_url: &str) -> AccountConfig {
     let text = format!(
@@ -52,22 +52,29 @@ async fn raw_server(response: Option<Vec<u8>>) -> std::net::SocketAddr {
     addr
 }
 
-#[tokio::test]
-async fn a_real_exchange_works_over_http() {
+/// A fake provider that knows the client of `account`, issuing 60 s tokens, served on
+/// 127.0.0.1; returns it and its token URL.
+async fn cc_provider() -> (FakeProvider, String) {
     let fake = FakeProvider::new(Duration::from_secs(60), Clock::system());
     fake.register(ClientSpec::generic_client_credentials(
         "cc-client",
         "cc-secret",
     ));
-    let (addr, _stop) = serve_fake(&fake).await;
-    let token = request(&format!("http://{addr}/token")).await.unwrap();
+    let (addr, _) = serve_fake(&fake).await;
+    (fake, token_url(addr))
+}
+
+#[tokio::test]
+async fn a_real_exchange_works_over_http() {
+    let (fake, url) = cc_provider().await;
+    let token = request(&url).await.unwrap();
     assert!(fake.is_valid_access_token(token.access_token.expose()));
     assert_eq!(token.expires_in, Some(Duration::from_secs(60)));
 }
 
 #[tokio::test]
 async fn a_refused_connection_is_transient() {
-    let port = crate::process::free_port();
+    let port = free_port();
     let err = request(&format!("http://127.0.0.1:{port}/token"))
         .await
         .unwrap_err();
@@ -110,14 +117,9 @@ async fn oversized_bodies_are_cut_off_with_or_without_content_length() {
 
 #[tokio::test]
 async fn redirects_are_not_followed_with_credentials() {
-    let fake = FakeProvider::new(Duration::from_secs(60), Clock::system());
-    fake.register(ClientSpec::generic_client_credentials(
-        "cc-client",
-        "cc-secret",
-    ));
-    let (target, _stop) = serve_fake(&fake).await;
+    let (fake, target) = cc_provider().await;
     let redirect = format!(
-        "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://{target}/token\r\ncontent-length: 0\r\n\r\n"
+        "HTTP/1.1 307 Temporary Redirect\r\nlocation: {target}\r\ncontent-length: 0\r\n\r\n"
     );
     let addr = raw_server(Some(redirect.into_bytes())).await;
     let err = request(&format!("http://{addr}/token")).await.unwrap_err();

@@ -221,7 +221,7 @@ impl HttpClients {
         let client = HttpClients::builder(self.connect_timeout)
             .tls_certs_merge(certs)
             .build()
-            .map_err(|e| ProviderError::Transport(format!("cannot build the HTTP client: {e}")))?;
+            .map_err(|e| client_error(&e))?;
         cache.insert(bundle.clone(), client.clone());
         Ok(client)
     }
@@ -264,7 +264,7 @@ impl Provider {
     pub fn http(connect_timeout: Duration) -> Result<Provider, ProviderError> {
         let system = HttpClients::builder(connect_timeout)
             .build()
-            .map_err(|e| ProviderError::Transport(format!("cannot build the HTTP client: {e}")))?;
+            .map_err(|e| client_error(&e))?;
         Ok(Provider::new(Transport::Http(Arc::new(HttpClients {
             connect_timeout,
             system,
@@ -425,6 +425,15 @@ async fn send_http(
         body.extend_from_slice(&chunk);
     }
     Ok((status, headers, body))
+}
+
+/// A client that cannot be built is almost always a TLS set-up problem (no CA
+/// certificates on the host or in the image); say so, with the whole cause chain.
+fn client_error(e: &reqwest::Error) -> ProviderError {
+    ProviderError::Transport(format!(
+        "cannot build the HTTP client ({}); is a CA certificate bundle installed (ca-certificates, /etc/ssl/certs)?",
+        transport_message(e)
+    ))
 }
 
 /// reqwest's Display stops at the outermost layer ("error sending request"); the cause

@@ -8,6 +8,7 @@ mod handoff;
 mod hardening;
 mod harness;
 mod logs;
+mod openapi;
 mod ops;
 mod process;
 mod provider_http;

@@ -6,16 +6,19 @@ fn main() {
     // TOKEND_GIT_COMMIT wins: builds from a source tree without .git (containers) can
     // still say what they are.
     println!("cargo:rerun-if-env-changed=TOKEND_GIT_COMMIT");
-    let commit = std::env::var("TOKEND_GIT_COMMIT").ok().filter(|c| !c.is_empty()).or_else(|| {
-        Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
+    let commit = std::env::var("TOKEND_GIT_COMMIT")
         .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_string())
-    })
-    .unwrap_or_else(|| "unknown".into());
+        .filter(|c| !c.is_empty())
+        .or_else(|| {
+            Command::new("git")
+                .args(["rev-parse", "--short=12", "HEAD"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=TOKEND_GIT_COMMIT={commit}");
     println!(
         "cargo:rustc-env=TOKEND_TARGET={}",

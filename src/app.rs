@@ -354,6 +354,19 @@ pub async fn run_once(config: Config) -> Result<bool, RunError> {
     daemon
         .wait_settled(tokio::time::Instant::now() + START_TIMEOUT)
         .await;
+    // A carried-over token near its end is no use to the process started after us:
+    // each account must hold one valid for at least its refresh margin.
+    for account in daemon.registry.all().values() {
+        let fresh_enough = account.config.refresh.margin;
+        if account
+            .snapshot()
+            .valid_token(clock.now(), Duration::ZERO)
+            .is_some()
+        {
+            let wait = account.config.limits.timeout + Duration::from_secs(5);
+            let _ = account.demand(fresh_enough, false, wait).await;
+        }
+    }
     let now = clock.now();
     let mut ok = true;
     for (name, account) in daemon.registry.all().iter() {

@@ -242,16 +242,19 @@ fn check(path: &Path) -> u8 {
             return exit::CONFIG;
         }
     };
-    println!("{}: ok", path.display());
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: ok", path.display());
     for warning in &config.warnings {
-        println!("warning: {warning}");
+        let _ = writeln!(out, "warning: {warning}");
     }
     let listen: Vec<String> = config.server.listen.iter().map(|a| a.to_string()).collect();
-    println!("listen: {}", listen.join(", "));
-    println!("state dir: {}", config.state.dir.display());
-    println!("accounts: {}", config.accounts.len());
+    let _ = writeln!(out, "listen: {}", listen.join(", "));
+    let _ = writeln!(out, "state dir: {}", config.state.dir.display());
+    let _ = writeln!(out, "accounts: {}", config.accounts.len());
     for account in config.accounts.values() {
-        println!(
+        let _ = writeln!(
+            out,
             "  {}: grant={} endpoint={} state={}",
             account.name,
             account.grant.as_str(),
@@ -259,6 +262,8 @@ fn check(path: &Path) -> u8 {
             state_path(&config.state.dir, &account.name).display()
         );
     }
+    // `tokend check | head -1` closes the pipe early: that is not a failure to report.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
     exit::OK
 }
 

@@ -1481,7 +1481,8 @@ impl Validator<'_> {
                 return None;
             }
             (None, Some(signal), Some(pid_file)) => {
-                let signal = signal.trim_start_matches("SIG").to_ascii_uppercase();
+                let upper = signal.to_ascii_uppercase();
+                let signal = upper.trim_start_matches("SIG").to_string();
                 if !HOOK_SIGNALS.contains(&signal.as_str()) {
                     self.report(
                         raw.span(),

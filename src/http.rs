@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use axum::extract::MatchedPath;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -76,6 +77,7 @@ pub enum ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let challenge = matches!(self, ApiError::Unauthorized(_));
         let (status, error, description, state) = match self {
             ApiError::MissingRequestHeader => (
                 StatusCode::FORBIDDEN,
@@ -138,11 +140,20 @@ impl IntoResponse for ApiError {
             body["state"] = Value::from(s.as_str());
         }
         let mut response = (status, Json(body)).into_response();
-        response
-            .headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        let headers = response.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if challenge {
+            // RFC 6750 §3: a 401 names the scheme the client should use.
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         response
     }
+}
+
+/// axum's own rejections (a duplicated or malformed query, a path that is not UTF-8)
+/// answer in the API's JSON error format too.
+fn bad_request(rejection: impl std::fmt::Display) -> ApiError {
+    ApiError::BadRequest(rejection.to_string())
 }
 
 async fn count_requests(request: Request, next: Next) -> Response {
@@ -188,11 +199,7 @@ async fn guard(State(state): State<ApiState>, mut request: Request, next: Next) 
     let caller = match state.access.load().identify(headers, peer.as_ref()) {
         Ok(c) => c,
         Err(e) => {
-            let mut response = ApiError::Unauthorized(e).into_response();
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return response;
+            return ApiError::Unauthorized(e).into_response();
         }
     };
     request.extensions_mut().insert(caller);
@@ -322,9 +329,11 @@ fn no_store(mut response: Response) -> Response {
 async fn token_json(
     State(state): State<ApiState>,
     Extension(caller): Extension<Caller>,
-    Path(account): Path<String>,
-    Query(query): Query<TokenQuery>,
+    account: Result<Path<String>, PathRejection>,
+    query: Result<Query<TokenQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(account) = account.map_err(bad_request)?;
+    let Query(query) = query.map_err(bad_request)?;
     let (_, token) = current_token(&state, &caller, &account, &query).await?;
     let body = token.json_body(state.clock.now());
     let response = ([(header::CONTENT_TYPE, "application/json")], body.to_vec()).into_response();
@@ -334,9 +343,11 @@ async fn token_json(
 async fn token_plain(
     State(state): State<ApiState>,
     Extension(caller): Extension<Caller>,
-    Path(account): Path<String>,
-    Query(query): Query<TokenQuery>,
+    account: Result<Path<String>, PathRejection>,
+    query: Result<Query<TokenQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(account) = account.map_err(bad_request)?;
+    let Query(query) = query.map_err(bad_request)?;
     let (_, token) = current_token(&state, &caller, &account, &query).await?;
     let response = (
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
@@ -392,8 +403,9 @@ async fn accounts(State(state): State<ApiState>, request: Request) -> Response {
 async fn force_refresh(
     State(state): State<ApiState>,
     Extension(caller): Extension<Caller>,
-    Path(account): Path<String>,
+    account: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(account) = account.map_err(bad_request)?;
     let handle = permitted(&state, &caller, &account)?;
     let wait = handle.config.limits.timeout + Duration::from_secs(5);
     let result = handle.demand(Duration::ZERO, true, wait).await;

@@ -580,3 +580,21 @@ async fn concurrent_refreshes_to_one_provider_are_bounded() {
         "40 accounts due at once reach the provider 16 at a time"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn malformed_requests_get_json_errors() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(3600));
+    let seed = fake.grant_refresh_token("zy-client", None);
+    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    h.advance(Duration::from_secs(1)).await;
+    for uri in [
+        "/v1/token/zy?min_valid=1&min_valid=2",
+        "/v1/token/%FF",
+        "/v1/token/%FF/access_token",
+    ] {
+        let (status, body) = h.get(uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+        assert_eq!(body["error"], "invalid_request", "{uri}: {body}");
+    }
+}

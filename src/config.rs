@@ -626,7 +626,8 @@ impl Locator<'_> {
         let trimmed = line.trim();
         let mut table = String::new();
         let mut leaf = String::new();
-        if trimmed.starts_with('[') {
+        // Only a closed header names a table: an unclosed one may run into a value.
+        if trimmed.starts_with('[') && trimmed.ends_with(']') {
             table = trimmed
                 .trim_matches(|c| c == '[' || c == ']')
                 .trim()
@@ -637,7 +638,7 @@ impl Locator<'_> {
             }
             for prev in self.text[..line_start].lines().rev() {
                 let p = prev.trim();
-                if p.starts_with('[') {
+                if p.starts_with('[') && p.ends_with(']') {
                     table = p.trim_matches(|c| c == '[' || c == ']').trim().to_string();
                     break;
                 }

@@ -246,7 +246,10 @@ impl Default for ProviderLimits {
 pub struct AccountConfig {
     pub name: AccountName,
     pub grant: Grant,
-    pub token_url: Url,
+    /// The token endpoint. `None` only when `issuer` is set and discovery is to fill it
+    /// (see [`crate::discovery`]); validation guarantees one of the two.
+    pub token_url: Option<Url>,
+    pub endpoints: Endpoints,
     pub client_id: String,
     pub client_secret: Option<Secret>,
     pub client_auth: ClientAuth,
@@ -260,6 +263,29 @@ pub struct AccountConfig {
     pub limits: ProviderLimits,
     /// Extra CA certificates to trust for this provider (private PKI).
     pub ca_bundle: Option<Arc<CaBundle>>,
+}
+
+/// Where an account's interactive flows (`tokend login`, `logout`) go, besides the token
+/// endpoint. Each is configured explicitly or filled from the issuer's metadata.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Endpoints {
+    /// RFC 8414 issuer identifier, exactly as configured (compared as a string with the
+    /// metadata's `issuer`).
+    pub issuer: Option<String>,
+    /// RFC 6749 §3.1.
+    pub authorization: Option<Url>,
+    /// RFC 8628 §3.1.
+    pub device_authorization: Option<Url>,
+    /// RFC 7009 §2.
+    pub revocation: Option<Url>,
+    /// Where the provider sends the browser back with the code (RFC 6749 §3.1.2). Unset:
+    /// `tokend login` listens on `http://127.0.0.1:<ephemeral>/callback`.
+    pub redirect_uri: Option<Url>,
+    /// From discovery metadata only: the scopes the provider knows (RFC 8414 §2).
+    pub scopes_supported: Option<Vec<String>>,
+    /// `allow_insecure_http`: plain http to a host that is not loopback, for discovered
+    /// endpoints as for configured ones.
+    pub allow_insecure_http: bool,
 }
 
 /// The PEM certificates of an account's `ca_file`, read and checked at load time.
@@ -487,7 +513,12 @@ enum RawGrant {
 #[serde(deny_unknown_fields)]
 struct RawAccount {
     grant: RawGrant,
-    token_url: Spanned<String>,
+    token_url: Option<Spanned<String>>,
+    issuer: Option<Spanned<String>>,
+    authorization_endpoint: Option<Spanned<String>>,
+    device_authorization_endpoint: Option<Spanned<String>>,
+    revocation_endpoint: Option<Spanned<String>>,
+    redirect_uri: Option<Spanned<String>>,
     client_id: Spanned<String>,
     client_secret: Option<Spanned<RawSecret>>,
     client_auth: Option<ClientAuth>,
@@ -702,8 +733,13 @@ impl Validator<'_> {
             let key = format!("accounts.{name}");
             match AccountName::parse(&name) {
                 Ok(account_name) => {
-                    let a =
-                        self.account(account_name.clone(), account.into_inner(), refresh, limits);
+                    let a = self.account(
+                        account_name.clone(),
+                        account.into_inner(),
+                        span,
+                        refresh,
+                        limits,
+                    );
                     accounts.insert(account_name, Arc::new(a));
                 }
                 Err(msg) => self.report(span, key, msg),
@@ -1090,12 +1126,59 @@ impl Validator<'_> {
         &mut self,
         name: AccountName,
         raw: RawAccount,
+        account_span: Range<usize>,
         global_refresh: RefreshPolicy,
         global_limits: ProviderLimits,
     ) -> AccountConfig {
         let k = |field: &str| format!("accounts.{name}.{field}");
 
-        let token_url = self.token_url(&raw.token_url, raw.allow_insecure_http, &k("token_url"));
+        let insecure = raw.allow_insecure_http;
+        let token_url = raw
+            .token_url
+            .as_ref()
+            .and_then(|u| self.endpoint_url(u, insecure, &k("token_url")));
+        let issuer = raw.issuer.as_ref().and_then(|i| {
+            let url = self.endpoint_url(i, insecure, &k("issuer"))?;
+            if url.query().is_some() {
+                self.report(
+                    i.span(),
+                    k("issuer"),
+                    "an issuer identifier has no ?query (RFC 8414 §2)",
+                );
+                return None;
+            }
+            Some(i.get_ref().trim().to_string())
+        });
+        if raw.token_url.is_none() && raw.issuer.is_none() {
+            self.report(
+                account_span.clone(),
+                k("token_url"),
+                "set token_url, or issuer to discover it",
+            );
+        }
+        let mut endpoint = |raw: &Option<Spanned<String>>, key: &str| {
+            raw.as_ref()
+                .and_then(|u| self.endpoint_url(u, insecure, &k(key)))
+        };
+        let authorization = endpoint(&raw.authorization_endpoint, "authorization_endpoint");
+        let device_authorization = endpoint(
+            &raw.device_authorization_endpoint,
+            "device_authorization_endpoint",
+        );
+        let revocation = endpoint(&raw.revocation_endpoint, "revocation_endpoint");
+        let redirect_uri = raw
+            .redirect_uri
+            .as_ref()
+            .and_then(|u| self.redirect_uri(u, insecure, &k("redirect_uri")));
+        let endpoints = Endpoints {
+            issuer,
+            authorization,
+            device_authorization,
+            revocation,
+            redirect_uri,
+            scopes_supported: None,
+            allow_insecure_http: insecure,
+        };
 
         let client_id = raw.client_id.get_ref().trim().to_string();
         if client_id.is_empty() {
@@ -1108,7 +1191,6 @@ impl Validator<'_> {
         let client_auth = raw.client_auth.unwrap_or(ClientAuth::ClientSecretPost);
         let request_format = raw.request_format.unwrap_or(RequestFormat::Form);
 
-        let account_span = raw.token_url.span();
         let grant = match raw.grant {
             RawGrant::RefreshToken => {
                 let seed = raw
@@ -1238,9 +1320,8 @@ impl Validator<'_> {
         AccountConfig {
             name,
             grant,
-            token_url: token_url.unwrap_or_else(|| {
-                Url::parse("https://invalid.invalid/").expect("literal URL parses")
-            }),
+            token_url,
+            endpoints,
             client_id,
             client_secret,
             client_auth,
@@ -1254,51 +1335,55 @@ impl Validator<'_> {
         }
     }
 
-    fn token_url(&mut self, raw: &Spanned<String>, allow_http: bool, key: &str) -> Option<Url> {
-        let url = match Url::parse(raw.get_ref()) {
-            Ok(u) => u,
-            Err(e) => {
-                self.report(
-                    raw.span(),
-                    key,
-                    format!("{:?} is not a URL: {e}", raw.get_ref()),
-                );
-                return None;
-            }
-        };
-        match url.scheme() {
-            "https" => {}
-            "http" if allow_http || is_loopback_host(&url) => {}
-            "http" => {
-                self.report(
-                    raw.span(),
-                    key,
-                    "plain http:// sends secrets in clear text: use https://, a loopback address, or set allow_insecure_http = true",
-                );
-                return None;
-            }
-            other => {
-                self.report(
-                    raw.span(),
-                    key,
-                    format!("unsupported scheme {other:?}: use https://"),
-                );
-                return None;
+    /// A provider endpoint (token, authorization, device, revocation) or the issuer.
+    fn endpoint_url(&mut self, raw: &Spanned<String>, allow_http: bool, key: &str) -> Option<Url> {
+        match check_endpoint_url(raw.get_ref().trim(), allow_http) {
+            Ok(url) => Some(url),
+            Err(msg) => {
+                self.report(raw.span(), key, msg);
+                None
             }
         }
-        if url.fragment().is_some() {
-            self.report(
-                raw.span(),
-                key,
-                "a token endpoint URL has no #fragment (RFC 6749 §3.2)",
-            );
-            return None;
+    }
+
+    /// A redirect URI: absolute, no fragment (RFC 6749 §3.1.2); https, or http on a
+    /// loopback address (RFC 8252 §7.3) unless `allow_insecure_http`.
+    fn redirect_uri(&mut self, raw: &Spanned<String>, allow_http: bool, key: &str) -> Option<Url> {
+        match check_endpoint_url(raw.get_ref().trim(), allow_http) {
+            Ok(url) => Some(url),
+            Err(msg) => {
+                self.report(
+                    raw.span(),
+                    key,
+                    msg.replace("an endpoint", "a redirect URI"),
+                );
+                None
+            }
         }
-        Some(url)
     }
 }
 
-fn is_loopback_host(url: &Url) -> bool {
+/// The rules for every URL tokend sends secrets or a browser to: https, or plain http
+/// only to a loopback host or with the explicit opt-in; no #fragment (RFC 6749 §3.1,
+/// §3.2). Used for configured values and for discovered metadata alike.
+pub fn check_endpoint_url(text: &str, allow_http: bool) -> Result<Url, String> {
+    let url = Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    match url.scheme() {
+        "https" => {}
+        "http" if allow_http || is_loopback_host(&url) => {}
+        "http" => {
+            return Err("plain http:// sends secrets in clear text: use https://, a loopback address, or set allow_insecure_http = true".into());
+        }
+        other => return Err(format!("unsupported scheme {other:?}: use https://")),
+    }
+    if url.fragment().is_some() {
+        return Err("an endpoint URL has no #fragment (RFC 6749 §3.1, §3.2)".into());
+    }
+    Ok(url)
+}
+
+/// Whether the URL's host is `localhost` or a loopback IP literal.
+pub fn is_loopback_host(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
         Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),

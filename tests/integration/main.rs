@@ -6,6 +6,7 @@ mod faults;
 mod flows;
 mod hardening;
 mod harness;
+mod login;
 mod logs;
 mod process;
 mod provider_http;

@@ -1618,6 +1618,42 @@ client_id = "c"
     }
 
     #[test]
+    fn an_issuer_can_stand_in_for_token_url_and_one_of_them_is_required() {
+        let base = "[accounts.a]\ngrant = \"refresh_token\"\nclient_id = \"c\"\n";
+        let c = load(&format!("{base}issuer = \"https://id.example.com\"\n")).unwrap();
+        let a = &c.accounts[&AccountName::parse("a").unwrap()];
+        assert!(a.token_url.is_none());
+        assert_eq!(
+            a.endpoints.issuer.as_deref(),
+            Some("https://id.example.com")
+        );
+        let err = load(base).unwrap_err();
+        assert_eq!(err.problems[0].key, "accounts.a.token_url", "{err}");
+        assert!(err.to_string().contains("issuer"), "{err}");
+        let err = load(&format!(
+            "{base}issuer = \"https://id.example.com/?tenant=1\"\nredirect_uri = \"http://example.com/cb\"\ndevice_authorization_endpoint = \"ftp://x/d\"\n"
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "accounts.a.issuer",
+                "accounts.a.device_authorization_endpoint",
+                "accounts.a.redirect_uri"
+            ],
+            "{err}"
+        );
+        let c = load(&format!(
+            "{base}token_url = \"https://x/t\"\nredirect_uri = \"http://127.0.0.1:9499/callback\"\nauthorization_endpoint = \"https://x/authorize?tenant=1\"\nrevocation_endpoint = \"https://x/revoke\"\n"
+        ))
+        .unwrap();
+        let e = &c.accounts[&AccountName::parse("a").unwrap()].endpoints;
+        assert_eq!(e.redirect_uri.as_ref().unwrap().port(), Some(9499));
+        assert_eq!(e.authorization.as_ref().unwrap().query(), Some("tenant=1"));
+    }
+
+    #[test]
     fn account_names_must_be_safe_file_and_path_names() {
         for bad in ["../etc", ".hidden", "a b", "", "-x"] {
             assert!(AccountName::parse(bad).is_err(), "{bad:?} accepted");

@@ -944,6 +944,81 @@ mod tests {
         );
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_handoff_is_applied_directly_or_left_for_the_daemon_holding_the_lock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = name("acct");
+        let now = from_unix(1_800_000_000);
+        let handoff = Handoff::RefreshToken(Secret::new("rt-new"));
+        {
+            let store = FileStore::open(tmp.path()).unwrap();
+            store.save(&a, &sample()).await.unwrap();
+        }
+        // No daemon: applied at once; the seed's fingerprint is kept, the old chain's
+        // access token and in-flight mark go.
+        let d = deliver_handoff(tmp.path(), None, &a, &handoff, Some("fp".into()), now)
+            .await
+            .unwrap();
+        let Delivery::Applied(Some(state)) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(state.refresh_token.as_ref().unwrap().expose(), "rt-new");
+        assert_eq!(state.seed_fingerprint.as_deref(), Some("fp"));
+        assert_eq!(state.refresh_token_issued_at, Some(now));
+        assert!(state.access.is_none() && state.refresh_in_flight_since.is_none());
+        assert_eq!(state.last_refresh, sample().last_refresh);
+
+        // A daemon holds the lock: the handoff waits in a private file, sealed when
+        // the store is.
+        let keys = ring(1, &[]);
+        let daemon = FileStore::open_sealed(tmp.path(), Some(keys.clone())).unwrap();
+        let d = deliver_handoff(tmp.path(), Some(keys), &a, &handoff, None, now)
+            .await
+            .unwrap();
+        let Delivery::Pending { path, pid } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(pid, Some(std::process::id() as i32));
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(!fs::read_to_string(&path).unwrap().contains("rt-new"));
+        assert!(daemon.has_handoff(&a).await.unwrap());
+        assert_eq!(daemon.load_handoff(&a).await.unwrap(), Some(handoff));
+        daemon.clear_handoff(&a).await.unwrap();
+        assert!(!daemon.has_handoff(&a).await.unwrap());
+        assert_eq!(daemon.load_handoff(&a).await.unwrap(), None);
+    }
+
+    #[test]
+    fn a_logout_leaves_no_record_or_only_the_seed_fingerprint() {
+        let now = from_unix(1_800_000_000);
+        assert_eq!(Handoff::Logout.apply(Some(&sample()), None, now), None);
+        let kept = Handoff::Logout
+            .apply(Some(&sample()), Some("fp".into()), now)
+            .unwrap();
+        assert_eq!(kept.seed_fingerprint.as_deref(), Some("fp"));
+        assert!(kept.refresh_token.is_none() && kept.access.is_none());
+    }
+
+    #[test]
+    fn handoff_files_are_bound_to_their_account_and_never_read_as_state() {
+        let bytes = encode_handoff(&name("a"), &Handoff::Logout, None);
+        assert_eq!(
+            decode_handoff(&bytes, &name("a"), None),
+            Ok(Handoff::Logout)
+        );
+        assert!(decode_handoff(&bytes, &name("b"), None).is_err());
+        assert!(decode(&bytes, &name("a"), None).is_err());
+        let sealed = encode_handoff(
+            &name("a"),
+            &Handoff::RefreshToken(Secret::new("rt-9")),
+            Some(&ring(1, &[])),
+        );
+        assert!(decode(&sealed, &name("a"), Some(&ring(1, &[]))).is_err());
+    }
+
     #[test]
     fn stale_temp_files_are_swept_at_open() {
         let tmp = tempfile::tempdir().unwrap();

@@ -638,10 +638,8 @@ fn is_daemon(pid: i32) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return true;
     };
-    cmdline
-        .split(|b| *b == 0)
-        .skip(1)
-        .any(|arg| arg == b"run" || arg == b"demo")
+    // The subcommand is the first argument (an account may be named `run`).
+    matches!(cmdline.split(|b| *b == 0).nth(1), Some(b"run" | b"demo"))
 }
 
 #[cfg(test)]

@@ -297,7 +297,12 @@ pub async fn deliver_handoff(
 ) -> Result<Delivery, StoreError> {
     match FileStore::open_sealed(dir, keyring.clone()) {
         Ok(store) => {
-            let current = store.load(account).await?;
+            let current = match store.load(account).await {
+                Ok(state) => state,
+                // Moved aside by the load, for a human; the handoff replaces it anyway.
+                Err(StoreError::Corrupt { .. }) => None,
+                Err(e) => return Err(e),
+            };
             let next = handoff.apply(current.as_ref(), seed_fingerprint, now);
             match &next {
                 Some(state) => store.save(account, state).await?,

@@ -1,6 +1,7 @@
 //! Wiring: from a validated config to running refreshers and listeners. Owns the one
 //! shutdown token and the task tracker every task is spawned on, and applies reloads
-//! (added accounts start, removed ones stop, changed ones restart).
+//! (added accounts start, removed ones stop, changed ones and those with a pending
+//! handoff from `tokend login`/`import`/`logout` restart).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -241,14 +242,17 @@ impl Daemon {
         if new.provider.connect_timeout != self.config.provider.connect_timeout {
             report.ignored.push("provider.connect_timeout".into());
         }
+        let handed = self.accounts_with_handoffs().await;
         let stale: Vec<AccountName> = self
             .running
             .iter()
             // An account waiting for re-authorization restarts too, so that a refresh
-            // token stored meanwhile (or a state file made readable) is picked up.
+            // token stored meanwhile (or a state file made readable) is picked up; so
+            // does one with a pending handoff, which its start applies.
             .filter(|(name, r)| {
                 new.accounts.get(*name) != Some(&r.config)
                     || r.handle.snapshot().status == Status::NeedsReauth
+                    || handed.contains(*name)
             })
             .map(|(name, _)| name.clone())
             .collect();
@@ -288,6 +292,35 @@ impl Daemon {
     /// Token files stay when this daemon stops (`run --once`: they are its product).
     pub fn keep_sinks_on_exit(&self) {
         self.keep_sinks.store(true, Ordering::SeqCst);
+    }
+
+    async fn accounts_with_handoffs(&self) -> Vec<AccountName> {
+        let mut out = Vec::new();
+        for name in self.running.keys() {
+            match self.store.has_handoff(name).await {
+                Ok(true) => out.push(name.clone()),
+                Ok(false) => {}
+                Err(e) => warn!(account = %name, error = %e, "cannot look for a handoff"),
+            }
+        }
+        out
+    }
+
+    /// Restarts the accounts that have a pending handoff, with their current config: the
+    /// SIGHUP path when there is no new config to apply (none, or an invalid one).
+    pub async fn pick_up_handoffs(&mut self) -> Vec<AccountName> {
+        let handed = self.accounts_with_handoffs().await;
+        for name in &handed {
+            let running = self.running.remove(name).expect("listed from running");
+            running.cancel.cancel();
+            let _ = running.done.await;
+            let restarted = self.start_account(running.config).await;
+            self.running.insert(name.clone(), restarted);
+        }
+        if !handed.is_empty() {
+            self.publish_registry();
+        }
+        handed
     }
 
     /// Stops every refresher (each finishes its in-flight refresh and save) and waits.
@@ -436,7 +469,10 @@ pub async fn supervise(
                         reload_from(&mut daemon, path).await;
                         notify::ready(&daemon.summary());
                     }
-                    None => info!("SIGHUP: this daemon has no config file to reload"),
+                    None => {
+                        info!("SIGHUP: this daemon has no config file to reload");
+                        pick_up_handoffs(&mut daemon).await;
+                    }
                 },
                 Some(sig) => {
                     info!(signal = sig, "stopping: finishing in-flight refreshes and saves");
@@ -485,6 +521,15 @@ async fn reload_from(daemon: &mut Daemon, path: &Path) {
         }
         Err(e) => {
             error!("the new config is invalid; keeping the running one:\n{e}");
+            pick_up_handoffs(daemon).await;
         }
+    }
+}
+
+async fn pick_up_handoffs(daemon: &mut Daemon) {
+    let handed = daemon.pick_up_handoffs().await;
+    if !handed.is_empty() {
+        let names: Vec<String> = handed.iter().map(|n| n.to_string()).collect();
+        info!(accounts = %names.join(","), "applied handoffs from tokend login/import/logout");
     }
 }

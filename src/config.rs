@@ -250,7 +250,10 @@ impl Default for ProviderLimits {
 pub struct AccountConfig {
     pub name: AccountName,
     pub grant: Grant,
-    pub token_url: Url,
+    /// The token endpoint. `None` only when `issuer` is set and discovery is to fill it
+    /// (see [`crate::discovery`]); validation guarantees one of the two.
+    pub token_url: Option<Url>,
+    pub endpoints: Endpoints,
     pub client_id: String,
     pub client_secret: Option<Secret>,
     pub client_auth: ClientAuth,
@@ -314,6 +317,29 @@ pub enum HookAction {
 
 /// Signals a hook may send.
 pub const HOOK_SIGNALS: &[&str] = &["HUP", "USR1", "USR2", "TERM", "INT"];
+
+/// Where an account's interactive flows (`tokend login`, `logout`) go, besides the token
+/// endpoint. Each is configured explicitly or filled from the issuer's metadata.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Endpoints {
+    /// RFC 8414 issuer identifier, exactly as configured (compared as a string with the
+    /// metadata's `issuer`).
+    pub issuer: Option<String>,
+    /// RFC 6749 §3.1.
+    pub authorization: Option<Url>,
+    /// RFC 8628 §3.1.
+    pub device_authorization: Option<Url>,
+    /// RFC 7009 §2.
+    pub revocation: Option<Url>,
+    /// Where the provider sends the browser back with the code (RFC 6749 §3.1.2). Unset:
+    /// `tokend login` listens on `http://127.0.0.1:<ephemeral>/callback`.
+    pub redirect_uri: Option<Url>,
+    /// From discovery metadata only: the scopes the provider knows (RFC 8414 §2).
+    pub scopes_supported: Option<Vec<String>>,
+    /// `allow_insecure_http`: plain http to a host that is not loopback, for discovered
+    /// endpoints as for configured ones.
+    pub allow_insecure_http: bool,
+}
 
 /// The PEM certificates of an account's `ca_file`, read and checked at load time.
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -541,7 +567,12 @@ enum RawGrant {
 #[serde(deny_unknown_fields)]
 struct RawAccount {
     grant: RawGrant,
-    token_url: Spanned<String>,
+    token_url: Option<Spanned<String>>,
+    issuer: Option<Spanned<String>>,
+    authorization_endpoint: Option<Spanned<String>>,
+    device_authorization_endpoint: Option<Spanned<String>>,
+    revocation_endpoint: Option<Spanned<String>>,
+    redirect_uri: Option<Spanned<String>>,
     client_id: Spanned<String>,
     client_secret: Option<Spanned<RawSecret>>,
     client_auth: Option<ClientAuth>,
@@ -706,7 +737,8 @@ impl Locator<'_> {
         let trimmed = line.trim();
         let mut table = String::new();
         let mut leaf = String::new();
-        if trimmed.starts_with('[') {
+        // Only a closed header names a table: an unclosed one may run into a value.
+        if trimmed.starts_with('[') && trimmed.ends_with(']') {
             table = trimmed
                 .trim_matches(|c| c == '[' || c == ']')
                 .trim()
@@ -717,7 +749,7 @@ impl Locator<'_> {
             }
             for prev in self.text[..line_start].lines().rev() {
                 let p = prev.trim();
-                if p.starts_with('[') {
+                if p.starts_with('[') && p.ends_with(']') {
                     table = p.trim_matches(|c| c == '[' || c == ']').trim().to_string();
                     break;
                 }
@@ -781,8 +813,13 @@ impl Validator<'_> {
             let key = format!("accounts.{name}");
             match AccountName::parse(&name) {
                 Ok(account_name) => {
-                    let a =
-                        self.account(account_name.clone(), account.into_inner(), refresh, limits);
+                    let a = self.account(
+                        account_name.clone(),
+                        account.into_inner(),
+                        span,
+                        refresh,
+                        limits,
+                    );
                     accounts.insert(account_name, Arc::new(a));
                 }
                 Err(msg) => self.report(span, key, msg),
@@ -1180,12 +1217,59 @@ impl Validator<'_> {
         &mut self,
         name: AccountName,
         raw: RawAccount,
+        account_span: Range<usize>,
         global_refresh: RefreshPolicy,
         global_limits: ProviderLimits,
     ) -> AccountConfig {
         let k = |field: &str| format!("accounts.{name}.{field}");
 
-        let token_url = self.token_url(&raw.token_url, raw.allow_insecure_http, &k("token_url"));
+        let insecure = raw.allow_insecure_http;
+        let token_url = raw
+            .token_url
+            .as_ref()
+            .and_then(|u| self.endpoint_url(u, insecure, &k("token_url")));
+        let issuer = raw.issuer.as_ref().and_then(|i| {
+            let url = self.endpoint_url(i, insecure, &k("issuer"))?;
+            if url.query().is_some() {
+                self.report(
+                    i.span(),
+                    k("issuer"),
+                    "an issuer identifier has no ?query (RFC 8414 §2)",
+                );
+                return None;
+            }
+            Some(i.get_ref().trim().to_string())
+        });
+        if raw.token_url.is_none() && raw.issuer.is_none() {
+            self.report(
+                account_span.clone(),
+                k("token_url"),
+                "set token_url, or issuer to discover it",
+            );
+        }
+        let mut endpoint = |raw: &Option<Spanned<String>>, key: &str| {
+            raw.as_ref()
+                .and_then(|u| self.endpoint_url(u, insecure, &k(key)))
+        };
+        let authorization = endpoint(&raw.authorization_endpoint, "authorization_endpoint");
+        let device_authorization = endpoint(
+            &raw.device_authorization_endpoint,
+            "device_authorization_endpoint",
+        );
+        let revocation = endpoint(&raw.revocation_endpoint, "revocation_endpoint");
+        let redirect_uri = raw
+            .redirect_uri
+            .as_ref()
+            .and_then(|u| self.redirect_uri(u, insecure, &k("redirect_uri")));
+        let endpoints = Endpoints {
+            issuer,
+            authorization,
+            device_authorization,
+            revocation,
+            redirect_uri,
+            scopes_supported: None,
+            allow_insecure_http: insecure,
+        };
 
         let client_id = raw.client_id.get_ref().trim().to_string();
         if client_id.is_empty() {
@@ -1198,7 +1282,6 @@ impl Validator<'_> {
         let client_auth = raw.client_auth.unwrap_or(ClientAuth::ClientSecretPost);
         let request_format = raw.request_format.unwrap_or(RequestFormat::Form);
 
-        let account_span = raw.token_url.span();
         let grant = match raw.grant {
             RawGrant::RefreshToken => {
                 let seed = raw
@@ -1338,9 +1421,8 @@ impl Validator<'_> {
         AccountConfig {
             name,
             grant,
-            token_url: token_url.unwrap_or_else(|| {
-                Url::parse("https://invalid.invalid/").expect("literal URL parses")
-            }),
+            token_url,
+            endpoints,
             client_id,
             client_secret,
             client_auth,
@@ -1508,51 +1590,55 @@ impl Validator<'_> {
         Some(HookConfig { action, timeout })
     }
 
-    fn token_url(&mut self, raw: &Spanned<String>, allow_http: bool, key: &str) -> Option<Url> {
-        let url = match Url::parse(raw.get_ref()) {
-            Ok(u) => u,
-            Err(e) => {
-                self.report(
-                    raw.span(),
-                    key,
-                    format!("{:?} is not a URL: {e}", raw.get_ref()),
-                );
-                return None;
-            }
-        };
-        match url.scheme() {
-            "https" => {}
-            "http" if allow_http || is_loopback_host(&url) => {}
-            "http" => {
-                self.report(
-                    raw.span(),
-                    key,
-                    "plain http:// sends secrets in clear text: use https://, a loopback address, or set allow_insecure_http = true",
-                );
-                return None;
-            }
-            other => {
-                self.report(
-                    raw.span(),
-                    key,
-                    format!("unsupported scheme {other:?}: use https://"),
-                );
-                return None;
+    /// A provider endpoint (token, authorization, device, revocation) or the issuer.
+    fn endpoint_url(&mut self, raw: &Spanned<String>, allow_http: bool, key: &str) -> Option<Url> {
+        match check_endpoint_url(raw.get_ref().trim(), allow_http) {
+            Ok(url) => Some(url),
+            Err(msg) => {
+                self.report(raw.span(), key, msg);
+                None
             }
         }
-        if url.fragment().is_some() {
-            self.report(
-                raw.span(),
-                key,
-                "a token endpoint URL has no #fragment (RFC 6749 §3.2)",
-            );
-            return None;
+    }
+
+    /// A redirect URI: absolute, no fragment (RFC 6749 §3.1.2); https, or http on a
+    /// loopback address (RFC 8252 §7.3) unless `allow_insecure_http`.
+    fn redirect_uri(&mut self, raw: &Spanned<String>, allow_http: bool, key: &str) -> Option<Url> {
+        match check_endpoint_url(raw.get_ref().trim(), allow_http) {
+            Ok(url) => Some(url),
+            Err(msg) => {
+                self.report(
+                    raw.span(),
+                    key,
+                    msg.replace("an endpoint", "a redirect URI"),
+                );
+                None
+            }
         }
-        Some(url)
     }
 }
 
-fn is_loopback_host(url: &Url) -> bool {
+/// The rules for every URL tokend sends secrets or a browser to: https, or plain http
+/// only to a loopback host or with the explicit opt-in; no #fragment (RFC 6749 §3.1,
+/// §3.2). Used for configured values and for discovered metadata alike.
+pub fn check_endpoint_url(text: &str, allow_http: bool) -> Result<Url, String> {
+    let url = Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    match url.scheme() {
+        "https" => {}
+        "http" if allow_http || is_loopback_host(&url) => {}
+        "http" => {
+            return Err("plain http:// sends secrets in clear text: use https://, a loopback address, or set allow_insecure_http = true".into());
+        }
+        other => return Err(format!("unsupported scheme {other:?}: use https://")),
+    }
+    if url.fragment().is_some() {
+        return Err("an endpoint URL has no #fragment (RFC 6749 §3.1, §3.2)".into());
+    }
+    Ok(url)
+}
+
+/// Whether the URL's host is `localhost` or a loopback IP literal.
+pub fn is_loopback_host(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
         Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
@@ -1784,6 +1870,42 @@ client_id = "c"
         let err = load(&account("http://auth.internal/token", false)).unwrap_err();
         assert!(err.to_string().contains("allow_insecure_http"), "{err}");
         assert!(load(&account("http://auth.internal/token", true)).is_ok());
+    }
+
+    #[test]
+    fn an_issuer_can_stand_in_for_token_url_and_one_of_them_is_required() {
+        let base = "[accounts.a]\ngrant = \"refresh_token\"\nclient_id = \"c\"\n";
+        let c = load(&format!("{base}issuer = \"https://id.example.com\"\n")).unwrap();
+        let a = &c.accounts[&AccountName::parse("a").unwrap()];
+        assert!(a.token_url.is_none());
+        assert_eq!(
+            a.endpoints.issuer.as_deref(),
+            Some("https://id.example.com")
+        );
+        let err = load(base).unwrap_err();
+        assert_eq!(err.problems[0].key, "accounts.a.token_url", "{err}");
+        assert!(err.to_string().contains("issuer"), "{err}");
+        let err = load(&format!(
+            "{base}issuer = \"https://id.example.com/?tenant=1\"\nredirect_uri = \"http://example.com/cb\"\ndevice_authorization_endpoint = \"ftp://x/d\"\n"
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "accounts.a.issuer",
+                "accounts.a.device_authorization_endpoint",
+                "accounts.a.redirect_uri"
+            ],
+            "{err}"
+        );
+        let c = load(&format!(
+            "{base}token_url = \"https://x/t\"\nredirect_uri = \"http://127.0.0.1:9499/callback\"\nauthorization_endpoint = \"https://x/authorize?tenant=1\"\nrevocation_endpoint = \"https://x/revoke\"\n"
+        ))
+        .unwrap();
+        let e = &c.accounts[&AccountName::parse("a").unwrap()].endpoints;
+        assert_eq!(e.redirect_uri.as_ref().unwrap().port(), Some(9499));
+        assert_eq!(e.authorization.as_ref().unwrap().query(), Some("tenant=1"));
     }
 
     #[test]

@@ -2,14 +2,17 @@
 //! tests talk to. It issues short-lived access tokens, rotates refresh tokens and rejects
 //! a used one with `invalid_grant`, checks each client's registered authentication style
 //! (form + post, form + Basic, JSON + Basic) and answers in a seed provider's style
-//! (string `expires_in`, comma-separated scope). Tests script faults into it.
+//! (string `expires_in`, comma-separated scope). Tests script faults into it. For the
+//! interactive flows it also has an authorization endpoint (PKCE S256 required), the
+//! code exchange, device authorization with scriptable polling answers, revocation
+//! (RFC 7009) and RFC 8414 metadata naming its own base URL as issuer.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,6 +20,7 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use rand::Rng;
 use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
 use crate::config::{ClientAuth, RequestFormat};
@@ -91,6 +95,15 @@ pub enum Fault {
     LoseResponse,
 }
 
+/// A scripted answer to one device-code poll (RFC 8628 §3.5), used before the normal one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DevicePoll {
+    Pending,
+    SlowDown,
+    Denied,
+    Expired,
+}
+
 /// What the provider has seen.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Counts {
@@ -120,6 +133,37 @@ struct Inner {
     /// Requests acted on whose answer has not been sent yet, and the most ever at once.
     unanswered: u64,
     peak_unanswered: u64,
+    /// The provider's external base URL (issuer and endpoints of its metadata).
+    base_url: Option<String>,
+    /// Metadata answers 503 while false: the provider is down at discovery.
+    metadata_up: bool,
+    /// Redirect URIs registered per client. Loopback http ones match any port
+    /// (RFC 8252 §7.3).
+    redirect_uris: HashMap<String, Vec<String>>,
+    codes: HashMap<String, CodeRecord>,
+    /// The next authorization is refused by the "user" (`error=access_denied`).
+    deny_next: bool,
+    devices: HashMap<String, DeviceRecord>,
+    device_script: VecDeque<DevicePoll>,
+    device_interval: u64,
+    device_polls: Vec<SystemTime>,
+    revoked: Vec<String>,
+}
+
+struct CodeRecord {
+    client_id: String,
+    redirect_uri: String,
+    challenge: String,
+    scope: Option<String>,
+    used: bool,
+}
+
+struct DeviceRecord {
+    client_id: String,
+    user_code: String,
+    scope: Option<String>,
+    approved: bool,
+    used: bool,
 }
 
 struct RefreshRecord {
@@ -154,6 +198,16 @@ impl FakeProvider {
                 latency: Duration::ZERO,
                 unanswered: 0,
                 peak_unanswered: 0,
+                base_url: None,
+                metadata_up: true,
+                redirect_uris: HashMap::new(),
+                codes: HashMap::new(),
+                deny_next: false,
+                devices: HashMap::new(),
+                device_script: VecDeque::new(),
+                device_interval: 5,
+                device_polls: Vec::new(),
+                revoked: Vec::new(),
             })),
             clock,
         }
@@ -246,19 +300,94 @@ impl FakeProvider {
             .is_some_and(|r| r.replaced_at.is_none())
     }
 
-    /// `POST /token` (the token endpoint) and `GET /api/whoami` (a resource that checks
-    /// the bearer token, for demos).
+    /// The URL the provider is reached at (`http://127.0.0.1:PORT`): its metadata names
+    /// it as issuer and builds its endpoints on it. Without one, no metadata is served.
+    pub fn set_base_url(&self, base: &str) {
+        self.lock().base_url = Some(base.trim_end_matches('/').to_string());
+    }
+
+    /// While `false`, the metadata document answers 503 (the provider is down).
+    pub fn set_metadata_available(&self, up: bool) {
+        self.lock().metadata_up = up;
+    }
+
+    /// Registers a redirect URI for `client_id` (a loopback `http://127.0.0.1/...` one
+    /// matches any port).
+    pub fn register_redirect_uri(&self, client_id: &str, uri: &str) {
+        self.lock()
+            .redirect_uris
+            .entry(client_id.into())
+            .or_default()
+            .push(uri.into());
+    }
+
+    /// The user refuses the next authorization: it redirects with `error=access_denied`.
+    pub fn deny_next_authorization(&self) {
+        self.lock().deny_next = true;
+    }
+
+    /// The `interval` device authorization responses name, in seconds (default 5).
+    pub fn set_device_interval(&self, secs: u64) {
+        self.lock().device_interval = secs;
+    }
+
+    /// Queues answers to device-code polls; each replaces one normal answer, in order.
+    pub fn push_device_polls(&self, polls: impl IntoIterator<Item = DevicePoll>) {
+        self.lock().device_script.extend(polls);
+    }
+
+    /// The user codes of device authorizations not yet approved.
+    pub fn pending_user_codes(&self) -> Vec<String> {
+        self.lock()
+            .devices
+            .values()
+            .filter(|d| !d.approved)
+            .map(|d| d.user_code.clone())
+            .collect()
+    }
+
+    /// The user enters `user_code` and approves: the next normal poll gets tokens.
+    pub fn approve_device(&self, user_code: &str) -> bool {
+        let mut inner = self.lock();
+        let found = inner
+            .devices
+            .values_mut()
+            .find(|d| d.user_code == user_code);
+        found.map(|d| d.approved = true).is_some()
+    }
+
+    /// When each device-code poll arrived (provider clock).
+    pub fn device_poll_times(&self) -> Vec<SystemTime> {
+        self.lock().device_polls.clone()
+    }
+
+    /// Every token revoked through `POST /revoke`, in order.
+    pub fn revoked(&self) -> Vec<String> {
+        self.lock().revoked.clone()
+    }
+
+    /// `POST /token` (the token endpoint), `GET /api/whoami` (a resource that checks the
+    /// bearer token, for demos), `GET /authorize`, `POST /device_authorization`,
+    /// `POST /revoke` and `GET /.well-known/oauth-authorization-server`.
     pub fn router(&self) -> Router {
         Router::new()
             .route("/token", post(token_endpoint))
             .route("/api/whoami", get(whoami))
+            .route("/authorize", get(authorize))
+            .route("/device_authorization", post(device_authorization))
+            .route("/revoke", post(revoke))
+            .route("/.well-known/oauth-authorization-server", get(metadata))
             .with_state(self.clone())
     }
 
-    fn answer(&self, headers: &HeaderMap, body: &[u8]) -> Result<Value, Reject> {
-        let mut inner = self.lock();
-        let now = self.clock.now();
-
+    /// Parses a request body (form or JSON) and authenticates the client the way it is
+    /// registered.
+    fn authenticate(
+        &self,
+        inner: &mut Inner,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<(String, HashMap<String, String>), Reject> {
         let is_json = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -326,6 +455,14 @@ impl FakeProvider {
                 "client authentication failed",
             ));
         }
+        Ok((client_id, params))
+    }
+
+    fn answer(&self, headers: &HeaderMap, body: &[u8]) -> Result<Value, Reject> {
+        let mut inner = self.lock();
+        let now = self.clock.now();
+        let (client_id, params) = self.authenticate(&mut inner, headers, body)?;
+        let spec = inner.clients[&client_id].clone();
 
         let (scope, new_refresh) = match params.get("grant_type").map(String::as_str) {
             Some("refresh_token") => {
@@ -376,6 +513,74 @@ impl FakeProvider {
             Some("client_credentials") => {
                 inner.counts.client_credentials_grants += 1;
                 (params.get("scope").cloned(), None)
+            }
+            Some("authorization_code") => {
+                let code = params.get("code").cloned().unwrap_or_default();
+                let Some(record) = inner.codes.get_mut(&code) else {
+                    inner.counts.rejected += 1;
+                    return Err(oauth_error(400, "invalid_grant", "unknown code"));
+                };
+                // RFC 6749 §4.1.2: a code is used once.
+                if record.used {
+                    inner.counts.rejected += 1;
+                    return Err(oauth_error(400, "invalid_grant", "code already used"));
+                }
+                record.used = true;
+                if record.client_id != client_id {
+                    inner.counts.rejected += 1;
+                    return Err(oauth_error(400, "invalid_grant", "code of another client"));
+                }
+                if params.get("redirect_uri") != Some(&record.redirect_uri) {
+                    inner.counts.rejected += 1;
+                    return Err(oauth_error(400, "invalid_grant", "redirect_uri differs"));
+                }
+                let verifier = params.get("code_verifier").cloned().unwrap_or_default();
+                if s256(&verifier) != record.challenge {
+                    inner.counts.rejected += 1;
+                    return Err(oauth_error(
+                        400,
+                        "invalid_grant",
+                        "code_verifier does not match the code_challenge",
+                    ));
+                }
+                let scope = record.scope.clone();
+                let token = inner.new_refresh_token(&client_id, scope.clone());
+                (scope, Some(token))
+            }
+            Some(crate::provider::DEVICE_CODE_GRANT) => {
+                inner.device_polls.push(now);
+                let code = params.get("device_code").cloned().unwrap_or_default();
+                if !inner.devices.contains_key(&code) {
+                    inner.counts.rejected += 1;
+                    return Err(oauth_error(400, "invalid_grant", "unknown device_code"));
+                }
+                match inner.device_script.pop_front() {
+                    Some(DevicePoll::Pending) => {
+                        return Err(oauth_error(400, "authorization_pending", "not yet"));
+                    }
+                    Some(DevicePoll::SlowDown) => {
+                        return Err(oauth_error(400, "slow_down", "polling too fast"));
+                    }
+                    Some(DevicePoll::Denied) => {
+                        return Err(oauth_error(400, "access_denied", "the user said no"));
+                    }
+                    Some(DevicePoll::Expired) => {
+                        return Err(oauth_error(400, "expired_token", "too late"));
+                    }
+                    None => {}
+                }
+                let device = inner.devices.get_mut(&code).expect("checked above");
+                if !device.approved {
+                    return Err(oauth_error(400, "authorization_pending", "not yet"));
+                }
+                if device.used || device.client_id != client_id {
+                    inner.counts.rejected += 1;
+                    return Err(oauth_error(400, "invalid_grant", "device_code used"));
+                }
+                device.used = true;
+                let scope = device.scope.clone();
+                let token = inner.new_refresh_token(&client_id, scope.clone());
+                (scope, Some(token))
             }
             _ => {
                 inner.counts.rejected += 1;
@@ -431,6 +636,50 @@ impl FakeProvider {
 }
 
 impl Inner {
+    fn new_refresh_token(&mut self, client_id: &str, scope: Option<String>) -> String {
+        let token = self.mint("rt");
+        self.refresh_tokens.insert(
+            token.clone(),
+            RefreshRecord {
+                client_id: client_id.into(),
+                scope,
+                replaced_at: None,
+            },
+        );
+        token
+    }
+
+    fn redirect_uri_registered(&self, client_id: &str, uri: &str) -> bool {
+        let Ok(presented) = url::Url::parse(uri) else {
+            return false;
+        };
+        self.redirect_uris
+            .get(client_id)
+            .into_iter()
+            .flatten()
+            .any(|registered| {
+                if registered == uri {
+                    return true;
+                }
+                let Ok(r) = url::Url::parse(registered) else {
+                    return false;
+                };
+                // RFC 8252 §7.3: any port for a loopback IP literal.
+                r.scheme() == "http"
+                    && presented.scheme() == "http"
+                    && matches!(r.host_str(), Some("127.0.0.1" | "[::1]"))
+                    && r.host_str() == presented.host_str()
+                    && r.path() == presented.path()
+                    && r.query() == presented.query()
+            })
+    }
+
+    fn base(&self) -> String {
+        self.base_url
+            .clone()
+            .unwrap_or_else(|| "http://127.0.0.1".into())
+    }
+
     fn mint(&mut self, kind: &str) -> String {
         self.serial += 1;
         let noise: u64 = rand::rng().random();
@@ -543,6 +792,151 @@ async fn token_endpoint(
         }
         Err(reject) => reject_response(reject),
     }
+}
+
+/// RFC 7636 §4.2: BASE64URL(SHA256(verifier)).
+fn s256(verifier: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
+}
+
+/// `GET /authorize` (RFC 6749 §4.1.1, RFC 7636 §4.3): the user is taken to have logged
+/// in and consented at once. Errors about the client or redirect URI are shown to the
+/// user (never redirected, §4.1.2.1); the others go back to the redirect URI.
+async fn authorize(
+    State(provider): State<FakeProvider>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let mut inner = provider.lock();
+    let client_id = q.get("client_id").cloned().unwrap_or_default();
+    if !inner.clients.contains_key(&client_id) {
+        return (StatusCode::BAD_REQUEST, "unknown client_id").into_response();
+    }
+    let redirect_uri = q.get("redirect_uri").cloned().unwrap_or_default();
+    if !inner.redirect_uri_registered(&client_id, &redirect_uri) {
+        return (
+            StatusCode::BAD_REQUEST,
+            "redirect_uri is not registered for this client",
+        )
+            .into_response();
+    }
+    let back = |pairs: &[(&str, &str)]| {
+        let mut url = url::Url::parse(&redirect_uri).expect("checked when registered");
+        {
+            let mut query = url.query_pairs_mut();
+            for (k, v) in pairs {
+                query.append_pair(k, v);
+            }
+            if let Some(state) = q.get("state") {
+                query.append_pair("state", state);
+            }
+        }
+        (StatusCode::FOUND, [(header::LOCATION, url.to_string())]).into_response()
+    };
+    if q.get("response_type").map(String::as_str) != Some("code") {
+        return back(&[("error", "unsupported_response_type")]);
+    }
+    let challenge = q.get("code_challenge").cloned().unwrap_or_default();
+    if challenge.len() < 43 || q.get("code_challenge_method").map(String::as_str) != Some("S256") {
+        return back(&[
+            ("error", "invalid_request"),
+            ("error_description", "PKCE with S256 is required"),
+        ]);
+    }
+    if std::mem::take(&mut inner.deny_next) {
+        return back(&[("error", "access_denied")]);
+    }
+    let code = inner.mint("code");
+    let scope = q.get("scope").cloned();
+    inner.codes.insert(
+        code.clone(),
+        CodeRecord {
+            client_id,
+            redirect_uri: redirect_uri.clone(),
+            challenge,
+            scope,
+            used: false,
+        },
+    );
+    back(&[("code", &code)])
+}
+
+/// `POST /device_authorization` (RFC 8628 §3.1, §3.2).
+async fn device_authorization(
+    State(provider): State<FakeProvider>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut inner = provider.lock();
+    let (client_id, params) = match provider.authenticate(&mut inner, &headers, &body) {
+        Ok(x) => x,
+        Err(reject) => return reject_response(reject),
+    };
+    let device_code = inner.mint("dc");
+    let n = inner.serial;
+    let user_code = format!("WDJB-{n:04}");
+    inner.devices.insert(
+        device_code.clone(),
+        DeviceRecord {
+            client_id,
+            user_code: user_code.clone(),
+            scope: params.get("scope").cloned(),
+            approved: false,
+            used: false,
+        },
+    );
+    let base = inner.base();
+    Json(json!({
+        "device_code": device_code,
+        "user_code": user_code,
+        "verification_uri": format!("{base}/device"),
+        "verification_uri_complete": format!("{base}/device?user_code={user_code}"),
+        "expires_in": 600,
+        "interval": inner.device_interval,
+    }))
+    .into_response()
+}
+
+/// `POST /revoke` (RFC 7009 §2): the token dies; unknown tokens are fine too (§2.2).
+async fn revoke(State(provider): State<FakeProvider>, headers: HeaderMap, body: Bytes) -> Response {
+    let mut inner = provider.lock();
+    let (client_id, params) = match provider.authenticate(&mut inner, &headers, &body) {
+        Ok(x) => x,
+        Err(reject) => return reject_response(reject),
+    };
+    let token = params.get("token").cloned().unwrap_or_default();
+    let owned = inner
+        .refresh_tokens
+        .get(&token)
+        .is_some_and(|r| r.client_id == client_id);
+    if owned {
+        inner.refresh_tokens.remove(&token);
+    }
+    inner.access_tokens.remove(&token);
+    inner.revoked.push(token);
+    StatusCode::OK.into_response()
+}
+
+/// `GET /.well-known/oauth-authorization-server` (RFC 8414 §3.2).
+async fn metadata(State(provider): State<FakeProvider>) -> Response {
+    let inner = provider.lock();
+    let Some(base) = inner.base_url.clone() else {
+        return (StatusCode::NOT_FOUND, "no base URL set").into_response();
+    };
+    if !inner.metadata_up {
+        return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+    }
+    Json(json!({
+        "issuer": base,
+        "authorization_endpoint": format!("{base}/authorize"),
+        "token_endpoint": format!("{base}/token"),
+        "device_authorization_endpoint": format!("{base}/device_authorization"),
+        "revocation_endpoint": format!("{base}/revoke"),
+        "scopes_supported": ["openid", "offline_access", "accounts:read"],
+        "response_types_supported": ["code"],
+        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials", crate::provider::DEVICE_CODE_GRANT],
+        "code_challenge_methods_supported": ["S256"],
+    }))
+    .into_response()
 }
 
 async fn whoami(State(provider): State<FakeProvider>, headers: HeaderMap) -> Response {

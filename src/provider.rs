@@ -1,7 +1,9 @@
-//! The token-endpoint client: builds grant requests (RFC 6749 §4.4, §6) with the account's
-//! client authentication (§2.3.1) and body format, parses responses leniently where real
-//! providers differ (§5.1) and keeps failures typed (§5.2, transport, parse) so the retry
-//! policy can match on their kind. It does not decide when to call or what to do next.
+//! The provider client: builds grant requests (RFC 6749 §4.1.3, §4.4, §6; RFC 8628 §3.4),
+//! device authorization (RFC 8628 §3.1) and revocation (RFC 7009) requests with the
+//! account's client authentication (§2.3.1) and body format, fetches metadata documents,
+//! parses responses leniently where real providers differ (§5.1) and keeps failures typed
+//! (§5.2, transport, parse) so the retry policy can match on their kind. It does not
+//! decide when to call or what to do next.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -16,22 +18,105 @@ use serde_json::Value;
 use tower::ServiceExt;
 use zeroize::Zeroize;
 
+use reqwest::Url;
+
 use crate::config::{AccountConfig, CaBundle, ClientAuth, RequestFormat};
 use crate::secret::Secret;
 
-/// What the daemon asks the token endpoint for.
+/// What tokend asks the token endpoint for.
 #[derive(Debug, Clone, Copy)]
 pub enum TokenGrant<'a> {
+    /// RFC 6749 §6.
     RefreshToken(&'a Secret),
+    /// RFC 6749 §4.4.
     ClientCredentials,
+    /// RFC 6749 §4.1.3, with the PKCE verifier of RFC 7636 §4.5.
+    AuthorizationCode {
+        code: &'a Secret,
+        redirect_uri: &'a str,
+        code_verifier: &'a Secret,
+    },
+    /// RFC 8628 §3.4.
+    DeviceCode(&'a Secret),
 }
+
+/// RFC 8628 §3.4's grant type.
+pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 
 impl TokenGrant<'_> {
     pub fn as_str(&self) -> &'static str {
         match self {
             TokenGrant::RefreshToken(_) => "refresh_token",
             TokenGrant::ClientCredentials => "client_credentials",
+            TokenGrant::AuthorizationCode { .. } => "authorization_code",
+            TokenGrant::DeviceCode(_) => DEVICE_CODE_GRANT,
         }
+    }
+
+    /// The grant's own parameters, `grant_type` first.
+    fn params(&self) -> Vec<(&'static str, &str)> {
+        let mut params = vec![("grant_type", self.as_str())];
+        match self {
+            TokenGrant::RefreshToken(rt) => params.push(("refresh_token", rt.expose())),
+            TokenGrant::ClientCredentials => {}
+            TokenGrant::AuthorizationCode {
+                code,
+                redirect_uri,
+                code_verifier,
+            } => {
+                params.push(("code", code.expose()));
+                params.push(("redirect_uri", redirect_uri));
+                params.push(("code_verifier", code_verifier.expose()));
+            }
+            TokenGrant::DeviceCode(dc) => params.push(("device_code", dc.expose())),
+        }
+        params
+    }
+
+    /// The secrets the grant carries, scrubbed from any error text.
+    fn secrets(&self) -> Vec<&Secret> {
+        match self {
+            TokenGrant::RefreshToken(rt) => vec![rt],
+            TokenGrant::ClientCredentials => vec![],
+            TokenGrant::AuthorizationCode {
+                code,
+                code_verifier,
+                ..
+            } => vec![code, code_verifier],
+            TokenGrant::DeviceCode(dc) => vec![dc],
+        }
+    }
+
+    /// The configured scope goes with the grants that request one (RFC 6749 §4.4.2,
+    /// §6); the code and device grants carry the scope their authorization fixed.
+    fn sends_scope(&self) -> bool {
+        matches!(
+            self,
+            TokenGrant::RefreshToken(_) | TokenGrant::ClientCredentials
+        )
+    }
+}
+
+/// A device authorization response (RFC 8628 §3.2).
+pub struct DeviceAuthorization {
+    pub device_code: Secret,
+    pub user_code: String,
+    pub verification_uri: String,
+    pub verification_uri_complete: Option<String>,
+    pub expires_in: Duration,
+    /// Least time between polls; 5 s when the provider names none.
+    pub interval: Duration,
+}
+
+impl fmt::Debug for DeviceAuthorization {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceAuthorization")
+            .field("device_code", &self.device_code)
+            .field("user_code", &self.user_code)
+            .field("verification_uri", &self.verification_uri)
+            .field("expires_in", &self.expires_in)
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
     }
 }
 
@@ -90,31 +175,33 @@ impl RetryAfter {
     }
 }
 
-/// Why a token request failed. Messages never contain a secret: bodies are scrubbed of
-/// every secret the request carried.
+/// Why a request to the provider failed. Messages never contain a secret: bodies are
+/// scrubbed of every secret the request carried.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProviderError {
-    #[error("cannot reach the token endpoint: {0}")]
+    #[error("cannot reach the provider: {0}")]
     Transport(String),
-    #[error("the token endpoint did not answer within {}", humantime::format_duration(*.0))]
+    #[error("the provider did not answer within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
-    #[error("the token endpoint answered HTTP {status} with OAuth error {error:?}{}", describe(.description))]
+    #[error("the provider answered HTTP {status} with OAuth error {error:?}{}", describe(.description))]
     OAuth {
         status: u16,
         error: String,
         description: Option<String>,
         retry_after: Option<RetryAfter>,
     },
-    #[error("the token endpoint answered HTTP {status} ({detail})")]
+    #[error("the provider answered HTTP {status} ({detail})")]
     Http {
         status: u16,
         detail: String,
         retry_after: Option<RetryAfter>,
     },
-    #[error("the token endpoint's answer is not a usable token response: {0}")]
+    #[error("the provider's answer is not usable: {0}")]
     Malformed(String),
-    #[error("the token endpoint's answer is larger than {0} bytes")]
+    #[error("the provider's answer is larger than {0} bytes")]
     TooLarge(usize),
+    #[error("no {0} is configured or discovered for this account")]
+    NoEndpoint(&'static str),
 }
 
 fn describe(description: &Option<String>) -> String {
@@ -142,6 +229,7 @@ impl ProviderError {
             | ProviderError::Timeout(_)
             | ProviderError::Malformed(_)
             | ProviderError::TooLarge(_) => ErrorClass::Transient,
+            ProviderError::NoEndpoint(_) => ErrorClass::Permanent,
             ProviderError::Http { status, .. } => {
                 if is_transient_status(*status) {
                     ErrorClass::Transient
@@ -248,12 +336,8 @@ impl Provider {
         }
     }
 
-    fn host_limit(&self, account: &AccountConfig) -> Arc<tokio::sync::Semaphore> {
-        let host = format!(
-            "{}://{}",
-            account.token_url.scheme(),
-            account.token_url.authority()
-        );
+    fn host_limit(&self, url: &Url) -> Arc<tokio::sync::Semaphore> {
+        let host = format!("{}://{}", url.scheme(), url.authority());
         let mut map = self.in_flight.lock().expect("host limit lock");
         map.entry(host)
             .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PER_HOST)))
@@ -279,54 +363,154 @@ impl Provider {
         account: &AccountConfig,
         grant: TokenGrant<'_>,
     ) -> Result<TokenResponse, ProviderError> {
-        let mut request = build_request(account, grant);
-        let mut secrets: Vec<&Secret> = Vec::new();
-        if let Some(s) = &account.client_secret {
-            secrets.push(s);
+        let url = account
+            .token_url
+            .as_ref()
+            .ok_or(ProviderError::NoEndpoint("token_url"))?;
+        let mut params = grant.params();
+        if grant.sends_scope()
+            && let Some(scope) = &account.scope
+        {
+            params.push(("scope", scope));
         }
-        if let TokenGrant::RefreshToken(rt) = grant {
-            secrets.push(rt);
+        let mut secrets = grant.secrets();
+        secrets.extend(account.client_secret.as_ref());
+        let request = build_request(account, params, true);
+        let (status, headers, body) = self.exchange(account, url, Some(request)).await?;
+        parse_response(status, &headers, &body, &secrets)
+    }
+
+    /// RFC 8628 §3.1: asks for a device code and a user code.
+    pub async fn device_authorization(
+        &self,
+        account: &AccountConfig,
+    ) -> Result<DeviceAuthorization, ProviderError> {
+        let url = account
+            .endpoints
+            .device_authorization
+            .as_ref()
+            .ok_or(ProviderError::NoEndpoint("device_authorization_endpoint"))?;
+        let mut params = Vec::new();
+        if let Some(scope) = &account.scope {
+            params.push(("scope", scope.as_str()));
         }
+        let secrets: Vec<&Secret> = account.client_secret.iter().collect();
+        let request = build_request(account, params, true);
+        let (status, headers, body) = self.exchange(account, url, Some(request)).await?;
+        let mut obj = success_object(status, &headers, &body, &secrets)?;
+        let text = |obj: &mut serde_json::Map<String, Value>, key: &str| match obj.remove(key) {
+            Some(Value::String(s)) if !s.is_empty() => Some(s),
+            _ => None,
+        };
+        let missing = |key: &str| ProviderError::Malformed(format!("the response has no {key}"));
+        let device_code = text(&mut obj, "device_code").ok_or_else(|| missing("device_code"))?;
+        let user_code = text(&mut obj, "user_code").ok_or_else(|| missing("user_code"))?;
+        // Google and a few others say verification_url.
+        let verification_uri = text(&mut obj, "verification_uri")
+            .or_else(|| text(&mut obj, "verification_url"))
+            .ok_or_else(|| missing("verification_uri"))?;
+        Ok(DeviceAuthorization {
+            device_code: Secret::new(device_code),
+            user_code,
+            verification_uri,
+            verification_uri_complete: text(&mut obj, "verification_uri_complete"),
+            // Required by §3.2; a provider that omits it gets half an hour.
+            expires_in: obj
+                .get("expires_in")
+                .and_then(seconds)
+                .unwrap_or(Duration::from_secs(1800)),
+            interval: obj
+                .get("interval")
+                .and_then(seconds)
+                .filter(|d| !d.is_zero())
+                .unwrap_or(Duration::from_secs(5)),
+        })
+    }
+
+    /// RFC 7009 §2.1: revokes a refresh token. Success is any 2xx (§2.2: also for a
+    /// token the provider no longer knows).
+    pub async fn revoke(
+        &self,
+        account: &AccountConfig,
+        refresh_token: &Secret,
+    ) -> Result<(), ProviderError> {
+        let url = account
+            .endpoints
+            .revocation
+            .as_ref()
+            .ok_or(ProviderError::NoEndpoint("revocation_endpoint"))?;
+        let params = vec![
+            ("token", refresh_token.expose()),
+            ("token_type_hint", "refresh_token"),
+        ];
+        let mut secrets = vec![refresh_token];
+        secrets.extend(account.client_secret.as_ref());
+        let request = build_request(account, params, false);
+        let (status, headers, body) = self.exchange(account, url, Some(request)).await?;
+        if let Some(e) = error_answer(status, &headers, &body, &secrets) {
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// GETs a JSON document (discovery metadata) with the account's limits and trust.
+    pub async fn get_json(
+        &self,
+        account: &AccountConfig,
+        url: &Url,
+    ) -> Result<serde_json::Map<String, Value>, ProviderError> {
+        let (status, headers, body) = self.exchange(account, url, None).await?;
+        success_object(status, &headers, &body, &[])
+    }
+
+    /// One exchange: a POST of `request`, or a GET without one. The whole exchange, body
+    /// included, is bounded by the account's timeout and response-size limit.
+    async fn exchange(
+        &self,
+        account: &AccountConfig,
+        url: &Url,
+        mut request: Option<PreparedRequest>,
+    ) -> Result<RawResponse, ProviderError> {
         let limit = account.limits.max_response_bytes;
         let timeout = account.limits.timeout;
         let exchange = async {
             match &self.transport {
                 Transport::Http(clients) => {
                     let client = clients.client(account)?;
-                    send_http(&client, account, &request, limit).await
+                    send_http(&client, url, request.as_ref(), limit).await
                 }
                 Transport::InProcess(router) => {
-                    send_in_process(router, account, &request, limit).await
+                    send_in_process(router, url, request.as_ref(), limit).await
                 }
             }
         };
         // Waiting for a slot is not part of the exchange's timeout.
-        let host_slots = self.host_limit(account);
+        let host_slots = self.host_limit(url);
         let _slot = host_slots
             .acquire()
             .await
             .expect("the semaphore is never closed");
         let outcome = tokio::time::timeout(timeout, exchange).await;
-        request.body.zeroize();
-        let (status, headers, body) = outcome.map_err(|_| ProviderError::Timeout(timeout))??;
-        parse_response(status, &headers, &body, &secrets)
+        if let Some(r) = request.as_mut() {
+            r.body.zeroize();
+        }
+        outcome.map_err(|_| ProviderError::Timeout(timeout))?
     }
 }
 
-/// A token request ready to send: the body holds secrets and is zeroized after use.
+/// A request ready to send: the body holds secrets and is zeroized after use.
 struct PreparedRequest {
     headers: HeaderMap,
     body: Vec<u8>,
 }
 
-fn build_request(account: &AccountConfig, grant: TokenGrant<'_>) -> PreparedRequest {
-    let mut params: Vec<(&str, &str)> = vec![("grant_type", grant.as_str())];
-    if let TokenGrant::RefreshToken(rt) = grant {
-        params.push(("refresh_token", rt.expose()));
-    }
-    if let Some(scope) = &account.scope {
-        params.push(("scope", scope));
-    }
+/// Adds the account's client authentication (and, with `extra`, its `extra_params`) to
+/// `params` and encodes them in the account's request format.
+fn build_request<'a>(
+    account: &'a AccountConfig,
+    mut params: Vec<(&'a str, &'a str)>,
+    extra: bool,
+) -> PreparedRequest {
     let mut headers = HeaderMap::new();
     match account.client_auth {
         ClientAuth::ClientSecretPost => {
@@ -340,8 +524,10 @@ fn build_request(account: &AccountConfig, grant: TokenGrant<'_>) -> PreparedRequ
             headers.insert(AUTHORIZATION, basic_auth(&account.client_id, secret));
         }
     }
-    for (k, v) in &account.extra_params {
-        params.push((k, v));
+    if extra {
+        for (k, v) in &account.extra_params {
+            params.push((k, v));
+        }
     }
     let body = match account.request_format {
         RequestFormat::Form => {
@@ -397,14 +583,21 @@ type RawResponse = (StatusCode, HeaderMap, Vec<u8>);
 
 async fn send_http(
     client: &reqwest::Client,
-    account: &AccountConfig,
-    request: &PreparedRequest,
+    url: &Url,
+    request: Option<&PreparedRequest>,
     limit: usize,
 ) -> Result<RawResponse, ProviderError> {
-    let mut response = client
-        .post(account.token_url.clone())
-        .headers(request.headers.clone())
-        .body(request.body.clone())
+    let builder = match request {
+        Some(request) => client
+            .post(url.clone())
+            .headers(request.headers.clone())
+            .body(request.body.clone()),
+        None => client
+            .get(url.clone())
+            .header(ACCEPT, "application/json")
+            .header(USER_AGENT, concat!("tokend/", env!("CARGO_PKG_VERSION"))),
+    };
+    let mut response = builder
         .send()
         .await
         .map_err(|e| ProviderError::Transport(transport_message(&e)))?;
@@ -451,17 +644,25 @@ fn transport_message(e: &reqwest::Error) -> String {
 
 async fn send_in_process(
     router: &axum::Router,
-    account: &AccountConfig,
-    request: &PreparedRequest,
+    url: &Url,
+    request: Option<&PreparedRequest>,
     limit: usize,
 ) -> Result<RawResponse, ProviderError> {
-    let mut builder = http::Request::post(account.token_url.path());
-    for (k, v) in &request.headers {
-        builder = builder.header(k, v);
+    let path = match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_string(),
+    };
+    let req = match request {
+        Some(request) => {
+            let mut builder = http::Request::post(path);
+            for (k, v) in &request.headers {
+                builder = builder.header(k, v);
+            }
+            builder.body(axum::body::Body::from(request.body.clone()))
+        }
+        None => http::Request::get(path).body(axum::body::Body::empty()),
     }
-    let req = builder
-        .body(axum::body::Body::from(request.body.clone()))
-        .map_err(|e| ProviderError::Transport(e.to_string()))?;
+    .map_err(|e| ProviderError::Transport(e.to_string()))?;
     let response = router
         .clone()
         .oneshot(req)
@@ -477,17 +678,16 @@ async fn send_in_process(
     Ok((parts.status, parts.headers, body))
 }
 
-/// Turns the provider's answer into a token or a typed error.
-pub fn parse_response(
+/// The error an answer carries, if it is one: an OAuth error (§5.2) with any status,
+/// even 200 from lax providers, or a non-2xx status.
+fn error_answer(
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
     secrets: &[&Secret],
-) -> Result<TokenResponse, ProviderError> {
+) -> Option<ProviderError> {
     let retry_after = headers.get(RETRY_AFTER).and_then(RetryAfter::parse);
     let json: Option<serde_json::Map<String, Value>> = serde_json::from_slice(body).ok();
-
-    // An OAuth error (§5.2) may come with any status, even 200 from lax providers.
     if let Some(obj) = &json
         && let Some(Value::String(error)) = obj.get("error")
     {
@@ -495,26 +695,46 @@ pub fn parse_response(
             .get("error_description")
             .and_then(Value::as_str)
             .map(|d| scrub(d, secrets));
-        return Err(ProviderError::OAuth {
+        return Some(ProviderError::OAuth {
             status: status.as_u16(),
             error: scrub(error, secrets),
             description,
             retry_after,
         });
     }
-    if !status.is_success() {
-        return Err(ProviderError::Http {
-            status: status.as_u16(),
-            detail: body_summary(headers, body, secrets),
-            retry_after,
-        });
+    (!status.is_success()).then(|| ProviderError::Http {
+        status: status.as_u16(),
+        detail: body_summary(headers, body, secrets),
+        retry_after,
+    })
+}
+
+/// A successful answer's JSON object, or the typed error.
+fn success_object(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    secrets: &[&Secret],
+) -> Result<serde_json::Map<String, Value>, ProviderError> {
+    if let Some(e) = error_answer(status, headers, body, secrets) {
+        return Err(e);
     }
-    let Some(mut obj) = json else {
-        return Err(ProviderError::Malformed(format!(
+    serde_json::from_slice(body).map_err(|_| {
+        ProviderError::Malformed(format!(
             "expected a JSON object, got {}",
             body_summary(headers, body, secrets)
-        )));
-    };
+        ))
+    })
+}
+
+/// Turns the provider's answer into a token or a typed error.
+pub fn parse_response(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    secrets: &[&Secret],
+) -> Result<TokenResponse, ProviderError> {
+    let mut obj = success_object(status, headers, body, secrets)?;
 
     let access_token = match obj.remove("access_token") {
         Some(Value::String(s)) if !s.is_empty() => Secret::new(s),

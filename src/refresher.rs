@@ -1,7 +1,9 @@
 //! One task per account: sleeps until the next refresh (or retry, or save retry), serves
 //! readers' demands, and on each refresh does, in this order: mark the rotation in flight
 //! → call the provider → persist the new state → publish the new token. Timing comes from
-//! `schedule`; expiry is judged on the wall clock and re-planned when it jumps.
+//! `schedule`; expiry is judged on the wall clock and re-planned when it jumps. At start
+//! it applies a pending handoff (`tokend login`/`import`/`logout`), and an account that
+//! names only its `issuer` discovers its token endpoint before its first refresh.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,7 +19,7 @@ use crate::config::{AccountConfig, Grant};
 use crate::provider::{ErrorClass, Provider, TokenGrant, jwt_exp};
 use crate::schedule;
 use crate::sinks;
-use crate::store::{AccessToken, State, Store, StoreError};
+use crate::store::{AccessToken, Handoff, State, Store, StoreError};
 use crate::token_cell::{AccountHandle, Demand, DemandError, Served, Snapshot, Status};
 
 /// Everything a refresher needs from outside.
@@ -107,6 +109,21 @@ impl Refresher {
             }
         };
         let now = deps.clock.now();
+        let mut logged_out = false;
+        let loaded = if unreadable.is_none() {
+            match apply_handoff(&config, deps.store.as_ref(), loaded, now).await {
+                Ok((state, out)) => {
+                    logged_out = out;
+                    state
+                }
+                Err((state, e)) => {
+                    load_error = Some(e);
+                    state
+                }
+            }
+        } else {
+            loaded
+        };
         let mut r = Refresher {
             config: config.clone(),
             handle: handle.clone(),
@@ -137,6 +154,14 @@ impl Refresher {
             return (r, handle);
         }
         r.adopt_seed(now);
+        if logged_out && r.state.refresh_token.is_none() {
+            let reason = format!(
+                "logged out (tokend logout): run `tokend login {}` to authorize the account again",
+                config.name
+            );
+            r.needs_reauth = Some(reason.clone());
+            r.last_error = Some(reason);
+        }
         if r.state.refresh_in_flight_since.is_some() {
             warn!(account = %name, "the last run stopped with a refresh in flight; retrying at once with the stored refresh token");
             r.recovering_crash = true;
@@ -177,7 +202,7 @@ impl Refresher {
         }
         if self.state.refresh_token.is_none() {
             let reason = format!(
-                "no refresh token: set accounts.{}.refresh_token in the config",
+                "no refresh token: run `tokend login {0}` (or `tokend import {0}`), or set accounts.{0}.refresh_token in the config",
                 self.config.name
             );
             self.needs_reauth = Some(reason.clone());
@@ -369,6 +394,11 @@ impl Refresher {
         };
         self.refreshing = true;
         self.publish();
+        if self.config.token_url.is_none() && !self.discover().await {
+            self.refreshing = false;
+            self.publish();
+            return false;
+        }
 
         // A crash between the provider rotating the refresh token and our save would lose
         // it; the mark lets the next start know to retry at once, inside the provider's
@@ -381,7 +411,8 @@ impl Refresher {
 
         let started = Instant::now();
         self.last_call = Some(started);
-        debug!(account = %name, grant = grant.as_str(), url = %self.config.token_url, "requesting a token");
+        let url = self.config.token_url.as_ref().map(|u| u.as_str());
+        debug!(account = %name, grant = grant.as_str(), url = url.unwrap_or("-"), "requesting a token");
         let result = self.deps.provider.request_token(&self.config, grant).await;
         let elapsed = started.elapsed();
         self.refreshing = false;
@@ -457,17 +488,16 @@ impl Refresher {
             Err(e) => {
                 self.attempt = self.attempt.saturating_add(1);
                 let retry_after = e.retry_after().map(|ra| ra.delay_from(now));
-                let policy = &self.config.refresh;
                 let message = e.to_string();
                 match e.class() {
                     ErrorClass::InvalidGrant if rotating => {
                         let reason = if self.recovering_crash || self.rotation_uncertain {
                             format!(
-                                "the provider rejected the refresh token ({message}) after a refresh was interrupted (crash or lost response): the rotated refresh token was lost; re-authorize the account and set a new refresh_token"
+                                "the provider rejected the refresh token ({message}) after a refresh was interrupted (crash or lost response): the rotated refresh token was lost; re-authorize the account (tokend login {name})"
                             )
                         } else {
                             format!(
-                                "the provider rejected the refresh token ({message}); re-authorize the account and set a new refresh_token"
+                                "the provider rejected the refresh token ({message}); re-authorize the account (tokend login {name})"
                             )
                         };
                         crate::metrics::record_refresh(name.as_str(), "needs_reauth", elapsed);
@@ -476,40 +506,19 @@ impl Refresher {
                         self.last_error = Some(reason);
                         self.retry_at = None;
                     }
-                    ErrorClass::Transient => {
+                    class => {
                         // Only an OAuth error is a definitive "not done"; after anything
                         // else the provider may have rotated the token.
-                        self.rotation_uncertain |= rotating && e.oauth_error().is_none();
-                        let delay = schedule::backoff(
-                            self.attempt - 1,
-                            policy,
-                            rand::random(),
-                            retry_after,
-                        );
-                        crate::metrics::record_refresh(name.as_str(), "transient_error", elapsed);
-                        warn!(account = %name, outcome = "transient_error", error = %message, attempt = self.attempt, retry_in_ms = delay.as_millis() as u64, "refresh failed; retrying");
-                        self.retry_at = Some(now + delay);
-                        self.last_error = Some(message);
-                    }
-                    ErrorClass::InvalidGrant | ErrorClass::Permanent => {
-                        let delay = schedule::backoff(
-                            self.attempt - 1,
-                            policy,
-                            rand::random(),
-                            retry_after,
-                        )
-                        // Jittered so accounts failing together do not retry together.
-                        .max(policy.slow_retry.mul_f64(1.0 + 0.1 * rand::random::<f64>()));
+                        if class == ErrorClass::Transient {
+                            self.rotation_uncertain |= rotating && e.oauth_error().is_none();
+                        }
                         let hint = match e.oauth_error() {
                             Some("invalid_client") => {
                                 " (check client_id, client_secret and client_auth)"
                             }
                             _ => "",
                         };
-                        crate::metrics::record_refresh(name.as_str(), "permanent_error", elapsed);
-                        error!(account = %name, outcome = "permanent_error", error = %message, retry_in_s = delay.as_secs(), "refresh rejected{hint}; retrying slowly");
-                        self.retry_at = Some(now + delay);
-                        self.last_error = Some(format!("{message}{hint}"));
+                        self.retry_later(class, retry_after, message, hint, elapsed);
                     }
                 }
                 // An OAuth error answer means the provider did not rotate anything: the
@@ -559,6 +568,54 @@ impl Refresher {
             ..Snapshot::pending()
         }
         .refresh_token_warning(now)
+    }
+
+    /// Plans the retry after a failure: transient ones with backoff, others slowly.
+    fn retry_later(
+        &mut self,
+        class: ErrorClass,
+        retry_after: Option<Duration>,
+        message: String,
+        hint: &str,
+        elapsed: Duration,
+    ) {
+        let name = self.config.name.clone();
+        let now = self.deps.clock.now();
+        let policy = &self.config.refresh;
+        if class == ErrorClass::Transient {
+            let delay = schedule::backoff(self.attempt - 1, policy, rand::random(), retry_after);
+            crate::metrics::record_refresh(name.as_str(), "transient_error", elapsed);
+            warn!(account = %name, outcome = "transient_error", error = %message, attempt = self.attempt, retry_in_ms = delay.as_millis() as u64, "refresh failed; retrying");
+            self.retry_at = Some(now + delay);
+            self.last_error = Some(message);
+        } else {
+            let delay = schedule::backoff(self.attempt - 1, policy, rand::random(), retry_after)
+                // Jittered so accounts failing together do not retry together.
+                .max(policy.slow_retry.mul_f64(1.0 + 0.1 * rand::random::<f64>()));
+            crate::metrics::record_refresh(name.as_str(), "permanent_error", elapsed);
+            error!(account = %name, outcome = "permanent_error", error = %message, retry_in_s = delay.as_secs(), "refresh rejected{hint}; retrying slowly");
+            self.retry_at = Some(now + delay);
+            self.last_error = Some(format!("{message}{hint}"));
+        }
+    }
+
+    /// Fills the token endpoint from the issuer's metadata. On failure the account keeps
+    /// serving nothing new and retries like a failed refresh.
+    async fn discover(&mut self) -> bool {
+        let started = Instant::now();
+        match crate::discovery::discover(&self.deps.provider, &self.config).await {
+            Ok(resolved) => {
+                info!(account = %self.config.name, token_url = resolved.token_url.as_ref().map(|u| u.as_str()).unwrap_or("-"), "discovered the provider's endpoints");
+                self.config = Arc::new(resolved);
+                true
+            }
+            Err(e) => {
+                self.attempt = self.attempt.saturating_add(1);
+                let message = format!("discovery failed: {e}");
+                self.retry_later(e.class(), None, message, "", started.elapsed());
+                false
+            }
+        }
     }
 
     async fn save(&mut self) {
@@ -615,6 +672,51 @@ impl Refresher {
             refresh_token_expires_at: self.state.refresh_token_expires_at,
         });
     }
+}
+
+/// Applies the account's pending handoff, if any, to the `loaded` state: the new state is
+/// saved (or the record removed) before the handoff is cleared, so a crash in between
+/// applies it again rather than losing it. Returns the state to start from and whether
+/// the handoff was a logout; on failure, the state as it was and the error to show.
+async fn apply_handoff(
+    config: &AccountConfig,
+    store: &dyn Store,
+    loaded: Option<State>,
+    now: SystemTime,
+) -> Result<(Option<State>, bool), (Option<State>, String)> {
+    let name = &config.name;
+    let handoff = match store.load_handoff(name).await {
+        Ok(Some(h)) => h,
+        Ok(None) => return Ok((loaded, false)),
+        Err(e) => {
+            error!(account = %name, error = %e, "cannot read the handoff from tokend login/import/logout");
+            return Err((loaded, e.to_string()));
+        }
+    };
+    let seed_fingerprint = match &config.grant {
+        Grant::RefreshToken { seed: Some(seed) } => Some(seed.fingerprint()),
+        _ => None,
+    };
+    let next = handoff.apply(loaded.as_ref(), seed_fingerprint, now);
+    let written = match &next {
+        Some(state) => store.save(name, state).await,
+        None => store.remove(name).await,
+    };
+    if let Err(e) = written {
+        error!(account = %name, error = %e, "cannot apply the handoff from tokend login/import/logout; it stays pending");
+        return Err((loaded, e.to_string()));
+    }
+    if let Err(e) = store.clear_handoff(name).await {
+        // Applied, but it would be applied again at the next start or reload: say so.
+        error!(account = %name, error = %e, "applied the handoff but cannot delete it; delete it by hand before the next reload");
+    }
+    let logout = handoff == Handoff::Logout;
+    if logout {
+        info!(account = %name, "logged out: the stored refresh token was dropped");
+    } else {
+        info!(account = %name, "adopted the refresh token handed over by tokend login/import");
+    }
+    Ok((next, logout))
 }
 
 pub use crate::token_cell::rfc3339;

@@ -1,6 +1,9 @@
 //! Durable per-account state behind a narrow [`Store`] interface, and the file-backed
 //! implementation: one JSON file per account, written atomically (temp file, fsync,
-//! rename, fsync dir), mode 0600 in a 0700 directory guarded by an exclusive lock.
+//! rename, fsync dir), mode 0600 in a 0700 directory guarded by an exclusive lock. Also
+//! the handoffs through which `tokend login`, `import` and `logout` give an account a
+//! new refresh token (or none): applied directly when no daemon holds the lock, else
+//! left as `<account>.handoff` for the daemon to apply.
 //!
 //! The interface is what a second backend (a shared, distributed store) must provide;
 //! nothing outside this module knows that the state lives in files.
@@ -59,7 +62,12 @@ pub enum StoreError {
     #[error("cannot use state directory {dir}: {source}")]
     Dir { dir: PathBuf, source: io::Error },
     #[error("state directory {dir} is locked by another running tokend ({holder})")]
-    Locked { dir: PathBuf, holder: String },
+    Locked {
+        dir: PathBuf,
+        holder: String,
+        /// The holder's pid, as it wrote it into the lock file.
+        pid: Option<i32>,
+    },
     #[error(
         "state directory {dir} is writable by other users (mode {mode:o}); run chmod 700 on it"
     )]
@@ -91,15 +99,67 @@ pub enum StoreError {
     },
 }
 
+/// What `tokend login`, `import` or `logout` hands to an account.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Handoff {
+    /// A refresh token obtained outside the daemon: it replaces the stored one.
+    RefreshToken(Secret),
+    /// The account was logged out: its refresh token is gone.
+    Logout,
+}
+
+impl Handoff {
+    /// The account's state once the handoff is applied to `current`; `None` means no
+    /// record at all. `seed_fingerprint` is that of the config's seed refresh token, if
+    /// any: kept in the state so that seed does not replace the handed-over token (or
+    /// come back after a logout) at the next start. The access token and the in-flight
+    /// mark belong to the old chain and go.
+    pub fn apply(
+        &self,
+        current: Option<&State>,
+        seed_fingerprint: Option<String>,
+        now: SystemTime,
+    ) -> Option<State> {
+        match self {
+            Handoff::RefreshToken(rt) => Some(State {
+                refresh_token: Some(rt.clone()),
+                seed_fingerprint,
+                refresh_token_issued_at: Some(now),
+                refresh_token_expires_at: None,
+                access: None,
+                refresh_in_flight_since: None,
+                last_refresh: current.and_then(|s| s.last_refresh),
+            }),
+            Handoff::Logout => seed_fingerprint.map(|fp| State {
+                seed_fingerprint: Some(fp),
+                ..State::default()
+            }),
+        }
+    }
+}
+
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// Durable state, one record per account. `save` returns only once the record is durable;
 /// a failed `save` leaves the previous record intact.
+///
+/// A backend also carries handoffs: at most one pending [`Handoff`] per account, put
+/// there by `tokend login`/`import`/`logout` while the daemon runs. The daemon applies
+/// one by `load_handoff` → `save` (or `remove`) → `clear_handoff`, in that order, so a
+/// crash in between loses nothing (the handoff is applied again).
 pub trait Store: Send + Sync + 'static {
     fn load<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<State>>;
     fn save<'a>(&'a self, account: &'a AccountName, state: &'a State) -> StoreFuture<'a, ()>;
+    /// Deletes the account's record; no record is not an error.
+    fn remove<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()>;
     /// Where the account's record lives, for humans (`tokend check`, errors).
     fn location(&self, account: &AccountName) -> String;
+    /// Whether a handoff waits for the account (cheap: asked on every reload).
+    fn has_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, bool>;
+    /// The pending handoff, if any. It stays pending until `clear_handoff`.
+    fn load_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<Handoff>>;
+    /// Drops the pending handoff once it has been applied; none is not an error.
+    fn clear_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()>;
 }
 
 /// The file-backed store. Holding it holds the state directory's lock.
@@ -164,14 +224,17 @@ impl FileStore {
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
-                let holder = fs::read_to_string(&lock_path)
+                let text = fs::read_to_string(&lock_path)
                     .ok()
                     .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .map_or_else(|| "pid unknown".to_string(), |pid| format!("pid {pid}"));
+                    .filter(|s| !s.is_empty());
+                let pid = text.as_deref().and_then(|t| t.parse().ok());
+                let holder =
+                    text.map_or_else(|| "pid unknown".to_string(), |pid| format!("pid {pid}"));
                 return Err(StoreError::Locked {
                     dir: dir.to_path_buf(),
                     holder,
+                    pid,
                 });
             }
             Err(fs::TryLockError::Error(e)) => return Err(dir_err(e)),
@@ -189,6 +252,124 @@ impl FileStore {
     pub fn path(&self, account: &AccountName) -> PathBuf {
         state_path(&self.dir, account)
     }
+}
+
+/// Runs blocking file work off the async threads; a panic there is an I/O error.
+async fn run_blocking<T: Send + 'static>(
+    account: AccountName,
+    path: PathBuf,
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|join| {
+        Err(StoreError::Read {
+            account,
+            path,
+            source: io::Error::other(join.to_string()),
+        })
+    })
+}
+
+/// The handoff file of `account` in `dir`.
+pub fn handoff_path(dir: &Path, account: &AccountName) -> PathBuf {
+    dir.join(format!("{account}.handoff"))
+}
+
+/// What became of a handoff given to [`deliver_handoff`].
+#[derive(Debug)]
+pub enum Delivery {
+    /// No daemon held the state directory: the state was changed directly; this is the
+    /// account's record now (`None`: no record).
+    Applied(Option<State>),
+    /// A daemon holds the state directory: the handoff waits in `path` for it to apply;
+    /// `pid` is the daemon's, from its lock file.
+    Pending { path: PathBuf, pid: Option<i32> },
+}
+
+/// Gives `handoff` to `account`: applied to its state at once when the state directory
+/// is free (the lock is held meanwhile, so no daemon starts in between), else written as
+/// a handoff file for the daemon that holds it. `seed_fingerprint` as in
+/// [`Handoff::apply`]. Files are written the way the store writes state: atomically,
+/// mode 0600, sealed when `keyring` is set.
+pub async fn deliver_handoff(
+    dir: &Path,
+    keyring: Option<Keyring>,
+    account: &AccountName,
+    handoff: &Handoff,
+    seed_fingerprint: Option<String>,
+    now: SystemTime,
+) -> Result<Delivery, StoreError> {
+    match FileStore::open_sealed(dir, keyring.clone()) {
+        Ok(store) => {
+            let current = match store.load(account).await {
+                Ok(state) => state,
+                // Moved aside by the load, for a human; the handoff replaces it anyway.
+                Err(StoreError::Corrupt { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            let next = handoff.apply(current.as_ref(), seed_fingerprint, now);
+            match &next {
+                Some(state) => store.save(account, state).await?,
+                None => store.remove(account).await?,
+            }
+            // A handoff left by a daemon that stopped before applying it is superseded.
+            store.clear_handoff(account).await?;
+            Ok(Delivery::Applied(next))
+        }
+        Err(StoreError::Locked { pid, .. }) => {
+            let me = rustix::process::geteuid().as_raw();
+            let dir_err = |source| StoreError::Dir {
+                dir: dir.to_path_buf(),
+                source,
+            };
+            let owner = fs::metadata(dir).map_err(dir_err)?.uid();
+            // The daemon must be able to read (and delete) what is written here.
+            if owner != me {
+                return Err(StoreError::NotOwner {
+                    dir: dir.to_path_buf(),
+                    owner,
+                    me,
+                });
+            }
+            let path = handoff_path(dir, account);
+            let bytes = encode_handoff(account, handoff, keyring.as_ref());
+            write_atomically(dir, &path, bytes, 0o600).map_err(|source| StoreError::Write {
+                account: account.clone(),
+                path: path.clone(),
+                source,
+            })?;
+            Ok(Delivery::Pending { path, pid })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads an account's state without the lock, for `tokend logout` while a daemon runs
+/// (a file is always whole: writes are atomic). Unlike a store load, a bad file is left
+/// where it is.
+pub fn peek_state(
+    dir: &Path,
+    keyring: Option<&Keyring>,
+    account: &AccountName,
+) -> Result<Option<State>, StoreError> {
+    let path = state_path(dir, account);
+    let mut bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(StoreError::Read {
+                account: account.clone(),
+                path,
+                source,
+            });
+        }
+    };
+    let parsed = decode(&bytes, account, keyring);
+    bytes.zeroize();
+    parsed.map(Some).map_err(|reason| StoreError::Read {
+        account: account.clone(),
+        path,
+        source: io::Error::new(io::ErrorKind::InvalidData, reason),
+    })
 }
 
 fn load_blocking(
@@ -275,8 +456,99 @@ impl Store for FileStore {
         })
     }
 
+    fn remove<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()> {
+        let (dir, path) = (self.dir.clone(), self.path(account));
+        let owned = account.clone();
+        let target = path.clone();
+        Box::pin(run_blocking(account.clone(), path, move || {
+            remove_file_durably(&dir, &target).map_err(|source| StoreError::Write {
+                account: owned,
+                path: target,
+                source,
+            })
+        }))
+    }
+
     fn location(&self, account: &AccountName) -> String {
         self.path(account).display().to_string()
+    }
+
+    fn has_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, bool> {
+        let path = handoff_path(&self.dir, account);
+        Box::pin(async move { Ok(path.exists()) })
+    }
+
+    fn load_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<Handoff>> {
+        let (dir, path) = (self.dir.clone(), handoff_path(&self.dir, account));
+        let keyring = self.keyring.clone();
+        let owned = account.clone();
+        Box::pin(run_blocking(account.clone(), path.clone(), move || {
+            load_handoff_blocking(&dir, &path, keyring.as_ref(), &owned)
+        }))
+    }
+
+    fn clear_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()> {
+        let (dir, path) = (self.dir.clone(), handoff_path(&self.dir, account));
+        let owned = account.clone();
+        let target = path.clone();
+        Box::pin(run_blocking(account.clone(), path, move || {
+            remove_file_durably(&dir, &target).map_err(|source| StoreError::Write {
+                account: owned,
+                path: target,
+                source,
+            })
+        }))
+    }
+}
+
+/// Deletes `path` (absent is fine) and makes the deletion durable.
+fn remove_file_durably(dir: &Path, path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn load_handoff_blocking(
+    dir: &Path,
+    path: &Path,
+    keyring: Option<&Keyring>,
+    account: &AccountName,
+) -> Result<Option<Handoff>, StoreError> {
+    let mut bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(StoreError::Read {
+                account: account.clone(),
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let parsed = decode_handoff(&bytes, account, keyring);
+    bytes.zeroize();
+    match parsed {
+        Ok(h) => Ok(Some(h)),
+        Err(reason) => {
+            // Kept for a human, out of the way of the next handoff.
+            let kept_as = aside_path(path);
+            if let Err(source) = fs::rename(path, &kept_as) {
+                return Err(StoreError::Read {
+                    account: account.clone(),
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+            let _ = sync_dir(dir);
+            Err(StoreError::Corrupt {
+                account: account.clone(),
+                path: path.to_path_buf(),
+                reason,
+                kept_as,
+            })
+        }
     }
 }
 
@@ -356,6 +628,83 @@ struct Wire {
     refresh_in_flight_since: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_refresh: Option<u64>,
+}
+
+/// A handoff file: `{"version":1,"account":"a","handoff":"refresh_token","refresh_token":".."}`
+/// or `{"version":1,"account":"a","handoff":"logout"}`.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireHandoff {
+    version: u32,
+    account: String,
+    handoff: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<String>,
+}
+
+/// Sealed handoffs are bound to this associated data, so one cannot pass for a state file.
+fn handoff_aad(account: &AccountName) -> String {
+    format!("handoff:{account}")
+}
+
+fn encode_handoff(account: &AccountName, handoff: &Handoff, keyring: Option<&Keyring>) -> Vec<u8> {
+    let mut wire = WireHandoff {
+        version: FORMAT_VERSION,
+        account: account.to_string(),
+        handoff: match handoff {
+            Handoff::RefreshToken(_) => "refresh_token",
+            Handoff::Logout => "logout",
+        }
+        .into(),
+        refresh_token: match handoff {
+            Handoff::RefreshToken(rt) => Some(rt.expose().to_string()),
+            Handoff::Logout => None,
+        },
+    };
+    let mut bytes = serde_json::to_vec_pretty(&wire).expect("a handoff serializes");
+    wire.refresh_token.zeroize();
+    if let Some(keyring) = keyring {
+        let envelope = Envelope {
+            version: FORMAT_VERSION,
+            account: account.to_string(),
+            sealed: keyring.seal(&handoff_aad(account), &bytes),
+        };
+        bytes.zeroize();
+        bytes = serde_json::to_vec_pretty(&envelope).expect("envelope serializes");
+    }
+    bytes.push(b'\n');
+    bytes
+}
+
+fn decode_handoff(
+    bytes: &[u8],
+    account: &AccountName,
+    keyring: Option<&Keyring>,
+) -> Result<Handoff, String> {
+    if let Ok(envelope) = serde_json::from_slice::<Envelope>(bytes) {
+        let Some(keyring) = keyring else {
+            return Err("the file is encrypted but no state.encryption_key is configured".into());
+        };
+        let mut plain = keyring.open(&handoff_aad(account), &envelope.sealed)?;
+        let handoff = decode_handoff(&plain, account, None);
+        plain.zeroize();
+        return handoff;
+    }
+    let mut wire: WireHandoff = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if wire.version != FORMAT_VERSION {
+        return Err(format!(
+            "handoff format version {} is unknown",
+            wire.version
+        ));
+    }
+    if wire.account != account.as_str() {
+        return Err(format!("the file belongs to account {:?}", wire.account));
+    }
+    match (wire.handoff.as_str(), wire.refresh_token.take()) {
+        ("refresh_token", Some(rt)) if !rt.is_empty() => Ok(Handoff::RefreshToken(Secret::new(rt))),
+        ("logout", None) => Ok(Handoff::Logout),
+        (kind, _) => Err(format!("not a valid handoff of kind {kind:?}")),
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -615,6 +964,81 @@ mod tests {
             fs::read_to_string(kept_as).unwrap().contains("sealed"),
             "kept, not lost"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_handoff_is_applied_directly_or_left_for_the_daemon_holding_the_lock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = name("acct");
+        let now = from_unix(1_800_000_000);
+        let handoff = Handoff::RefreshToken(Secret::new("rt-new"));
+        {
+            let store = FileStore::open(tmp.path()).unwrap();
+            store.save(&a, &sample()).await.unwrap();
+        }
+        // No daemon: applied at once; the seed's fingerprint is kept, the old chain's
+        // access token and in-flight mark go.
+        let d = deliver_handoff(tmp.path(), None, &a, &handoff, Some("fp".into()), now)
+            .await
+            .unwrap();
+        let Delivery::Applied(Some(state)) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(state.refresh_token.as_ref().unwrap().expose(), "rt-new");
+        assert_eq!(state.seed_fingerprint.as_deref(), Some("fp"));
+        assert_eq!(state.refresh_token_issued_at, Some(now));
+        assert!(state.access.is_none() && state.refresh_in_flight_since.is_none());
+        assert_eq!(state.last_refresh, sample().last_refresh);
+
+        // A daemon holds the lock: the handoff waits in a private file, sealed when
+        // the store is.
+        let keys = ring(1, &[]);
+        let daemon = FileStore::open_sealed(tmp.path(), Some(keys.clone())).unwrap();
+        let d = deliver_handoff(tmp.path(), Some(keys), &a, &handoff, None, now)
+            .await
+            .unwrap();
+        let Delivery::Pending { path, pid } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(pid, Some(std::process::id() as i32));
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(!fs::read_to_string(&path).unwrap().contains("rt-new"));
+        assert!(daemon.has_handoff(&a).await.unwrap());
+        assert_eq!(daemon.load_handoff(&a).await.unwrap(), Some(handoff));
+        daemon.clear_handoff(&a).await.unwrap();
+        assert!(!daemon.has_handoff(&a).await.unwrap());
+        assert_eq!(daemon.load_handoff(&a).await.unwrap(), None);
+    }
+
+    #[test]
+    fn a_logout_leaves_no_record_or_only_the_seed_fingerprint() {
+        let now = from_unix(1_800_000_000);
+        assert_eq!(Handoff::Logout.apply(Some(&sample()), None, now), None);
+        let kept = Handoff::Logout
+            .apply(Some(&sample()), Some("fp".into()), now)
+            .unwrap();
+        assert_eq!(kept.seed_fingerprint.as_deref(), Some("fp"));
+        assert!(kept.refresh_token.is_none() && kept.access.is_none());
+    }
+
+    #[test]
+    fn handoff_files_are_bound_to_their_account_and_never_read_as_state() {
+        let bytes = encode_handoff(&name("a"), &Handoff::Logout, None);
+        assert_eq!(
+            decode_handoff(&bytes, &name("a"), None),
+            Ok(Handoff::Logout)
+        );
+        assert!(decode_handoff(&bytes, &name("b"), None).is_err());
+        assert!(decode(&bytes, &name("a"), None).is_err());
+        let sealed = encode_handoff(
+            &name("a"),
+            &Handoff::RefreshToken(Secret::new("rt-9")),
+            Some(&ring(1, &[])),
+        );
+        assert!(decode(&sealed, &name("a"), Some(&ring(1, &[]))).is_err());
     }
 
     #[test]

@@ -245,7 +245,26 @@ impl Store for FlakyStore {
         self.inner.save(account, state)
     }
 
+    fn remove<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()> {
+        self.inner.remove(account)
+    }
+
     fn location(&self, account: &AccountName) -> String {
         self.inner.location(account)
+    }
+
+    fn has_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, bool> {
+        self.inner.has_handoff(account)
+    }
+
+    fn load_handoff<'a>(
+        &'a self,
+        account: &'a AccountName,
+    ) -> StoreFuture<'a, Option<tokend::store::Handoff>> {
+        self.inner.load_handoff(account)
+    }
+
+    fn clear_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()> {
+        self.inner.clear_handoff(account)
     }
 }

@@ -351,6 +351,25 @@ pub fn peek_state(
     keyring: Option<&Keyring>,
     account: &AccountName,
 ) -> Result<Option<State>, StoreError> {
+    match read_state(dir, keyring, account)? {
+        None => Ok(None),
+        Some(Ok(state)) => Ok(Some(state)),
+        Some(Err((path, reason))) => Err(StoreError::Read {
+            account: account.clone(),
+            path,
+            source: io::Error::new(io::ErrorKind::InvalidData, reason),
+        }),
+    }
+}
+
+/// Reads and decodes an account's state file: `None` when there is none, the decode
+/// error (with the path) when it is unreadable as state.
+#[allow(clippy::type_complexity)]
+fn read_state(
+    dir: &Path,
+    keyring: Option<&Keyring>,
+    account: &AccountName,
+) -> Result<Option<Result<State, (PathBuf, String)>>, StoreError> {
     let path = state_path(dir, account);
     let mut bytes = match fs::read(&path) {
         Ok(b) => b,
@@ -365,11 +384,7 @@ pub fn peek_state(
     };
     let parsed = decode(&bytes, account, keyring);
     bytes.zeroize();
-    parsed.map(Some).map_err(|reason| StoreError::Read {
-        account: account.clone(),
-        path,
-        source: io::Error::new(io::ErrorKind::InvalidData, reason),
-    })
+    Ok(Some(parsed.map_err(|reason| (path, reason))))
 }
 
 fn load_blocking(
@@ -377,23 +392,13 @@ fn load_blocking(
     keyring: Option<&Keyring>,
     account: &AccountName,
 ) -> Result<Option<State>, StoreError> {
-    let path = state_path(dir, account);
-    let mut bytes = match fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(StoreError::Read {
-                account: account.clone(),
-                path,
-                source,
-            });
-        }
+    let parsed = match read_state(dir, keyring, account)? {
+        None => return Ok(None),
+        Some(parsed) => parsed,
     };
-    let parsed = decode(&bytes, account, keyring);
-    bytes.zeroize();
     match parsed {
         Ok(state) => Ok(Some(state)),
-        Err(reason) => {
+        Err((path, reason)) => {
             // Never delete what may be the only copy of a refresh token: move it aside
             // for a human, and let the account start from its seed.
             let kept_as = aside_path(&path);

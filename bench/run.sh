@@ -1,0 +1,485 @@
+#!/usr/bin/env bash
+# tokend's benchmark harness: builds release binaries, runs every target of the
+# performance issue against loopback servers it starts itself, and prints one table:
+# target, measured, baseline, ratio, limit, result.
+#
+#   bash bench/run.sh            # full run: 10,000 accounts, 10-minute scale test (~11.5 min
+#                                #   with a warm target dir; a cold release build adds ~5 min)
+#   bash bench/run.sh --quick    # smoke test: small sizes, ~70 s after the build
+#
+# Options:
+#   --quick                 small sizes and short durations
+#   --scale-seconds N       duration of the scale test (full: 600, quick: 40)
+#   --scale-accounts N      accounts in the scale test (full: 10000, quick: 1000)
+#   --scale-lifetime N      access-token lifetime in the scale test, seconds (full: 60, quick: 20)
+#   --start-accounts N      persisted accounts in the start test (full: 10000, quick: 1000)
+#   --idle-seconds N        idle measurement window (full: 300, quick: scale duration - 15)
+#   --grant G               scale-test grant: refresh_token (default) or client_credentials
+#   --no-build              use the binaries already in target/release
+#   --out DIR               where logs and results go (default: target/bench/<timestamp>)
+#   --strict                exit 1 when a target fails (default: exit 0 once the run completes)
+#
+# Needs: cargo, taskset, curl, awk. Uses wrk and hyperfine when installed
+# (apt-get install wrk hyperfine) and falls back to the bundled Rust client and a timing
+# loop when they are not; the table says which was used.
+#
+# CPU pinning (2-core machine): in the throughput and latency tests the server under test
+# runs on CPU 0 and the load generator on CPU 1, for tokend and the hello baseline alike.
+# The scale, start and idle tests are not pinned (they measure the daemon's own CPU time).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=0 BUILD=1 STRICT=0 OUT="" GRANT=refresh_token
+SCALE_SECONDS="" SCALE_ACCOUNTS="" SCALE_LIFETIME="" START_ACCOUNTS="" IDLE_SECONDS=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --no-build) BUILD=0 ;;
+    --strict) STRICT=1 ;;
+    --out) OUT=$2; shift ;;
+    --grant) GRANT=$2; shift ;;
+    --scale-seconds) SCALE_SECONDS=$2; shift ;;
+    --scale-accounts) SCALE_ACCOUNTS=$2; shift ;;
+    --scale-lifetime) SCALE_LIFETIME=$2; shift ;;
+    --start-accounts) START_ACCOUNTS=$2; shift ;;
+    --idle-seconds) IDLE_SECONDS=$2; shift ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [ "$QUICK" = 1 ]; then
+  MODE=quick
+  : "${SCALE_SECONDS:=40}" "${SCALE_ACCOUNTS:=1000}" "${SCALE_LIFETIME:=20}" "${START_ACCOUNTS:=1000}"
+  WRK_SECONDS=3 WRK_ROUNDS=1 RATE_SECONDS=3 HF_RUNS=30 FORCED=50 READ_ACCOUNTS=100
+else
+  MODE=full
+  : "${SCALE_SECONDS:=600}" "${SCALE_ACCOUNTS:=10000}" "${SCALE_LIFETIME:=60}" "${START_ACCOUNTS:=10000}"
+  WRK_SECONDS=5 WRK_ROUNDS=3 RATE_SECONDS=10 HF_RUNS=200 FORCED=200 READ_ACCOUNTS=100
+fi
+: "${IDLE_SECONDS:=$(( SCALE_SECONDS > 30 ? (SCALE_SECONDS > 315 ? 300 : SCALE_SECONDS - 15) : 15 ))}"
+CONNS=64
+
+OUT=${OUT:-target/bench/$(date +%Y%m%d-%H%M%S)-$MODE}
+mkdir -p "$OUT"
+RESULTS=$OUT/results.tsv
+: > "$RESULTS"
+CLK_TCK=$(getconf CLK_TCK)
+NCPU=$(nproc)
+T_BEGIN=$SECONDS
+
+PIDS=()
+cleanup() {
+  local pid
+  # The start test's daemon is spawned by bench_client, which prints its pid first.
+  [ -f "$OUT/start/start.txt" ] && PIDS+=("$(sed -n 's/^pid=//p' "$OUT/start/start.txt")")
+  for pid in "${PIDS[@]}"; do
+    [ -n "$pid" ] || continue
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+}
+trap cleanup EXIT
+stop() { # stop PID: SIGTERM, wait up to 10 s, then SIGKILL
+  local pid=$1
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+}
+
+log() { printf '[%4ds] %s\n' $((SECONDS - T_BEGIN)) "$*" | tee -a "$OUT/run.log" >&2; }
+# get KEY FILE: the value of a key=value line
+get() { sed -n "s/^$1=//p" "$2" | tail -1; }
+# pin CPU CMD...: run on one CPU when there are at least two (foreground use only; for a
+# background process use "${ON_CPU0[@]}" so that $! is the process itself)
+pin() { local cpu=$1; shift; if [ "$NCPU" -ge 2 ]; then taskset -c "$cpu" "$@"; else "$@"; fi; }
+if [ "$NCPU" -ge 2 ]; then ON_CPU0=(taskset -c 0); else ON_CPU0=(); fi
+calc() { awk "BEGIN { printf \"%s\", ($*) }"; }
+
+# row TARGET MEASURED BASELINE LIMIT_OP LIMIT UNIT [NOTE]: one line of the table.
+# ratio = measured / baseline when a baseline is given; verdict = measured OP limit.
+row() {
+  local target=$1 measured=$2 baseline=$3 op=$4 limit=$5 unit=$6 note=${7:-}
+  local ratio="-" verdict="-"
+  if [[ "$baseline" =~ ^[0-9.]+$ && "$measured" =~ ^-?[0-9.]+$ ]] && [ "$(calc "$baseline > 0")" = 1 ]; then
+    ratio=$(calc "sprintf(\"%.2f\", $measured / $baseline)")
+  fi
+  if [ "$op" != "-" ]; then
+    local lhs=$measured
+    case "$op" in *ratio) lhs=$ratio; op=${op%ratio} ;; esac
+    if [[ "$lhs" =~ ^-?[0-9.]+$ ]]; then
+      if [ "$(calc "$lhs $op $limit")" = 1 ]; then verdict=PASS; else verdict=FAIL; fi
+    else
+      verdict=FAIL
+    fi
+  fi
+  local shown_limit="-"
+  [ "$op" != "-" ] && shown_limit="$op $limit"
+  case "$4" in *ratio) shown_limit="ratio $op $limit" ;; esac
+  printf '%s\t%s %s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$measured" "$unit" "$baseline" "$ratio" \
+    "$shown_limit" "$verdict" "${OTHER:--}" "$note" >> "$RESULTS"
+  log "result: $target = $measured $unit (baseline $baseline, ratio $ratio, limit $shown_limit): $verdict"
+}
+
+# sample PID FILE: every second, "unix_ms cpu_ticks rss_kb" until the process ends
+sample() {
+  local pid=$1 file=$2
+  while [ -r "/proc/$pid/stat" ]; do
+    local stat rss
+    stat=$(cut -d' ' -f14,15 "/proc/$pid/stat" 2>/dev/null) || break
+    rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null) || break
+    echo "$(date +%s%3N) $(( ${stat% *} + ${stat#* } )) $rss" >> "$file"
+    sleep 1
+  done
+}
+cpu_ticks() { local s; s=$(cut -d' ' -f14,15 "/proc/$1/stat"); echo $(( ${s% *} + ${s#* } )); }
+rss_kb() { awk "/^$2:/ { print \$2 }" "/proc/$1/status"; }
+
+# provider KEY ARGS...: start examples/fake_provider; sets ${KEY}_PID and sources its addresses
+provider() {
+  local key=$1; shift
+  local dir=$OUT/$key
+  mkdir -p "$dir"
+  rm -rf "$dir/state" "$dir/addrs"
+  mkdir -m 700 "$dir/state"
+  "$EX/fake_provider" --config-out "$dir/tokend.toml" --state-dir "$dir/state" \
+    --addr-file "$dir/addrs" "$@" > "$dir/provider.out" 2>&1 &
+  local pid=$!
+  PIDS+=("$pid")
+  eval "${key}_PID=$pid"
+  for _ in $(seq 1200); do [ -f "$dir/addrs" ] && break; sleep 0.1; done
+  [ -f "$dir/addrs" ] || { log "fake provider $key did not start"; cat "$dir/provider.out" >&2; exit 1; }
+  eval "$(sed "s/^/${key}_/" "$dir/addrs")"
+}
+hostport() { echo "${1#http://}"; }
+
+# daemon KEY [pinned]: start tokend (on CPU 0 when a second argument is given) on $OUT/KEY/tokend.toml; sets ${KEY}_DPID; waits for /readyz
+daemon() {
+  local key=$1 cpu=${2:-} dir=$OUT/$1
+  if [ -n "$cpu" ]; then
+    RUST_LOG=info "${ON_CPU0[@]}" "$TOKEND" run --config "$dir/tokend.toml" 2> "$dir/tokend.log" &
+  else
+    RUST_LOG=info "$TOKEND" run --config "$dir/tokend.toml" 2> "$dir/tokend.log" &
+  fi
+  local pid=$!
+  PIDS+=("$pid")
+  eval "${key}_DPID=$pid"
+  local url
+  url=$(get daemon "$dir/addrs")
+  for _ in $(seq 1200); do
+    curl -sf -o /dev/null "$url/readyz" && return 0
+    kill -0 "$pid" 2>/dev/null || { log "tokend ($key) exited"; tail -20 "$dir/tokend.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  log "tokend ($key) not ready after 120 s"; exit 1
+}
+
+# Other people's CPU use (this machine is shared: builds, tests): the sum of
+# utime+stime+cutime+cstime over every process outside this run's process group. A
+# process that exits hands its time to its parent's cutime, so deltas stay meaningful.
+OUR_PGID=$(ps -o pgid= $$ | tr -d ' ')
+foreign_ticks() {
+  cat /proc/[0-9]*/stat 2>/dev/null | awk -v pg="$OUR_PGID" '{
+    # the command name may hold spaces: count fields from the closing parenthesis
+    i = index($0, ") "); n = split(substr($0, i + 2), f, " ")
+    if (f[3] != pg) t += f[12] + f[13] + f[14] + f[15] } END { printf "%d", t }'
+}
+FOREIGN_T=0 FOREIGN_C=0
+foreign_mark() { FOREIGN_T=$(date +%s%N); FOREIGN_C=$(foreign_ticks); }
+# foreign_since: other processes' CPU since foreign_mark, in % of one core
+foreign_since() {
+  local c t; c=$(foreign_ticks); t=$(date +%s%N)
+  calc "sprintf(\"%.0f\", ($c - $FOREIGN_C) * 100 / $CLK_TCK / (($t - $FOREIGN_T) / 1e9))"
+}
+# quiet: wait (full mode: up to ~40 s) until the machine is mostly idle before a
+# timing-sensitive test
+quiet() {
+  local b tries=20
+  [ "$QUICK" = 1 ] && tries=1
+  for _ in $(seq "$tries"); do
+    b=$(busy_percent)
+    [ "$b" -le 10 ] && return 0
+    log "  waiting for a quieter machine (${b}% busy)"
+  done
+  log "  WARNING: the machine stayed busy; measuring anyway"
+}
+
+busy_percent() { # CPU busy share of the whole machine over 2 s
+  local a b
+  a=$(awk '/^cpu / { print $2+$3+$4+$6+$7+$8, $5 }' /proc/stat); sleep 2
+  b=$(awk '/^cpu / { print $2+$3+$4+$6+$7+$8, $5 }' /proc/stat)
+  awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
+    busy = y[1] - x[1]; idle = y[2] - x[2]; printf "%.0f", 100 * busy / (busy + idle + 1e-9) }'
+}
+
+# ---------------------------------------------------------------------------------------
+log "mode: $MODE; output in $OUT"
+{
+  echo "mode=$MODE"
+  echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src 2>/dev/null || echo '+uncommitted src changes')"
+  echo "nproc=$NCPU"
+  echo "cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
+  echo "mem_total_kb=$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo)"
+  echo "kernel=$(uname -r)"
+  echo "rustc=$(rustc --version 2>/dev/null || echo unknown)"
+  echo "wrk=$(if command -v wrk > /dev/null; then (wrk -v 2>&1 || true) | head -1; else echo none; fi)"
+  echo "hyperfine=$(command -v hyperfine > /dev/null && hyperfine --version || echo none)"
+  echo "scale: accounts=$SCALE_ACCOUNTS lifetime=${SCALE_LIFETIME}s duration=${SCALE_SECONDS}s grant=$GRANT"
+  echo "start: accounts=$START_ACCOUNTS; idle: ${IDLE_SECONDS}s"
+} > "$OUT/machine.txt"
+BUSY=$(busy_percent)
+echo "busy_before_percent=$BUSY" >> "$OUT/machine.txt"
+if [ "$BUSY" -gt 10 ]; then
+  log "WARNING: the machine is ${BUSY}% busy before the run (other processes); numbers will be noisy"
+fi
+
+if [ "$BUILD" = 1 ]; then
+  log "building release binaries (cargo build --release --bins --examples)"
+  t=$SECONDS
+  cargo build --release --locked --bins --examples 2>&1 | tail -3 >&2
+  log "build took $((SECONDS - t)) s"
+fi
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+TOKEND=$TARGET_DIR/release/tokend
+EX=$TARGET_DIR/release/examples
+for b in "$TOKEND" "$EX/fake_provider" "$EX/bench_client" "$EX/hello" "$EX/true_bin"; do
+  [ -x "$b" ] || { echo "missing $b: run without --no-build" >&2; exit 1; }
+done
+
+# ---------------------------------------------------------------------------------------
+# 1. Token reads: throughput vs hello, and p99 at half of tokend's peak rate.
+log "1. token reads: $READ_ACCOUNTS client_credentials accounts, 1 h tokens; servers on CPU 0, load on CPU 1"
+quiet
+foreign_mark
+provider reads --accounts "$READ_ACCOUNTS" --lifetime 3600 --grant client_credentials
+daemon reads 0
+READS_ADDR=$(hostport "$reads_daemon")
+RUST_LOG=info "${ON_CPU0[@]}" "$EX/hello" 127.0.0.1:0 > "$OUT/reads/hello.out" 2>&1 &
+HELLO_PID=$!; PIDS+=("$HELLO_PID")
+for _ in $(seq 100); do grep -q listening= "$OUT/reads/hello.out" && break; sleep 0.1; done
+HELLO_ADDR=$(get listening "$OUT/reads/hello.out")
+
+# throughput ADDR LABEL PID: prints "requests/s cpu_us_per_request" (the server's own
+# utime+stime per request: unlike req/s, it barely moves when other processes compete)
+if command -v wrk > /dev/null; then
+  LOADGEN="wrk -t1 -c$CONNS (Lua: random account)"
+  throughput() {
+    local c0 c1
+    c0=$(cpu_ticks "$3")
+    pin 1 timeout 60 wrk -t1 -c"$CONNS" -d"${WRK_SECONDS}s" --latency -s bench/token.lua "http://$1" -- "$READ_ACCOUNTS" \
+      > "$OUT/reads/wrk-$2.txt" 2>&1
+    c1=$(cpu_ticks "$3")
+    awk -v c=$((c1 - c0)) -v tck="$CLK_TCK" '/ requests in / { n = $1 } /^Requests\/sec:/ { r = $2 }
+      END { printf "%.0f %.2f\n", r, c * 1e6 / tck / n }' "$OUT/reads/wrk-$2.txt"
+  }
+else
+  LOADGEN="bench_client closed loop, $CONNS connections (wrk not installed)"
+  throughput() {
+    local c0 c1
+    c0=$(cpu_ticks "$3")
+    pin 1 timeout 60 "$EX/bench_client" rate --addr "$1" --accounts "$READ_ACCOUNTS" --rate 1000000 \
+      --duration "$WRK_SECONDS" --warmup 0.5 --connections "$CONNS" > "$OUT/reads/closed-$2.txt"
+    c1=$(cpu_ticks "$3")
+    awk -v c=$((c1 - c0)) -v tck="$CLK_TCK" -v s="$WRK_SECONDS" '/^achieved_rps=/ { split($0, a, "="); r = a[2] }
+      END { printf "%.0f %.2f\n", r, c * 1e6 / tck / (r * (s + 0.5)) }' "$OUT/reads/closed-$2.txt"
+  }
+fi
+median() { tr ' ' '\n' | grep . | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+H_ALL="" T_ALL="" HC_ALL="" TC_ALL=""
+for r in $(seq "$WRK_ROUNDS"); do
+  read -r h hc < <(throughput "$HELLO_ADDR" "hello-$r" "$HELLO_PID")
+  read -r t tc < <(throughput "$READS_ADDR" "tokend-$r" "$reads_DPID")
+  log "  round $r: hello $h req/s ($hc us CPU/req), tokend $t req/s ($tc us CPU/req)"
+  H_ALL="$H_ALL $h" T_ALL="$T_ALL $t" HC_ALL="$HC_ALL $hc" TC_ALL="$TC_ALL $tc"
+done
+H_RPS=$(echo "$H_ALL" | median) T_RPS=$(echo "$T_ALL" | median)
+H_CPU=$(echo "$HC_ALL" | median) T_CPU=$(echo "$TC_ALL" | median)
+OTHER=$(foreign_since)%
+row "1a token read throughput (req/s, median of $WRK_ROUNDS)" "$T_RPS" "$H_RPS" ">=ratio" 0.90 "req/s" \
+  "baseline: examples/hello; $LOADGEN; rounds (hello/tokend):$H_ALL /$T_ALL"
+row "1a' token read CPU per request (server utime+stime)" "$T_CPU" "$H_CPU" "<=ratio" 1.11 "us" \
+  "the same runs; ratio <= 1/0.9 is the throughput target restated per request, robust to other load; rounds (hello/tokend):$HC_ALL /$TC_ALL"
+
+HALF=$(calc "int($T_RPS / 2)")
+foreign_mark
+for who in tokend hello; do
+  addr=$READS_ADDR; [ "$who" = hello ] && addr=$HELLO_ADDR
+  pin 1 timeout 120 "$EX/bench_client" rate --addr "$addr" --accounts "$READ_ACCOUNTS" --rate "$HALF" \
+    --duration "$RATE_SECONDS" --warmup 1 --connections "$CONNS" > "$OUT/reads/rate-$who.txt"
+done
+OTHER=$(foreign_since)%
+P99=$(calc "sprintf(\"%.3f\", $(get p99_us "$OUT/reads/rate-tokend.txt") / 1000)")
+HP99=$(calc "sprintf(\"%.3f\", $(get p99_us "$OUT/reads/rate-hello.txt") / 1000)")
+row "1b token read p99 at $HALF req/s (half of peak)" "$P99" "$HP99" "<" 1 ms \
+  "fixed-rate open loop (bench_client rate), $CONNS conns; achieved $(get achieved_rps "$OUT/reads/rate-tokend.txt") req/s, non-200 $(get non_200 "$OUT/reads/rate-tokend.txt"), p50 $(get p50_us "$OUT/reads/rate-tokend.txt") us, p999 $(get p999_us "$OUT/reads/rate-tokend.txt") us, generator lag p99 $(get lag_p99_us "$OUT/reads/rate-tokend.txt") us; baseline = hello at the same rate"
+
+# ---------------------------------------------------------------------------------------
+# 7. `tokend token` vs a process start plus one loopback request (daemon still on CPU 0).
+log "7. tokend token ACCOUNT --endpoint URL vs process start + one loopback request"
+quiet
+foreign_mark
+timeout 60 "$EX/bench_client" once --addr "$READS_ADDR" --n 200 > "$OUT/reads/once.txt"
+REQ_MS=$(calc "sprintf(\"%.3f\", $(get p50_us "$OUT/reads/once.txt") / 1000)")
+if command -v hyperfine > /dev/null; then
+  timeout 300 hyperfine -N --warmup 10 --runs "$HF_RUNS" --export-csv "$OUT/reads/hyperfine.csv" \
+    "$TOKEND token acct-00000 --endpoint $reads_daemon" "$EX/true_bin" "/bin/true" \
+    > "$OUT/reads/hyperfine.txt" 2>&1
+  HF_TOOL="hyperfine -N, $HF_RUNS runs"
+  hf_mean() { awk -F, -v n="$1" 'NR > 1 && index($1, n) { printf "%.3f", $2 * 1000; exit }' "$OUT/reads/hyperfine.csv"; }
+  TOKEN_MS=$(hf_mean "token acct-00000"); TRUE_MS=$(hf_mean "true_bin"); BINTRUE_MS=$(hf_mean "/bin/true")
+else
+  HF_TOOL="bash timing loop, $HF_RUNS runs (hyperfine not installed)"
+  loop_ms() {
+    local t0 t1
+    t0=$(date +%s%N)
+    for _ in $(seq "$HF_RUNS"); do "$@" > /dev/null; done
+    t1=$(date +%s%N)
+    calc "sprintf(\"%.3f\", ($t1 - $t0) / $HF_RUNS / 1e6)"
+  }
+  TOKEN_MS=$(loop_ms "$TOKEND" token acct-00000 --endpoint "$reads_daemon")
+  TRUE_MS=$(loop_ms "$EX/true_bin"); BINTRUE_MS=$(loop_ms /bin/true)
+fi
+OTHER=$(foreign_since)%
+BASE7=$(calc "sprintf(\"%.3f\", $TRUE_MS + $REQ_MS)")
+row "7 tokend token: wall time per call" "$TOKEN_MS" "$BASE7" "<=" "$BASE7" ms \
+  "$HF_TOOL; baseline = examples/true_bin ($TRUE_MS ms) + one loopback request on a new connection ($REQ_MS ms, p50); /bin/true $BINTRUE_MS ms"
+stop "$reads_DPID"; stop "$HELLO_PID"; stop "$reads_PID"
+
+# ---------------------------------------------------------------------------------------
+# 3 + 6 + 5a. Start with persisted accounts; then forced refreshes on the same daemon.
+log "3. start: $START_ACCOUNTS persisted accounts (1 h tokens, written through tokend::store::FileStore)"
+provider start --accounts "$START_ACCOUNTS" --persist --persist-lifetime 3600 --lifetime 7200 --grant refresh_token
+quiet
+foreign_mark
+timeout 300 "$EX/bench_client" start --daemon "$TOKEND" --config "$OUT/start/tokend.toml" --log "$OUT/start/tokend.log" \
+  --addr "$(hostport "$start_daemon")" --control "$(hostport "$start_control")" --accounts "$START_ACCOUNTS" \
+  > "$OUT/start/start.txt"
+START_DPID=$(get pid "$OUT/start/start.txt"); PIDS+=("$START_DPID")
+OTHER=$(foreign_since)%
+READY_MS=$(get ready_ms "$OUT/start/start.txt")
+row "3a start: ms until /readyz is 200 ($START_ACCOUNTS persisted accounts)" "$READY_MS" - "<=" 1000 ms \
+  "from spawn; first HTTP answer at $(get first_answer_ms "$OUT/start/start.txt") ms; then every account read: $(get served_ok "$OUT/start/start.txt")/$START_ACCOUNTS served 200 in $(get read_all_ms "$OUT/start/start.txt") ms"
+row "3b start: provider calls during start" "$(get provider_calls "$OUT/start/start.txt")" - "<=" 0 calls \
+  "counted by the fake provider from spawn until 2 s after all tokens were read"
+START_RSS=$(rss_kb "$START_DPID" VmRSS)
+row "3c start: daemon RSS with $START_ACCOUNTS accounts, idle" "$(calc "sprintf(\"%.1f\", $START_RSS / 1024)")" - - - MB \
+  "informational"
+
+log "6. forced refresh: $FORCED sequential GET ?min_valid=3700 on distinct accounts (tokens have <3600 s left; new ones 7200 s)"
+foreign_mark
+timeout 300 "$EX/bench_client" forced --addr "$(hostport "$start_daemon")" --control "$(hostport "$start_control")" \
+  --first 0 --count "$FORCED" --min-valid 3700 > "$OUT/start/forced.txt" 2> "$OUT/start/forced.err"
+f() { get "$1" "$OUT/start/forced.txt"; }
+OTHER=$(foreign_since)%
+row "6 forced refresh: client latency minus provider time, p99" "$(calc "sprintf(\"%.3f\", $(f overhead_p99_us) / 1000)")" - "<=" 5 ms \
+  "samples $(f samples), failures $(f failures); overhead p50 $(f overhead_p50_us) us, max $(f overhead_max_us) us; client p50 $(f client_p50_us) us, p99 $(f client_p99_us) us; provider p50 $(f provider_p50_us) us (grant refresh_token: 2 state saves per refresh)"
+row "5a connection reuse: provider connections for $(f provider_requests) sequential forced refreshes" \
+  "$(f provider_connections)" - "<=" 1 connections "accepted TCP connections counted by the fake provider"
+stop "$START_DPID"; stop "$start_PID"
+
+# ---------------------------------------------------------------------------------------
+# 2 + 4 + 5b. Scale (with a polling reader), and idle, run side by side.
+log "2. scale: $SCALE_ACCOUNTS accounts, ${SCALE_LIFETIME}s tokens, grant $GRANT, ${SCALE_SECONDS}s; 4. idle daemon alongside"
+provider scale --accounts "$SCALE_ACCOUNTS" --lifetime "$SCALE_LIFETIME" --grant "$GRANT"
+provider idle --accounts 10 --lifetime 3600 --grant refresh_token
+foreign_mark
+SCALE_START_US=$(date +%s%6N)
+RUST_LOG=info "$TOKEND" run --config "$OUT/scale/tokend.toml" 2> "$OUT/scale/tokend.log" &
+SCALE_DPID=$!; PIDS+=("$SCALE_DPID")
+sample "$SCALE_DPID" "$OUT/scale/samples.txt" &
+SAMPLER=$!; PIDS+=("$SAMPLER")
+daemon idle
+IDLE_STARTED=$SECONDS
+# The reader waits until the daemon answers, then polls random accounts for the rest.
+for _ in $(seq 600); do curl -sf -o /dev/null "$scale_daemon/healthz" && break; sleep 0.1; done
+READER_SECONDS=$(calc "int($SCALE_SECONDS - ($(date +%s%6N) - $SCALE_START_US) / 1e6 - 1)")
+"$EX/bench_client" poll --addr "$(hostport "$scale_daemon")" --control "$(hostport "$scale_control")" \
+  --accounts "$SCALE_ACCOUNTS" --rate 50 --duration "$READER_SECONDS" > "$OUT/scale/poll.txt" 2> "$OUT/scale/poll.err" &
+READER=$!; PIDS+=("$READER")
+sleep 5 # idle: let start-up settle
+IDLE_T0=$(date +%s%N); IDLE_C0=$(cpu_ticks "$idle_DPID")
+sleep "$IDLE_SECONDS"
+IDLE_T1=$(date +%s%N); IDLE_C1=$(cpu_ticks "$idle_DPID")
+IDLE_RSS=$(rss_kb "$idle_DPID" VmRSS); IDLE_HWM=$(rss_kb "$idle_DPID" VmHWM)
+IDLE_CPU_MS_MIN=$(calc "sprintf(\"%.1f\", ($IDLE_C1 - $IDLE_C0) * 1000 / $CLK_TCK / (($IDLE_T1 - $IDLE_T0) / 6e10))")
+stop "$idle_DPID"; stop "$idle_PID"
+row "4a idle (10 accounts, 1 h tokens): RSS" "$(calc "sprintf(\"%.1f\", $IDLE_RSS / 1024)")" - "<" 20 MB \
+  "VmRSS after ${IDLE_SECONDS}s idle; peak VmHWM $(calc "sprintf(\"%.1f\", $IDLE_HWM / 1024)") MB"
+row "4b idle: CPU per idle minute" "$IDLE_CPU_MS_MIN" - "<" 50 ms \
+  "utime+stime from /proc/PID/stat over ${IDLE_SECONDS}s (resolution $((1000 / CLK_TCK)) ms); ran alongside the scale test"
+
+left=$(calc "int($SCALE_SECONDS - ($(date +%s%6N) - $SCALE_START_US) / 1e6)")
+[ "$left" -gt 0 ] && sleep "$left"
+SCALE_END_US=$(date +%s%6N)
+OTHER=$(foreign_since)%
+wait "$READER" || true
+SCALE_RSS_END=$(rss_kb "$SCALE_DPID" VmRSS); SCALE_HWM=$(rss_kb "$SCALE_DPID" VmHWM)
+SCALE_TICKS=$(cpu_ticks "$SCALE_DPID")
+curl -s "$scale_control/stats" > "$OUT/scale/provider-stats.json"
+timeout 120 "$EX/bench_client" scale-report --control "$(hostport "$scale_control")" --accounts "$SCALE_ACCOUNTS" \
+  --lifetime "$SCALE_LIFETIME" --start-us "$SCALE_START_US" --end-us "$SCALE_END_US" > "$OUT/scale/report.txt"
+stop "$SCALE_DPID"; stop "$SAMPLER"; stop "$scale_PID"
+s() { get "$1" "$OUT/scale/report.txt"; }
+p() { get "$1" "$OUT/scale/poll.txt"; }
+WALL=$(calc "($SCALE_END_US - $SCALE_START_US) / 1e6")
+CPU_CORES=$(calc "sprintf(\"%.3f\", $SCALE_TICKS / $CLK_TCK / $WALL)")
+# CPU over the steady part (after the first lifetime) and the busiest 10 s, from the samples.
+read -r STEADY_CORES PEAK10_CORES < <(awk -v tck="$CLK_TCK" -v from="$(( SCALE_START_US / 1000 + SCALE_LIFETIME * 1000 ))" '
+  { t[NR] = $1; c[NR] = $2 }
+  END {
+    for (i = 1; i <= NR; i++) if (t[i] >= from) { a = i; break }
+    steady = (a && NR > a) ? (c[NR] - c[a]) / tck / ((t[NR] - t[a]) / 1000) : 0
+    peak = 0
+    for (i = 1; i <= NR; i++) for (j = i + 1; j <= NR; j++) if (t[j] - t[i] >= 10000) {
+      r = (c[j] - c[i]) / tck / ((t[j] - t[i]) / 1000); if (r > peak) peak = r; break }
+    printf "%.3f %.3f\n", steady, peak
+  }' "$OUT/scale/samples.txt")
+INTERVALS=$(s refresh_intervals)
+NOT_IN_TIME=$(( $(s missed_expiry) + $(s stale_at_end) + $(s never_refreshed) ))
+row "2a scale: tokens not refreshed before expiry" "$NOT_IN_TIME" - "<=" 0 tokens \
+  "$INTERVALS refresh intervals checked; missed $(s missed_expiry), stale at end $(s stale_at_end), never refreshed $(s never_refreshed); failed provider requests $(s failed); early (before 75%) $(s early)"
+row "2b scale: expired tokens served to a reader" "$(p expired_served)" - "<=" 0 tokens \
+  "$(p reads) random reads at 50/s, each checked with the provider; non-200 $(p non_200), errors $(p errors), min expires_in $(p min_expires_in_s) s"
+row "2c scale: refresh lateness p99 (after 80% of lifetime)" "$(s lateness_p99_ms)" - "<=" 1000 ms \
+  "provider side: next request − (previous answer + 0.80 × lifetime); p50 $(s lateness_p50_ms) ms, max $(s lateness_max_ms) ms (negative = within the 75–80% window)"
+row "2d scale: peak refreshes/s ÷ mean, steady (after ${SCALE_LIFETIME}s)" "$(s rate_peak_steady)" "$(s rate_mean_steady)" "<=ratio" 2 "req/s" \
+  "peak second $(s rate_peak_steady_second) of the run"
+row "2e scale: peak refreshes/s ÷ mean, whole run incl. start" "$(s rate_peak_all)" "$(s rate_mean_all)" "<=ratio" 2 "req/s" \
+  "peak second $(s rate_peak_all_second); the start fetches every token at once"
+row "2f scale: daemon RSS (peak VmHWM)" "$(calc "sprintf(\"%.1f\", $SCALE_HWM / 1024)")" - "<" 100 MB \
+  "VmRSS at end $(calc "sprintf(\"%.1f\", $SCALE_RSS_END / 1024)") MB"
+row "2g scale: daemon CPU, mean over the run (cores)" "$CPU_CORES" - "<" 0.5 cores \
+  "steady part $STEADY_CORES, busiest 10 s $PEAK10_CORES; utime+stime / wall"
+PROV_REQ=$(sed -n 's/.*"recorded_requests":\([0-9]*\).*/\1/p' "$OUT/scale/provider-stats.json")
+PROV_CONN=$(sed -n 's/.*"connections":\([0-9]*\).*/\1/p' "$OUT/scale/provider-stats.json")
+PROV_RSS=$(sed -n 's/.*"rss_kb":\([0-9]*\).*/\1/p' "$OUT/scale/provider-stats.json")
+row "5b connection reuse, steady state: new provider connections" "$(s connections_steady)" "$(s requests_steady)" "<=ratio" 0.01 connections \
+  "after the first lifetime; baseline = token requests then. Whole run: $PROV_CONN connections for $PROV_REQ requests. Fake provider RSS $(calc "sprintf(\"%.1f\", $PROV_RSS / 1024)") MB, max handling $(sed -n 's/.*"max_handle_us":\([0-9]*\).*/\1/p' "$OUT/scale/provider-stats.json") us"
+
+# ---------------------------------------------------------------------------------------
+{
+  printf 'target\tmeasured\tbaseline\tratio\tlimit\tresult\tother load\tnotes\n'
+  cat "$RESULTS"
+} > "$OUT/table.tsv"
+{
+  echo "| target | measured | baseline | ratio | limit | result | other load | how / notes |"
+  echo "|---|---|---|---|---|---|---|---|"
+  awk -F'\t' '{ printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8 }' "$RESULTS"
+} > "$OUT/table.md"
+echo
+cut -f1-7 "$OUT/table.tsv" | column -t -s $'\t'
+echo
+echo "other load: CPU used by processes outside this run during the test, in % of one core"
+echo "(this machine may be shared; above ~10% the timing rows are unreliable)"
+echo "machine: $(get cpu "$OUT/machine.txt"), $NCPU CPUs, $(( $(get mem_total_kb "$OUT/machine.txt") / 1024 )) MB; busy before run: ${BUSY}%"
+echo "notes per row: $OUT/table.md; logs: $OUT"
+log "done in $((SECONDS - T_BEGIN)) s"
+FAILS=$(awk -F'\t' '$6 == "FAIL"' "$RESULTS" | wc -l)
+echo "$(awk -F'\t' '$6 == "PASS"' "$RESULTS" | wc -l) passed, $FAILS failed"
+if [ "$STRICT" = 1 ] && [ "$FAILS" -gt 0 ]; then exit 1; fi
+exit 0

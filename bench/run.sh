@@ -17,11 +17,13 @@
 #   --grant G               scale-test grant: refresh_token (default) or client_credentials
 #   --no-build              use the binaries already in target/release
 #   --out DIR               where logs and results go (default: target/bench/<timestamp>)
-#   --strict                exit 1 when a target fails (default: exit 0 once the run completes)
+#   --strict                exit 1 when a target fails (default: exit 0 once the run completes;
+#                           exit 3 whenever a row could not be measured at all)
+#   --no-install            do not install missing tools (wrk, hyperfine)
 #
-# Needs: cargo, taskset, curl, awk. Uses wrk and hyperfine when installed
-# (apt-get install wrk hyperfine) and falls back to the bundled Rust client and a timing
-# loop when they are not; the table says which was used.
+# Needs: cargo, taskset, curl, awk. Installs wrk and hyperfine from the OS packages when
+# they are missing and apt-get can (root); otherwise (or with --no-install) it falls back
+# to the bundled Rust client and a timing loop, and the table says which was used.
 #
 # CPU pinning (2-core machine): in the throughput and latency tests the server under test
 # runs on CPU 0 and the load generator on CPU 1, for tokend and the hello baseline alike.
@@ -29,13 +31,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-QUICK=0 BUILD=1 STRICT=0 OUT="" GRANT=refresh_token
+QUICK=0 BUILD=1 STRICT=0 INSTALL=1 OUT="" GRANT=refresh_token
 SCALE_SECONDS="" SCALE_ACCOUNTS="" SCALE_LIFETIME="" START_ACCOUNTS="" IDLE_SECONDS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --no-build) BUILD=0 ;;
     --strict) STRICT=1 ;;
+    --no-install) INSTALL=0 ;;
     --out) OUT=$2; shift ;;
     --grant) GRANT=$2; shift ;;
     --scale-seconds) SCALE_SECONDS=$2; shift ;;
@@ -218,6 +221,16 @@ busy_percent() { # CPU busy share of the whole machine over 2 s
 
 # ---------------------------------------------------------------------------------------
 log "mode: $MODE; output in $OUT"
+# The load generator and the CLI timer are well-known tools from the OS packages.
+if [ "$INSTALL" = 1 ] && { ! command -v wrk > /dev/null || ! command -v hyperfine > /dev/null; }; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    log "installing wrk and hyperfine (apt-get)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk hyperfine; } \
+      > "$OUT/install.log" 2>&1 || log "could not install wrk/hyperfine (see $OUT/install.log): using the fallbacks"
+  else
+    log "wrk or hyperfine missing and not root: using the fallbacks"
+  fi
+fi
 {
   echo "mode=$MODE"
   echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -481,5 +494,13 @@ echo "notes per row: $OUT/table.md; logs: $OUT"
 log "done in $((SECONDS - T_BEGIN)) s"
 FAILS=$(awk -F'\t' '$6 == "FAIL"' "$RESULTS" | wc -l)
 echo "$(awk -F'\t' '$6 == "PASS"' "$RESULTS" | wc -l) passed, $FAILS failed"
+# A row without a number means the harness itself broke (a server did not start, a tool
+# failed): that fails the run whatever --strict says, so CI's smoke run catches it.
+UNMEASURED=$(awk -F'\t' '{ split($2, m, " ") } m[1] !~ /^-?[0-9.]+$/ { print $1 }' "$RESULTS")
+if [ -n "$UNMEASURED" ]; then
+  echo "not measured (harness failure):" >&2
+  echo "$UNMEASURED" | sed 's/^/  /' >&2
+  exit 3
+fi
 if [ "$STRICT" = 1 ] && [ "$FAILS" -gt 0 ]; then exit 1; fi
 exit 0

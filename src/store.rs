@@ -1,5 +1,5 @@
 //! Durable per-account state behind a narrow [`Store`] interface, and the file-backed
-//! implementation: one JSON file per account, written atomically (temp file, fsync,
+//! implementation: one JSON file per account, written atomically (temp file, fdatasync,
 //! rename, fsync dir), mode 0600 in a 0700 directory guarded by an exclusive lock. Also
 //! the handoffs through which `tokend login`, `import` and `logout` give an account a
 //! new refresh token (or none): applied directly when no daemon holds the lock, else
@@ -595,8 +595,9 @@ fn load_handoff_blocking(
     }
 }
 
-/// temp file in the same directory → write → fsync → rename over the target → fsync the
-/// directory. A crash at any point leaves either the old or the new file, never a torn one.
+/// temp file in the same directory → write → fdatasync → rename over the target → fsync
+/// the directory. A crash at any point leaves either the old or the new file, never a
+/// torn one, and the call returns only once the new one is durable.
 pub(crate) fn write_atomically(
     dir: &Path,
     target: &Path,
@@ -613,7 +614,12 @@ pub(crate) fn write_atomically(
         tmp.as_file()
             .set_permissions(fs::Permissions::from_mode(mode))?;
         tmp.write_all(&bytes)?;
-        tmp.as_file().sync_all()?;
+        // fdatasync suffices: for a new file it writes the data and the metadata needed
+        // to read it back (size, block map), i.e. everything the rename below exposes.
+        // What it may skip is timestamps and the mode set above; a lost mode change
+        // leaves the creation mode (0600 less the umask), never a wider one, and the
+        // journal commit of the directory fsync below carries it on ext4 and XFS anyway.
+        tmp.as_file().sync_data()?;
         tmp.persist(target).map_err(|e| e.error)?;
         sync_dir(dir)
     })();

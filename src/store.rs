@@ -174,9 +174,9 @@ pub struct FileStore {
 
 /// How many loads, saves and removals may be on the blocking pool at once. Each is
 /// bound by fsync latency, not CPU, and one disk gains little from more than a few
-/// dozen writes in flight; without a bound a refresh burst of 10,000 accounts spawned a
-/// blocking thread per save (the pool's 512), all contending for the same disk and each
-/// holding a stack. Beyond this many, callers queue on the async side, cheaply, in
+/// dozen writes in flight; unbounded, a refresh burst of 10,000 accounts would take a
+/// blocking thread per save (up to the pool's 512), all contending for the same disk and
+/// each holding a stack. Beyond this many, callers queue on the async side, cheaply, in
 /// arrival order.
 const MAX_DISK_OPS: usize = 16;
 

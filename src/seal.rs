@@ -11,6 +11,7 @@ use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use zeroize::Zeroize;
 
 use crate::secret::Secret;
 
@@ -153,6 +154,49 @@ impl Keyring {
                 "decryption failed: the file was altered, or belongs to another account".to_string()
             })
     }
+}
+
+/// Seals `plain` (zeroized here) for `account` into an envelope file's bytes. `aad` is the
+/// associated data: it ties the ciphertext to the account and to the kind of file.
+pub fn seal_file(keyring: &Keyring, account: &str, aad: &str, mut plain: Vec<u8>) -> Vec<u8> {
+    let envelope = Envelope {
+        version: crate::store::FORMAT_VERSION,
+        account: account.to_string(),
+        sealed: keyring.seal(aad, &plain),
+    };
+    plain.zeroize();
+    serde_json::to_vec_pretty(&envelope).expect("an envelope serializes")
+}
+
+/// Reads a file that may be sealed: `read` gets the file's bytes as they are when in
+/// clear, or the opened plaintext (zeroized afterwards) when they are an envelope for
+/// `account` sealed with `aad`. The errors name no secret: only account names, key ids
+/// and what is wrong.
+pub fn unseal<T>(
+    bytes: &[u8],
+    account: &str,
+    aad: &str,
+    keyring: Option<&Keyring>,
+    read: impl FnOnce(&[u8]) -> Result<T, String>,
+) -> Result<T, String> {
+    let Ok(envelope) = serde_json::from_slice::<Envelope>(bytes) else {
+        return read(bytes);
+    };
+    // An envelope names its account in clear too; this check and the associated data
+    // both tie it to this account.
+    if envelope.account != account {
+        return Err(format!(
+            "the file belongs to account {:?}",
+            envelope.account
+        ));
+    }
+    let Some(keyring) = keyring else {
+        return Err("the file is encrypted but no state.encryption_key is configured".into());
+    };
+    let mut plain = keyring.open(aad, &envelope.sealed)?;
+    let result = read(&plain);
+    plain.zeroize();
+    result
 }
 
 #[cfg(test)]

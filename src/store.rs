@@ -1,5 +1,5 @@
 //! Durable per-account state behind a narrow [`Store`] interface, and the file-backed
-//! implementation: one JSON file per account, written atomically (temp file, fsync,
+//! implementation: one JSON file per account, written atomically (temp file, fdatasync,
 //! rename, fsync dir), mode 0600 in a 0700 directory guarded by an exclusive lock. Also
 //! the handoffs through which `tokend login`, `import` and `logout` give an account a
 //! new refresh token (or none): applied directly when no daemon holds the lock, else
@@ -18,10 +18,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroize;
 
 use crate::config::AccountName;
-use crate::seal::{Envelope, Keyring};
+use crate::seal::{Keyring, seal_file, unseal};
 use crate::secret::Secret;
 
 /// The state file format version this build writes and reads.
@@ -166,8 +167,18 @@ pub trait Store: Send + Sync + 'static {
 pub struct FileStore {
     dir: PathBuf,
     keyring: Option<Keyring>,
+    /// One per file operation under way on the blocking pool; see [`MAX_DISK_OPS`].
+    disk_ops: Arc<Semaphore>,
     _lock: File,
 }
+
+/// How many loads, saves and removals may be on the blocking pool at once. Each is
+/// bound by fsync latency, not CPU, and one disk gains little from more than a few
+/// dozen writes in flight; unbounded, a refresh burst of 10,000 accounts would take a
+/// blocking thread per save (up to the pool's 512), all contending for the same disk and
+/// each holding a stack. Beyond this many, callers queue on the async side, cheaply, in
+/// arrival order.
+const MAX_DISK_OPS: usize = 16;
 
 const LOCK_FILE: &str = ".lock";
 const TEMP_PREFIX: &str = ".tokend-";
@@ -245,6 +256,7 @@ impl FileStore {
         Ok(Arc::new(FileStore {
             dir: dir.to_path_buf(),
             keyring,
+            disk_ops: Arc::new(Semaphore::new(MAX_DISK_OPS)),
             _lock: lock,
         }))
     }
@@ -252,21 +264,38 @@ impl FileStore {
     pub fn path(&self, account: &AccountName) -> PathBuf {
         state_path(&self.dir, account)
     }
+
+    /// Waits for one of the [`MAX_DISK_OPS`] places.
+    async fn disk_permit(&self) -> OwnedSemaphorePermit {
+        Arc::clone(&self.disk_ops)
+            .acquire_owned()
+            .await
+            .expect("the store never closes its semaphore")
+    }
+
+    /// Runs blocking file work off the async threads, holding a place among the
+    /// [`MAX_DISK_OPS`]; a panic there comes back as an I/O error.
+    async fn on_disk<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<T> {
+        let permit = self.disk_permit().await;
+        run_holding(permit, f).await
+    }
 }
 
-/// Runs blocking file work off the async threads; a panic there is an I/O error.
-async fn run_blocking<T: Send + 'static>(
-    account: AccountName,
-    path: PathBuf,
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|join| {
-        Err(StoreError::Read {
-            account,
-            path,
-            source: io::Error::other(join.to_string()),
-        })
+/// Runs `f` on the blocking pool. The permit goes with it and is released when `f` ends,
+/// not when the caller stops waiting: a cancelled save still occupies the disk until done.
+async fn run_holding<T: Send + 'static>(
+    permit: OwnedSemaphorePermit,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        f()
     })
+    .await
+    .map_err(|join| io::Error::other(join.to_string()))
 }
 
 /// The handoff file of `account` in `dir`.
@@ -431,13 +460,13 @@ impl Store for FileStore {
             let dir = self.dir.clone();
             let keyring = self.keyring.clone();
             let owned = account.clone();
-            tokio::task::spawn_blocking(move || load_blocking(&dir, keyring.as_ref(), &owned))
+            self.on_disk(move || load_blocking(&dir, keyring.as_ref(), &owned))
                 .await
-                .unwrap_or_else(|join| {
+                .unwrap_or_else(|source| {
                     Err(StoreError::Read {
                         account: account.clone(),
                         path: self.path(account),
-                        source: io::Error::other(join.to_string()),
+                        source,
                     })
                 })
         })
@@ -445,15 +474,19 @@ impl Store for FileStore {
 
     fn save<'a>(&'a self, account: &'a AccountName, state: &'a State) -> StoreFuture<'a, ()> {
         Box::pin(async move {
+            // Encoded only once a place is free, so a queue of saves holds no copies of
+            // the secrets.
+            let permit = self.disk_permit().await;
             let bytes = encode(account, state, self.keyring.as_ref());
             let dir = self.dir.clone();
             let path = self.path(account);
             let target = path.clone();
-            let result =
-                tokio::task::spawn_blocking(move || write_atomically(&dir, &target, bytes, 0o600))
-                    .await;
-            let result = result.unwrap_or_else(|join| Err(io::Error::other(join.to_string())));
-            result.map_err(|source| StoreError::Write {
+            run_holding(permit, move || {
+                write_atomically(&dir, &target, bytes, 0o600)
+            })
+            .await
+            .and_then(|written| written)
+            .map_err(|source| StoreError::Write {
                 account: account.clone(),
                 path,
                 source,
@@ -462,16 +495,7 @@ impl Store for FileStore {
     }
 
     fn remove<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()> {
-        let (dir, path) = (self.dir.clone(), self.path(account));
-        let owned = account.clone();
-        let target = path.clone();
-        Box::pin(run_blocking(account.clone(), path, move || {
-            remove_file_durably(&dir, &target).map_err(|source| StoreError::Write {
-                account: owned,
-                path: target,
-                source,
-            })
-        }))
+        Box::pin(self.remove_durably(account, self.path(account)))
     }
 
     fn location(&self, account: &AccountName) -> String {
@@ -484,25 +508,39 @@ impl Store for FileStore {
     }
 
     fn load_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<Handoff>> {
-        let (dir, path) = (self.dir.clone(), handoff_path(&self.dir, account));
-        let keyring = self.keyring.clone();
-        let owned = account.clone();
-        Box::pin(run_blocking(account.clone(), path.clone(), move || {
-            load_handoff_blocking(&dir, &path, keyring.as_ref(), &owned)
-        }))
+        Box::pin(async move {
+            let (dir, path) = (self.dir.clone(), handoff_path(&self.dir, account));
+            let keyring = self.keyring.clone();
+            let (owned, target) = (account.clone(), path.clone());
+            self.on_disk(move || load_handoff_blocking(&dir, &target, keyring.as_ref(), &owned))
+                .await
+                .unwrap_or_else(|source| {
+                    Err(StoreError::Read {
+                        account: account.clone(),
+                        path,
+                        source,
+                    })
+                })
+        })
     }
 
     fn clear_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()> {
-        let (dir, path) = (self.dir.clone(), handoff_path(&self.dir, account));
-        let owned = account.clone();
+        Box::pin(self.remove_durably(account, handoff_path(&self.dir, account)))
+    }
+}
+
+impl FileStore {
+    async fn remove_durably(&self, account: &AccountName, path: PathBuf) -> Result<(), StoreError> {
+        let dir = self.dir.clone();
         let target = path.clone();
-        Box::pin(run_blocking(account.clone(), path, move || {
-            remove_file_durably(&dir, &target).map_err(|source| StoreError::Write {
-                account: owned,
-                path: target,
+        self.on_disk(move || remove_file_durably(&dir, &target))
+            .await
+            .and_then(|removed| removed)
+            .map_err(|source| StoreError::Write {
+                account: account.clone(),
+                path,
                 source,
             })
-        }))
     }
 }
 
@@ -557,8 +595,9 @@ fn load_handoff_blocking(
     }
 }
 
-/// temp file in the same directory → write → fsync → rename over the target → fsync the
-/// directory. A crash at any point leaves either the old or the new file, never a torn one.
+/// temp file in the same directory → write → fdatasync → rename over the target → fsync
+/// the directory. A crash at any point leaves either the old or the new file, never a
+/// torn one, and the call returns only once the new one is durable.
 pub(crate) fn write_atomically(
     dir: &Path,
     target: &Path,
@@ -575,7 +614,12 @@ pub(crate) fn write_atomically(
         tmp.as_file()
             .set_permissions(fs::Permissions::from_mode(mode))?;
         tmp.write_all(&bytes)?;
-        tmp.as_file().sync_all()?;
+        // fdatasync suffices: for a new file it writes the data and the metadata needed
+        // to read it back (size, block map), i.e. everything the rename below exposes.
+        // What it may skip is timestamps and the mode set above; a lost mode change
+        // leaves the creation mode (0600 less the umask), never a wider one, and the
+        // journal commit of the directory fsync below carries it on ext4 and XFS anyway.
+        tmp.as_file().sync_data()?;
         tmp.persist(target).map_err(|e| e.error)?;
         sync_dir(dir)
     })();
@@ -669,13 +713,7 @@ fn encode_handoff(account: &AccountName, handoff: &Handoff, keyring: Option<&Key
     let mut bytes = serde_json::to_vec_pretty(&wire).expect("a handoff serializes");
     wire.refresh_token.zeroize();
     if let Some(keyring) = keyring {
-        let envelope = Envelope {
-            version: FORMAT_VERSION,
-            account: account.to_string(),
-            sealed: keyring.seal(&handoff_aad(account), &bytes),
-        };
-        bytes.zeroize();
-        bytes = serde_json::to_vec_pretty(&envelope).expect("envelope serializes");
+        bytes = seal_file(keyring, account.as_str(), &handoff_aad(account), bytes);
     }
     bytes.push(b'\n');
     bytes
@@ -686,15 +724,16 @@ fn decode_handoff(
     account: &AccountName,
     keyring: Option<&Keyring>,
 ) -> Result<Handoff, String> {
-    if let Ok(envelope) = serde_json::from_slice::<Envelope>(bytes) {
-        let Some(keyring) = keyring else {
-            return Err("the file is encrypted but no state.encryption_key is configured".into());
-        };
-        let mut plain = keyring.open(&handoff_aad(account), &envelope.sealed)?;
-        let handoff = decode_handoff(&plain, account, None);
-        plain.zeroize();
-        return handoff;
-    }
+    unseal(
+        bytes,
+        account.as_str(),
+        &handoff_aad(account),
+        keyring,
+        |plain| read_handoff(plain, account),
+    )
+}
+
+fn read_handoff(bytes: &[u8], account: &AccountName) -> Result<Handoff, String> {
     let mut wire: WireHandoff = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     if wire.version != FORMAT_VERSION {
         return Err(format!(
@@ -755,13 +794,7 @@ fn encode(account: &AccountName, state: &State, keyring: Option<&Keyring>) -> Ve
         a.token.zeroize();
     }
     if let Some(keyring) = keyring {
-        let envelope = Envelope {
-            version: FORMAT_VERSION,
-            account: account.to_string(),
-            sealed: keyring.seal(account.as_str(), &bytes),
-        };
-        bytes.zeroize();
-        bytes = serde_json::to_vec_pretty(&envelope).expect("envelope serializes");
+        bytes = seal_file(keyring, account.as_str(), account.as_str(), bytes);
     }
     bytes.push(b'\n');
     bytes
@@ -771,23 +804,16 @@ fn decode(bytes: &[u8], account: &AccountName, keyring: Option<&Keyring>) -> Res
     if bytes.is_empty() {
         return Err("the file is empty".into());
     }
-    // A sealed file names its account in clear too; the check below and the AEAD's
-    // associated data both tie it to this account.
-    if let Ok(envelope) = serde_json::from_slice::<Envelope>(bytes) {
-        if envelope.account != account.as_str() {
-            return Err(format!(
-                "the file belongs to account {:?}",
-                envelope.account
-            ));
-        }
-        let Some(keyring) = keyring else {
-            return Err("the file is encrypted but no state.encryption_key is configured".into());
-        };
-        let mut plain = keyring.open(account.as_str(), &envelope.sealed)?;
-        let state = decode(&plain, account, None);
-        plain.zeroize();
-        return state;
-    }
+    unseal(
+        bytes,
+        account.as_str(),
+        account.as_str(),
+        keyring,
+        |plain| read_wire(plain, account),
+    )
+}
+
+fn read_wire(bytes: &[u8], account: &AccountName) -> Result<State, String> {
     // serde_json's messages name line and column but never echo the input's values.
     let mut wire: Wire = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     if wire.version != FORMAT_VERSION {
@@ -1044,6 +1070,115 @@ mod tests {
             Some(&ring(1, &[])),
         );
         assert!(decode(&sealed, &name("a"), Some(&ring(1, &[]))).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_saves_is_bounded_on_disk_and_every_save_lands() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).unwrap();
+
+        // Hold the disk work of the first wave until the queue behind it has formed.
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Arc::new(std::sync::Mutex::new(gate));
+        let mut held = tokio::task::JoinSet::new();
+        for _ in 0..2 * MAX_DISK_OPS {
+            let (store, running, most, gate) = (
+                Arc::clone(&store),
+                Arc::clone(&running),
+                Arc::clone(&most),
+                Arc::clone(&gate),
+            );
+            held.spawn(async move {
+                store
+                    .on_disk(move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        gate.lock().unwrap().recv().unwrap();
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    })
+                    .await
+                    .unwrap()
+            });
+        }
+        while running.load(Ordering::SeqCst) < MAX_DISK_OPS {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(store.disk_ops.available_permits(), 0);
+        // Saves queue behind the held ones (and behind each other) rather than fail.
+        let saves: Vec<_> = (0..3 * MAX_DISK_OPS)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    let a = name(&format!("acct-{i}"));
+                    let mut state = sample();
+                    state.seed_fingerprint = Some(format!("fp-{i}"));
+                    store.save(&a, &state).await
+                })
+            })
+            .collect();
+        for _ in 0..2 * MAX_DISK_OPS {
+            release.send(()).unwrap();
+        }
+        held.join_all().await;
+        for save in saves {
+            save.await.unwrap().unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), MAX_DISK_OPS);
+        assert_eq!(store.disk_ops.available_permits(), MAX_DISK_OPS);
+        for i in 0..3 * MAX_DISK_OPS {
+            let state = store
+                .load(&name(&format!("acct-{i}")))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(state.seed_fingerprint, Some(format!("fp-{i}")));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_cancelled_save_leaves_the_old_or_the_new_record_and_frees_its_place() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).unwrap();
+        let a = name("acct");
+        store.save(&a, &sample()).await.unwrap();
+        let mut next = sample();
+        next.refresh_token = Some(Secret::new("rt-2"));
+        // Dropped at its first await: queued, or already handed to the blocking pool.
+        let save = store.save(&a, &next);
+        drop(tokio::time::timeout(Duration::ZERO, save).await);
+        let loaded = store.load(&a).await.unwrap().unwrap();
+        assert!(loaded == sample() || loaded == next);
+        // The blocking work that outlived its caller gave its place back.
+        while store.disk_ops.available_permits() < MAX_DISK_OPS {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[test]
+    fn sealed_state_and_handoffs_share_one_envelope_check() {
+        let keys = ring(1, &[]);
+        let state = encode(&name("a"), &sample(), Some(&keys));
+        let handoff = encode_handoff(&name("a"), &Handoff::Logout, Some(&keys));
+        for err in [
+            decode(&state, &name("b"), Some(&keys)).unwrap_err(),
+            decode_handoff(&handoff, &name("b"), Some(&keys)).unwrap_err(),
+        ] {
+            assert_eq!(err, "the file belongs to account \"a\"");
+        }
+        for err in [
+            decode(&state, &name("a"), None).unwrap_err(),
+            decode_handoff(&handoff, &name("a"), None).unwrap_err(),
+        ] {
+            assert!(err.contains("no state.encryption_key"), "{err}");
+        }
+        assert_eq!(decode(&state, &name("a"), Some(&keys)), Ok(sample()));
+        assert_eq!(
+            decode_handoff(&handoff, &name("a"), Some(&keys)),
+            Ok(Handoff::Logout)
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, Uri};
+use axum::response::IntoResponse;
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokend::fake_provider::FakeProvider;
@@ -446,6 +447,86 @@ async fn key_file_is_sent_as_a_bearer_key() {
     assert!(
         headers.get("authorization").is_none(),
         "no key file, no Authorization: {headers:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_work_over_a_unix_socket_and_read_chunked_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("tokend.sock");
+    let key_file = dir.path().join("consumer.key");
+    std::fs::write(&key_file, "k3y-Of-The-Consumer\n").unwrap();
+    let seen: Seen = Arc::default();
+    let record = seen.clone();
+    // Answers in chunks of unknown total length (`Transfer-Encoding: chunked`); a refusal
+    // for the account `nope`, as the daemon words it.
+    let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
+        let record = record.clone();
+        async move {
+            record.lock().unwrap().push((uri.to_string(), headers));
+            if uri.path().contains("/nope/") {
+                let body = r#"{"error":"unknown_account","error_description":"no account nope"}"#;
+                return (StatusCode::NOT_FOUND, body).into_response();
+            }
+            let chunks = ["chunked-", "recorded-", "token"].map(Ok::<_, std::io::Error>);
+            axum::body::Body::from_stream(futures_util::stream::iter(chunks)).into_response()
+        }
+    });
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .await
+            .expect("the recorder serves");
+    });
+    let endpoint = format!("unix:{}", socket.display());
+
+    let key_arg = key_file.to_str().unwrap();
+    let out = client_cmd(&["token", "zy", "--key-file", key_arg], &endpoint).await;
+    assert_eq!(
+        expect_code(&out, 0).stdout,
+        "chunked-recorded-token\n",
+        "the whole chunked body, once"
+    );
+    let out = client_cmd(&["token", "nope"], &endpoint).await;
+    let stderr = expect_code(&out, 1).stderr;
+    assert!(stderr.contains("HTTP 404: no account nope"), "{stderr}");
+    assert!(out.stdout.is_empty());
+
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let (path, headers) = &seen[0];
+    assert_eq!(path, "/v1/token/zy/access_token");
+    let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap());
+    assert_eq!(header("host"), Some("localhost"));
+    assert_eq!(header("tokend-request"), Some("cli"));
+    assert_eq!(header("authorization"), Some("Bearer k3y-Of-The-Consumer"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_endpoints_are_refused_as_usage_errors() {
+    // The daemon never serves TLS: nothing is sent, whoever listens there.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let endpoint = format!("https://{}", listener.local_addr().unwrap());
+    for args in [
+        &["token", "zy"][..],
+        &["status"],
+        &["health"],
+        &["refresh", "zy"],
+    ] {
+        let out = client_cmd(args, &endpoint).await;
+        let stderr = expect_code(&out, 2).stderr;
+        assert!(stderr.contains(&endpoint), "{args:?}: {stderr}");
+        assert!(stderr.contains("plain HTTP"), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    // A connection, even one closed since, would wait in the accept queue.
+    let accepted = listener.accept().map(|(_, peer)| peer);
+    assert!(
+        accepted
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "no connection was made: {accepted:?}"
     );
 }
 

@@ -139,6 +139,14 @@ impl AccountName {
     }
 }
 
+// Sound: the derived `Eq`, `Ord` and `Hash` compare the inner `str`, so maps keyed by
+// names can be searched with a plain `&str` (no allocation per lookup).
+impl std::borrow::Borrow<str> for AccountName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for AccountName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -2,24 +2,30 @@
 //! Handlers read published snapshots; only a reader that needs a fresher token than the
 //! published one waits, and then on the account's single in-flight refresh.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use axum::extract::MatchedPath;
+use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::extract::{FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
+use futures_util::FutureExt as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tower::{Layer, Service};
 
 use crate::access::{Access, AccessError, Caller};
 use crate::clock::Clock;
 use crate::listen::Peer;
+use crate::metrics::HttpRoute;
 use crate::refresher::rfc3339;
 use crate::token_cell::{AccountHandle, DemandError, Registry, Served, Status};
 
@@ -38,21 +44,33 @@ pub struct ApiState {
 
 /// Every route of the API.
 pub fn router(state: ApiState) -> Router {
-    let token_routes = Router::new()
+    Router::new()
         .route("/v1/token/{account}", get(token_json))
         .route("/v1/token/{account}/access_token", get(token_plain))
         .route("/v1/accounts/{account}/refresh", post(force_refresh))
-        .route_layer(middleware::from_fn_with_state(state.clone(), guard));
-    Router::new()
-        .merge(token_routes)
         .route("/v1/accounts", get(accounts))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .layer(middleware::from_fn(count_requests))
+        .layer(CountRequestsLayer)
         .with_state(state)
 }
+
+/// The route patterns of `router()`, each with pre-registered request counters. A route
+/// missing here is still counted, through the slower labelled lookup.
+const ROUTES: [&str; 7] = [
+    "/v1/token/{account}",
+    "/v1/token/{account}/access_token",
+    "/v1/accounts/{account}/refresh",
+    "/v1/accounts",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+];
+
+static HTTP_REQUESTS: crate::metrics::HttpRequests<{ ROUTES.len() }> =
+    crate::metrics::HttpRequests::new(ROUTES);
 
 /// API errors: a stable `error` code and a human `error_description`, never a secret.
 #[derive(Debug)]
@@ -156,55 +174,120 @@ fn bad_request(rejection: impl std::fmt::Display) -> ApiError {
     ApiError::BadRequest(rejection.to_string())
 }
 
-async fn count_requests(request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let response = next.run(request).await;
-    crate::metrics::record_http(&route, response.status().as_u16());
-    response
+/// Counts every request by route pattern and status (`tokend_http_requests_total`). A
+/// plain tower layer rather than `middleware::from_fn`, which boxes a future and clones
+/// the inner service on every request.
+#[derive(Debug, Clone, Copy)]
+struct CountRequestsLayer;
+
+impl<S> Layer<S> for CountRequestsLayer {
+    type Service = CountRequests<S>;
+
+    fn layer(&self, inner: S) -> CountRequests<S> {
+        CountRequests { inner }
+    }
 }
 
-/// The guards of every token and admin route, in order: the `Tokend-Request` header
-/// (keeps out forged requests from SSRF), no proxy or browser headers, a loopback `Host`
-/// (defeats DNS rebinding), then the consumer's identity when consumers are configured.
-async fn guard(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
-    let headers = request.headers();
-    let marked = headers
-        .get(REQUEST_HEADER)
-        .is_some_and(|v| !v.as_bytes().iter().all(u8::is_ascii_whitespace));
-    if !marked {
-        return ApiError::MissingRequestHeader.into_response();
-    }
-    for proxied in ["origin", "x-forwarded-for", "forwarded"] {
-        if headers.contains_key(proxied) {
-            return ApiError::Proxied(match proxied {
-                "origin" => "Origin",
-                "x-forwarded-for" => "X-Forwarded-For",
-                _ => "Forwarded",
-            })
-            .into_response();
-        }
-    }
-    let peer = request.extensions().get::<Peer>().cloned();
-    // Only loopback TCP peers are held to a loopback Host: a Unix socket has no host,
-    // and remote peers exist only where the operator set allow_remote.
-    if matches!(&peer, Some(p @ Peer::Tcp(_)) if p.is_loopback())
-        && let Some(host) = headers.get(header::HOST)
-        && !is_loopback_host(host.as_bytes())
-    {
-        return ApiError::ForeignHost.into_response();
-    }
-    let caller = match state.access.load().identify(headers, peer.as_ref()) {
-        Ok(c) => c,
-        Err(e) => {
-            return ApiError::Unauthorized(e).into_response();
-        }
-    };
-    request.extensions_mut().insert(caller);
-    next.run(request).await
+#[derive(Debug, Clone)]
+struct CountRequests<S> {
+    inner: S,
 }
+
+impl<S, B> Service<Request<B>> for CountRequests<S>
+where
+    S: Service<Request<B>, Response = Response>,
+    S::Future: Unpin,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Counted<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let pattern = request
+            .extensions()
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str);
+        Counted {
+            route: HTTP_REQUESTS.classify(pattern),
+            inner: self.inner.call(request),
+        }
+    }
+}
+
+/// The response future of [`CountRequests`]: counts the request once it is answered.
+/// Needs an `Unpin` inner future (axum's route futures are), so it is polled without
+/// boxing or unsafe pin projection.
+struct Counted<F> {
+    route: HttpRoute,
+    inner: F,
+}
+
+impl<F, E> Future for Counted<F>
+where
+    F: Future<Output = Result<Response, E>> + Unpin,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let result = ready!(self.inner.poll_unpin(cx));
+        if let Ok(response) = &result {
+            HTTP_REQUESTS.record(&self.route, response.status().as_u16());
+        }
+        Poll::Ready(result)
+    }
+}
+
+/// The caller of a token or admin route, admitted by the guards, which run in order: the
+/// `Tokend-Request` header (keeps out forged requests from SSRF), no proxy or browser
+/// headers, a loopback `Host` (defeats DNS rebinding), then the consumer's identity when
+/// consumers are configured. An extractor, taken first by those handlers, rather than a
+/// `route_layer`: a layer costs a boxed future and a service clone per request. A wrong
+/// method on a guarded route still answers 405: the handler, and so the guard, never runs.
+struct Guarded(Caller);
+
+impl FromRequestParts<ApiState> for Guarded {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let headers = &parts.headers;
+        let marked = headers
+            .get(REQUEST_HEADER)
+            .is_some_and(|v| !v.as_bytes().iter().all(u8::is_ascii_whitespace));
+        if !marked {
+            return Err(ApiError::MissingRequestHeader);
+        }
+        for (proxied, shown) in [
+            (header::ORIGIN, "Origin"),
+            (X_FORWARDED_FOR, "X-Forwarded-For"),
+            (header::FORWARDED, "Forwarded"),
+        ] {
+            if headers.contains_key(proxied) {
+                return Err(ApiError::Proxied(shown));
+            }
+        }
+        let peer = parts.extensions.get::<Peer>();
+        // Only loopback TCP peers are held to a loopback Host: a Unix socket has no host,
+        // and remote peers exist only where the operator set allow_remote.
+        if matches!(peer, Some(p @ Peer::Tcp(_)) if p.is_loopback())
+            && let Some(host) = headers.get(header::HOST)
+            && !is_loopback_host(host.as_bytes())
+        {
+            return Err(ApiError::ForeignHost);
+        }
+        state
+            .access
+            .load()
+            .identify(headers, peer)
+            .map(Guarded)
+            .map_err(ApiError::Unauthorized)
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// `localhost`, `127.x.y.z` or `[::1]`, with or without a port.
 fn is_loopback_host(host: &[u8]) -> bool {
@@ -327,34 +410,55 @@ fn no_store(mut response: Response) -> Response {
 }
 
 async fn token_json(
+    Guarded(caller): Guarded,
     State(state): State<ApiState>,
-    Extension(caller): Extension<Caller>,
     account: Result<Path<String>, PathRejection>,
     query: Result<Query<TokenQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Path(account) = account.map_err(bad_request)?;
     let Query(query) = query.map_err(bad_request)?;
     let (_, token) = current_token(&state, &caller, &account, &query).await?;
-    let body = token.json_body(state.clock.now());
-    let response = ([(header::CONTENT_TYPE, "application/json")], body.to_vec()).into_response();
-    Ok(no_store(response))
+    // Handed over without a copy; wiped once hyper has written it.
+    let body = Bytes::from_owner(token.json_body(state.clock.now()));
+    Ok(token_response(APPLICATION_JSON, body))
 }
 
 async fn token_plain(
+    Guarded(caller): Guarded,
     State(state): State<ApiState>,
-    Extension(caller): Extension<Caller>,
     account: Result<Path<String>, PathRejection>,
     query: Result<Query<TokenQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Path(account) = account.map_err(bad_request)?;
     let Query(query) = query.map_err(bad_request)?;
     let (_, token) = current_token(&state, &caller, &account, &query).await?;
-    let response = (
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        token.access_token.expose().to_string(),
-    )
-        .into_response();
-    Ok(no_store(response))
+    // The body borrows the token from the published snapshot: no copy of the secret.
+    Ok(token_response(
+        TEXT_PLAIN,
+        Bytes::from_owner(PlainToken(token)),
+    ))
+}
+
+/// The bytes of an access token, for a response body that holds the token alive.
+struct PlainToken(Arc<Served>);
+
+impl AsRef<[u8]> for PlainToken {
+    fn as_ref(&self) -> &[u8] {
+        self.0.access_token.expose().as_bytes()
+    }
+}
+
+const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
+const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+
+/// A token answer: its content type and the headers that keep it out of caches, in a
+/// header map sized for them.
+fn token_response(content_type: HeaderValue, body: Bytes) -> Response {
+    let mut headers = HeaderMap::with_capacity(3);
+    headers.insert(header::CONTENT_TYPE, content_type);
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    (headers, body).into_response()
 }
 
 fn time_field(t: Option<SystemTime>) -> Value {
@@ -402,8 +506,8 @@ async fn accounts(State(state): State<ApiState>, request: Request) -> Response {
 /// `POST /v1/accounts/{account}/refresh`: a refresh now, whatever the token's age
 /// (operators' `tokend refresh`). Answers with the account's new state, not the token.
 async fn force_refresh(
+    Guarded(caller): Guarded,
     State(state): State<ApiState>,
-    Extension(caller): Extension<Caller>,
     account: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let Path(account) = account.map_err(bad_request)?;
@@ -484,6 +588,80 @@ async fn not_found() -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    fn api() -> Router {
+        router(ApiState {
+            registry: Arc::new(Registry::default()),
+            clock: Clock::system(),
+            access: Arc::new(ArcSwap::from_pointee(Access::default())),
+        })
+    }
+
+    async fn status(api: &Router, method: &str, uri: &str) -> u16 {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::empty())
+            .unwrap();
+        api.clone()
+            .oneshot(request)
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// The value of the `tokend_http_requests_total` series with these labels.
+    fn requests_counted(route: &str, status: u16) -> u64 {
+        let series =
+            format!("tokend_http_requests_total{{route=\"{route}\",status=\"{status}\"}} ");
+        crate::metrics::handle()
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn every_counted_route_is_a_route() {
+        let api = api();
+        for route in ROUTES {
+            // No route answers DELETE: 405 shows the path matched a route.
+            let uri = route.replace("{account}", "some-account");
+            assert_eq!(status(&api, "DELETE", &uri).await, 405, "{route}");
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_are_counted_by_route_pattern_and_status() {
+        let api = api();
+        // Other tests may add to these series concurrently: counts are compared as lower
+        // bounds.
+        let before = [
+            requests_counted("/v1/accounts/{account}/refresh", 405),
+            requests_counted("unmatched", 404),
+        ];
+        assert_eq!(status(&api, "PUT", "/v1/accounts/a/refresh").await, 405);
+        assert_eq!(status(&api, "PUT", "/v1/accounts/b/refresh").await, 405);
+        assert_eq!(status(&api, "GET", "/no/such/route").await, 404);
+        assert!(requests_counted("/v1/accounts/{account}/refresh", 405) >= before[0] + 2);
+        assert!(requests_counted("unmatched", 404) > before[1]);
+
+        // A route missing from the table, and a status outside the pre-registered ones,
+        // are counted through the labelled lookup.
+        let table = crate::metrics::HttpRequests::new(["/listed"]);
+        let unlisted = table.classify(Some("/unlisted-in-this-test"));
+        assert_eq!(
+            unlisted,
+            HttpRoute::Unlisted("/unlisted-in-this-test".into())
+        );
+        table.record(&unlisted, 418);
+        table.record(&table.classify(Some("/listed")), 200);
+        assert_eq!(requests_counted("/unlisted-in-this-test", 418), 1);
+        assert_eq!(requests_counted("/listed", 200), 1);
+    }
 
     #[test]
     fn only_loopback_hosts_pass() {

@@ -33,7 +33,7 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who is on the other end of a connection; handlers find it in request extensions.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peer {
     Tcp(SocketAddr),
     /// Credentials the kernel reports for a Unix-socket peer (SO_PEERCRED).
@@ -237,7 +237,7 @@ async fn accept_loop(
             router
                 .clone()
                 .map_request(move |mut request: http::Request<hyper::body::Incoming>| {
-                    request.extensions_mut().insert(peer.clone());
+                    request.extensions_mut().insert(peer);
                     request
                 });
         let connection = hyper::server::conn::http1::Builder::new()

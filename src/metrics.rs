@@ -6,7 +6,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metrics::{
-    Counter, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+    Counter, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    histogram,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
@@ -94,11 +95,17 @@ fn describe() {
     );
 }
 
-/// A refresh attempt's outcome, as a label value.
+/// A refresh attempt's outcome, as a label value. The duration histogram has no account
+/// label: a histogram per account costs about a kilobyte each, which at thousands of
+/// accounts is a large part of the daemon's memory; the per-account counter says which
+/// accounts fail.
 pub fn record_refresh(account: &str, outcome: &'static str, took: Duration) {
+    static DURATION: OnceLock<Histogram> = OnceLock::new();
     handle();
     counter!(REFRESH_ATTEMPTS, "account" => account.to_string(), "outcome" => outcome).increment(1);
-    histogram!(REFRESH_DURATION, "account" => account.to_string()).record(took.as_secs_f64());
+    DURATION
+        .get_or_init(|| histogram!(REFRESH_DURATION))
+        .record(took.as_secs_f64());
 }
 
 pub fn record_persist_failure(account: &str) {
@@ -112,9 +119,74 @@ pub fn token_reads(account: &str, consumer: &str) -> Counter {
     counter!(TOKEN_READS, "account" => account.to_string(), "consumer" => consumer.to_string())
 }
 
-pub fn record_http(route: &str, status: u16) {
+/// The `route` label of requests that matched no route.
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// The statuses the API answers. Each, with each listed route, has a counter registered on
+/// first use; any other status takes the slower labelled lookup.
+const HTTP_STATUSES: [u16; 7] = [200, 400, 401, 403, 404, 405, 503];
+
+/// `tokend_http_requests_total{route, status}` for a fixed list of routes: counting a
+/// request is a table index and an atomic add, where a labelled `counter!` would build
+/// two label strings and look the series up in the registry every time.
+pub struct HttpRequests<const R: usize> {
+    routes: [&'static str; R],
+    counters: [[OnceLock<Counter>; HTTP_STATUSES.len()]; R],
+    unmatched: [OnceLock<Counter>; HTTP_STATUSES.len()],
+}
+
+/// Which route a request took, found before the handler runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpRoute {
+    /// The route at this position in the list.
+    Listed(usize),
+    Unmatched,
+    /// A route missing from the list: counted correctly, only more slowly.
+    Unlisted(String),
+}
+
+impl<const R: usize> HttpRequests<R> {
+    pub const fn new(routes: [&'static str; R]) -> Self {
+        HttpRequests {
+            routes,
+            counters: [const { [const { OnceLock::new() }; HTTP_STATUSES.len()] }; R],
+            unmatched: [const { OnceLock::new() }; HTTP_STATUSES.len()],
+        }
+    }
+
+    /// The route of a request whose matched route pattern is `pattern` (`None`: none).
+    pub fn classify(&self, pattern: Option<&str>) -> HttpRoute {
+        match pattern {
+            None => HttpRoute::Unmatched,
+            Some(p) => match self.routes.iter().position(|r| *r == p) {
+                Some(i) => HttpRoute::Listed(i),
+                None => HttpRoute::Unlisted(p.to_string()),
+            },
+        }
+    }
+
+    pub fn record(&self, route: &HttpRoute, status: u16) {
+        let (label, row) = match route {
+            HttpRoute::Listed(i) => (self.routes[*i], &self.counters[*i]),
+            HttpRoute::Unmatched => (UNMATCHED_ROUTE, &self.unmatched),
+            HttpRoute::Unlisted(pattern) => return record_http(pattern, status),
+        };
+        match HTTP_STATUSES.iter().position(|s| *s == status) {
+            Some(i) => row[i]
+                .get_or_init(|| http_counter(label, status))
+                .increment(1),
+            None => record_http(label, status),
+        }
+    }
+}
+
+fn record_http(route: &str, status: u16) {
+    http_counter(route, status).increment(1);
+}
+
+fn http_counter(route: &str, status: u16) -> Counter {
+    handle();
     counter!(HTTP_REQUESTS, "route" => route.to_string(), "status" => status.to_string())
-        .increment(1);
 }
 
 /// Renders every metric, after bringing the time-dependent gauges up to date.

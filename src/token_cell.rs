@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -112,13 +113,21 @@ impl Served {
         }
     }
 
-    /// The JSON answer of `GET /v1/token/{account}` at `now`.
+    /// The JSON answer of `GET /v1/token/{account}` at `now`. It holds the token, so it
+    /// is wiped on drop, and allocated once at its exact size (this runs on every read;
+    /// and a reallocation would leave an unwiped copy behind).
     pub fn json_body(&self, now: SystemTime) -> Zeroizing<Vec<u8>> {
-        let mut out = Vec::with_capacity(self.json_prefix.len() + 24);
+        let expires_in = self.valid_for(now).as_secs();
+        let digits = expires_in.checked_ilog10().map_or(1, |d| d as usize + 1);
+        let mut out = Zeroizing::new(Vec::with_capacity(self.json_prefix.len() + digits + 1));
         out.extend_from_slice(&self.json_prefix);
-        out.extend_from_slice(self.valid_for(now).as_secs().to_string().as_bytes());
-        out.push(b'}');
-        Zeroizing::new(out)
+        write!(out, "{expires_in}}}").expect("writing to a Vec cannot fail");
+        debug_assert_eq!(
+            out.len(),
+            out.capacity(),
+            "sized exactly, never reallocated"
+        );
+        out
     }
 
     /// How long the token stays valid after `now` (zero once expired).
@@ -325,9 +334,10 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The account named `name`; a string that is not a valid account name is simply
+    /// not found. Looks up by `&str`: this runs on every token read.
     pub fn get(&self, name: &str) -> Option<Arc<AccountHandle>> {
-        let name = AccountName::parse(name).ok()?;
-        self.accounts.load().get(&name).cloned()
+        self.accounts.load().get(name).cloned()
     }
 
     pub fn all(&self) -> Arc<BTreeMap<AccountName, Arc<AccountHandle>>> {
@@ -379,5 +389,8 @@ mod tests {
         let later: serde_json::Value =
             serde_json::from_slice(&served.json_body(issued + Duration::from_secs(3599))).unwrap();
         assert_eq!(later["expires_in"], 1);
+        let expired: serde_json::Value =
+            serde_json::from_slice(&served.json_body(issued + Duration::from_secs(7200))).unwrap();
+        assert_eq!(expired["expires_in"], 0);
     }
 }

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,7 +20,9 @@ use crate::provider::{ErrorClass, Provider, TokenGrant, jwt_exp};
 use crate::schedule;
 use crate::sinks;
 use crate::store::{AccessToken, Handoff, State, Store, StoreError};
-use crate::token_cell::{AccountHandle, Demand, DemandError, Served, Snapshot, Status};
+use crate::token_cell::{
+    AccountHandle, Demand, DemandError, DemandReceiver, Demands, Served, Snapshot, Status,
+};
 
 /// Everything a refresher needs from outside.
 pub struct Deps {
@@ -44,7 +46,7 @@ pub struct Refresher {
     config: Arc<AccountConfig>,
     handle: Arc<AccountHandle>,
     deps: Deps,
-    demands: mpsc::Receiver<Demand>,
+    demands: DemandReceiver,
     /// What is (or must become) durable.
     state: State,
     /// `state` differs from what the store holds: a save failed and is retried.
@@ -55,6 +57,12 @@ pub struct Refresher {
     served: Option<Arc<Served>>,
     /// Planned refresh of a healthy token.
     refresh_at: Option<SystemTime>,
+    /// `refresh_at` continues the account's schedule: it was planned from a token that a
+    /// planned refresh obtained, or loaded with its plan still ahead. A refresh that does
+    /// not (the first token, a re-seed, a crash recovery, a retry, a reader's demand, a
+    /// plan overdue after a restart or a clock jump) plans its successor over the whole
+    /// period instead, so accounts that refreshed together do not stay in step.
+    planned: bool,
     /// Retry after a failed refresh; replaces `refresh_at` while set.
     retry_at: Option<SystemTime>,
     attempt: u32,
@@ -81,11 +89,10 @@ impl Refresher {
         config: Arc<AccountConfig>,
         deps: Deps,
     ) -> (Refresher, Arc<AccountHandle>) {
-        let (tx, rx) = mpsc::channel(256);
         let handle = Arc::new(AccountHandle {
             config: config.clone(),
             cell: arc_swap::ArcSwap::from_pointee(Snapshot::pending()),
-            demands: tx,
+            demands: Demands::default(),
             changes: deps.changes.clone(),
             reads: crate::metrics::token_reads(config.name.as_str(), "-"),
         });
@@ -128,7 +135,7 @@ impl Refresher {
             config: config.clone(),
             handle: handle.clone(),
             deps,
-            demands: rx,
+            demands: DemandReceiver::new(handle.clone()),
             state: loaded.unwrap_or_default(),
             unsaved: false,
             save_error: None,
@@ -136,6 +143,7 @@ impl Refresher {
             save_retry_at: None,
             served: None,
             refresh_at: None,
+            planned: false,
             retry_at: None,
             attempt: 0,
             last_error: load_error,
@@ -170,7 +178,15 @@ impl Refresher {
         if let Some(access) = &r.state.access {
             r.served = Some(Arc::new(Served::new(&config.name, access, &config.headers)));
             if r.refresh_at.is_none() {
-                r.refresh_at = Some(r.plan_refresh(access));
+                // The normal plan from the token's own issue time: persisted tokens were
+                // issued at whatever phases the last run left (spread, if it ran long
+                // enough), and a restart does not bunch them. A spread draw from the issue
+                // time would land in the past for some and refresh them all at start.
+                let at = r.plan_refresh(access, true);
+                // An overdue plan is refreshed at once, alongside every other overdue
+                // account: that refresh is not on schedule.
+                r.planned = at > now;
+                r.refresh_at = Some(at);
             }
             info!(account = %name, expires_at = %rfc3339(access.expires_at), "loaded a persisted access token");
         }
@@ -210,68 +226,88 @@ impl Refresher {
         }
     }
 
-    fn plan_refresh(&self, access: &AccessToken) -> SystemTime {
+    /// When to refresh `access`: by the normal plan when it was obtained on schedule,
+    /// else anywhere in the whole period (see [`schedule::spread_refresh_delay`]).
+    fn plan_refresh(&self, access: &AccessToken, on_schedule: bool) -> SystemTime {
         let lifetime = access
             .expires_at
             .duration_since(access.issued_at)
             .unwrap_or(Duration::ZERO);
-        access.issued_at + schedule::refresh_delay(lifetime, &self.config.refresh, rand::random())
+        let policy = &self.config.refresh;
+        let delay = if on_schedule {
+            schedule::refresh_delay(lifetime, policy, rand::random())
+        } else {
+            schedule::spread_refresh_delay(lifetime, policy, rand::random())
+        };
+        access.issued_at + delay
     }
 
     /// The refresher's loop; returns on cancellation after saving anything unsaved.
-    pub async fn run(mut self, cancel: CancellationToken) {
-        if self.unsaved {
-            self.save().await;
-        }
-        // A token carried over from the last run goes to the sinks too (no hook: this is
-        // not a refresh).
-        if self
-            .served
-            .as_ref()
-            .is_some_and(|t| t.satisfies(self.deps.clock.now(), Duration::ZERO))
-        {
-            self.write_sinks().await;
-            self.publish();
-        }
-        let mut watch_jumps = true;
-        loop {
-            let wake = self.next_wake();
-            let sleep = async {
-                match wake {
-                    Some(at) => tokio::time::sleep(self.deps.clock.until(at)).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                Some(demand) = self.demands.recv() => self.on_demand(demand).await,
-                changed = self.deps.jumps.changed(), if watch_jumps => {
-                    // Re-plan: the loop recomputes the sleep from the wall clock.
-                    if changed.is_err() {
-                        watch_jumps = false;
-                    }
-                }
-                _ = sleep => self.on_timer().await,
+    ///
+    /// Every refresh, save and sink write is boxed while it runs: the task's own state
+    /// then holds only a pointer while it sleeps, which is nearly all the time, instead of
+    /// room for the largest of those futures (~2 KB per account, thousands of accounts).
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would hold `self` twice"
+    )]
+    pub fn run(mut self, cancel: CancellationToken) -> impl Future<Output = ()> + Send + 'static {
+        // An `async` block over `self`, not an `async fn`: an async fn moves its arguments
+        // into locals and its state keeps room for both copies (rust-lang/rust#62958).
+        async move {
+            if self.unsaved {
+                Box::pin(self.save()).await;
             }
+            // A token carried over from the last run goes to the sinks too (no hook: this is
+            // not a refresh).
+            if self
+                .served
+                .as_ref()
+                .is_some_and(|t| t.satisfies(self.deps.clock.now(), Duration::ZERO))
+            {
+                Box::pin(self.write_sinks()).await;
+                self.publish();
+            }
+            let mut watch_jumps = true;
+            loop {
+                let wake = self.next_wake();
+                let sleep = async {
+                    match wake {
+                        Some(at) => tokio::time::sleep(self.deps.clock.until(at)).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    demand = self.demands.recv() => Box::pin(self.on_demand(demand)).await,
+                    changed = self.deps.jumps.changed(), if watch_jumps => {
+                        // Re-plan: the loop recomputes the sleep from the wall clock. A jump
+                        // forward makes every account's plan due at once: not on schedule.
+                        if changed.is_err() {
+                            watch_jumps = false;
+                        } else if self.refresh_at.is_some_and(|t| t <= self.deps.clock.now()) {
+                            self.planned = false;
+                        }
+                    }
+                    _ = sleep => Box::pin(self.on_timer()).await,
+                }
+            }
+            if self.unsaved {
+                Box::pin(self.save()).await;
+            }
+            if self.deps.daemon_stopping.is_cancelled()
+                && !self
+                    .deps
+                    .keep_sinks
+                    .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                sinks::remove(&self.config);
+            }
+            debug!(account = %self.config.name, "refresher stopped");
+            // Readers waiting on this refresher get a clear answer (`Gone`), not a timeout.
+            drop(self.demands);
         }
-        if self.unsaved {
-            self.save().await;
-        }
-        if self.deps.daemon_stopping.is_cancelled()
-            && !self
-                .deps
-                .keep_sinks
-                .load(std::sync::atomic::Ordering::SeqCst)
-        {
-            sinks::remove(&self.config);
-        }
-        // Readers waiting on this refresher get a clear answer, not a dropped channel.
-        self.demands.close();
-        while let Ok(d) = self.demands.try_recv() {
-            let _ = d.reply.send(Err(DemandError::Gone));
-        }
-        debug!(account = %self.config.name, "refresher stopped");
     }
 
     fn next_wake(&self) -> Option<SystemTime> {
@@ -300,7 +336,8 @@ impl Refresher {
         if self.next_wake().is_some_and(|t| t <= self.deps.clock.now())
             && self.needs_reauth.is_none()
         {
-            self.refresh().await;
+            let on_schedule = self.planned && self.retry_at.is_none() && self.served.is_some();
+            self.refresh(on_schedule).await;
         }
     }
 
@@ -353,9 +390,9 @@ impl Refresher {
             return;
         }
         let mut waiting = vec![demand];
-        let refreshed = self.refresh().await;
+        let refreshed = self.refresh(false).await;
         // Every reader that queued up during the refresh shares its result.
-        while let Ok(d) = self.demands.try_recv() {
+        while let Some(d) = self.demands.try_recv() {
             waiting.push(d);
         }
         let now = self.deps.clock.now();
@@ -383,7 +420,8 @@ impl Refresher {
     }
 
     /// One refresh: mark → call → persist → publish. True when a new token was obtained.
-    async fn refresh(&mut self) -> bool {
+    /// `on_schedule`: this is the planned refresh of the current token (see `planned`).
+    async fn refresh(&mut self, on_schedule: bool) -> bool {
         let name = self.config.name.clone();
         let rotating = matches!(self.config.grant, Grant::RefreshToken { .. });
         let refresh_token = self.state.refresh_token.clone();
@@ -446,7 +484,8 @@ impl Refresher {
                     scope: response.scope.or_else(|| self.config.scope.clone()),
                     issued_at: now,
                 };
-                self.refresh_at = Some(self.plan_refresh(&access));
+                self.refresh_at = Some(self.plan_refresh(&access, on_schedule));
+                self.planned = true;
                 self.state.access = Some(access);
                 self.state.refresh_in_flight_since = None;
                 self.state.last_refresh = Some(now);
@@ -720,3 +759,72 @@ async fn apply_handoff(
 }
 
 pub use crate::token_cell::rfc3339;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, SystemEnvironment};
+    use crate::provider::Transport;
+    use crate::store::FileStore;
+
+    async fn refresher(dir: &tempfile::TempDir) -> (Refresher, Arc<AccountHandle>) {
+        let text = format!(
+            "[state]\ndir = \"{}\"\n\n[accounts.cc]\ngrant = \"client_credentials\"\ntoken_url = \"http://127.0.0.1/token\"\nclient_id = \"id\"\nclient_secret = \"secret\"\n",
+            dir.path().display()
+        );
+        let config =
+            Config::from_str_at(&text, std::path::Path::new("test.toml"), &SystemEnvironment)
+                .unwrap();
+        let account = config.accounts.values().next().unwrap().clone();
+        let clock = Clock::system();
+        let fake = crate::fake_provider::FakeProvider::new(Duration::from_secs(60), clock.clone());
+        let deps = Deps {
+            store: FileStore::open(dir.path()).unwrap(),
+            provider: Provider::new(Transport::InProcess(fake.router())),
+            clock,
+            jumps: watch::Sender::new(0).subscribe(),
+            changes: watch::Sender::new(0),
+            tracker: TaskTracker::new(),
+            daemon_stopping: CancellationToken::new(),
+            keep_sinks: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        Refresher::prepare(account, deps).await
+    }
+
+    #[tokio::test]
+    async fn a_sleeping_refresher_task_holds_little_beyond_its_own_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _handle) = refresher(&dir).await;
+        let own = std::mem::size_of_val(&r);
+        let task = std::mem::size_of_val(&r.run(CancellationToken::new()));
+        // The select's own futures (timer, cancellation, demands, clock jumps) take a few
+        // hundred bytes; a refresh chain held inline took ~1.6 KB more, per account.
+        assert!(
+            task <= own + 768,
+            "the run future is {task} B for {own} B of state: is a refresh future held inline?"
+        );
+    }
+
+    #[tokio::test]
+    async fn readers_get_a_clear_answer_once_the_refresher_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, handle) = refresher(&dir).await;
+        // Queued before the refresher ever ran; it then stops (shutdown, reload or a
+        // panic all drop it).
+        let waiting = tokio::spawn({
+            let handle = handle.clone();
+            async move {
+                handle
+                    .demand(Duration::ZERO, true, Duration::from_secs(60))
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        drop(r);
+        assert!(matches!(waiting.await.unwrap(), Err(DemandError::Gone)));
+        let late = handle
+            .demand(Duration::ZERO, true, Duration::from_secs(60))
+            .await;
+        assert!(matches!(late, Err(DemandError::Gone)));
+    }
+}

@@ -41,6 +41,27 @@ pub fn refresh_delay(lifetime: Duration, policy: &RefreshPolicy, sample: f64) ->
     Duration::from_secs_f64(delay.max(0.0)).max(policy.min_interval)
 }
 
+/// How long after issuance to refresh a token that was *not* obtained by a planned
+/// refresh (the first token, one after a re-seed, a retry, a reader's demand): uniform
+/// (by `sample` in `[0, 1)`) over the whole period, from `lo` up to the normal plan's
+/// latest point.
+///
+/// Accounts that obtain tokens together (10,000 at a cold start, within seconds) would
+/// otherwise keep one phase: the normal plan's small jitter spreads them only as the
+/// square root of the number of cycles, and the provider sees a burst every period. One
+/// uniform draw makes the phases uniform; planned refreshes then keep them so. `lo` is
+/// half the jitter window, so the window is as long as the mean planned period (uniform
+/// phases modulo that period), and never below `min_interval`. Nothing is planned later
+/// than [`refresh_delay`] could plan it.
+pub fn spread_refresh_delay(lifetime: Duration, policy: &RefreshPolicy, sample: f64) -> Duration {
+    let latest = refresh_delay(lifetime, policy, 0.0);
+    let earliest = refresh_delay(lifetime, policy, 1.0);
+    let lo = ((latest - earliest) / 2)
+        .max(policy.min_interval)
+        .min(latest);
+    lo + (latest - lo).mul_f64(sample.clamp(0.0, 1.0))
+}
+
 /// Capped exponential backoff with full jitter: a uniform pick (by `sample` in `[0, 1)`)
 /// in `[0, min(backoff_max, backoff_initial × 2^attempt)]`. A server's `Retry-After` is a
 /// floor, itself capped at `slow_retry` so a bogus header cannot park an account for days.
@@ -119,6 +140,58 @@ mod tests {
         assert_eq!(refresh_delay(S(2), &p, 0.0), p.min_interval);
         assert_eq!(refresh_delay(S(0), &p, 0.5), p.min_interval);
         assert_eq!(refresh_delay(S(61), &p, 0.0), p.min_interval);
+    }
+
+    #[test]
+    fn an_unplanned_token_is_refreshed_anywhere_in_the_period_up_to_the_normal_plan() {
+        let p = policy();
+        // An hour token: normally 2700–2880 s (mean 2790 s). Spread: 90–2880 s, a
+        // window as long as that mean period.
+        assert_eq!(spread_refresh_delay(S(3600), &p, 0.0), S(90));
+        assert_eq!(spread_refresh_delay(S(3600), &p, 0.5), S(1485));
+        let latest = spread_refresh_delay(S(3600), &p, 0.999_999);
+        assert!(latest > S(2879) && latest <= S(2880), "{latest:?}");
+        assert_eq!(spread_refresh_delay(S(3600), &p, 1.0), S(2880));
+        // Out-of-range samples are clamped, never beyond the normal latest point.
+        assert_eq!(spread_refresh_delay(S(3600), &p, 7.0), S(2880));
+        assert_eq!(spread_refresh_delay(S(3600), &p, -1.0), S(90));
+    }
+
+    #[test]
+    fn the_spread_window_respects_the_minimum_interval_and_the_caps() {
+        let p = policy();
+        // 60 s tokens: normally 45–48 s; half the jitter window (1.5 s) is below the
+        // 10 s minimum interval.
+        assert_eq!(spread_refresh_delay(S(60), &p, 0.0), p.min_interval);
+        assert_eq!(spread_refresh_delay(S(60), &p, 1.0), S(48));
+        // The margin caps the latest point (140 s of a 200 s token).
+        assert_eq!(spread_refresh_delay(S(200), &p, 1.0), S(140));
+        assert_eq!(spread_refresh_delay(S(200), &p, 0.0), p.min_interval);
+        // So does max_interval.
+        let capped = RefreshPolicy {
+            max_interval: Some(S(6 * 3600)),
+            ..policy()
+        };
+        assert_eq!(spread_refresh_delay(S(86_400), &capped, 1.0), S(6 * 3600));
+        // A token too short for the minimum interval: both ends are the minimum.
+        assert_eq!(spread_refresh_delay(S(2), &p, 0.0), p.min_interval);
+        assert_eq!(spread_refresh_delay(S(2), &p, 1.0), p.min_interval);
+    }
+
+    #[test]
+    fn spread_never_plans_later_than_the_normal_plan() {
+        let p = policy();
+        for secs in [0, 1, 9, 10, 11, 30, 60, 61, 200, 300, 3600, 86_400] {
+            for i in 0..=20 {
+                let sample = f64::from(i) / 20.0;
+                let spread = spread_refresh_delay(S(secs), &p, sample);
+                assert!(
+                    spread <= refresh_delay(S(secs), &p, 0.0),
+                    "{secs} s, {sample}"
+                );
+                assert!(spread >= p.min_interval, "{secs} s, {sample}");
+            }
+        }
     }
 
     #[test]

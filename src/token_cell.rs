@@ -1,17 +1,18 @@
 //! What each account publishes to readers: a snapshot (status, current token, last
 //! error) in an `ArcSwap`, so an HTTP handler reads it with one atomic load and never
-//! waits on a refresh; and the channel through which readers ask the account's
-//! refresher for a fresher token.
+//! waits on a refresh; and the queue through which readers ask the account's refresher
+//! for a fresher token.
 
 use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::fmt;
 use std::io::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::{HeaderName, HeaderValue};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::{AccountConfig, AccountName};
@@ -240,6 +241,8 @@ pub enum DemandError {
     },
     #[error("the account is shutting down or being reloaded")]
     Gone,
+    #[error("{waiting} requests already wait for this account's refresh; try again shortly")]
+    Busy { waiting: usize },
 }
 
 /// `profile` → `Profile`, `x-api-key` → `X-Api-Key`: how consumers expect to see them.
@@ -282,7 +285,7 @@ fn secs(d: Duration) -> humantime::FormattedDuration {
 pub struct AccountHandle {
     pub config: Arc<AccountConfig>,
     pub cell: ArcSwap<Snapshot>,
-    pub demands: mpsc::Sender<Demand>,
+    pub demands: Demands,
     /// Bumped on every publish, so start-up can wait for accounts to settle.
     pub changes: watch::Sender<u64>,
     /// Tokens served from this account (registered once: reads are the hot path).
@@ -308,14 +311,11 @@ impl AccountHandle {
         timeout: Duration,
     ) -> Result<Arc<Served>, DemandError> {
         let (reply, answer) = oneshot::channel();
-        let demand = Demand {
+        self.demands.push(Demand {
             min_valid,
             force,
             reply,
-        };
-        if self.demands.send(demand).await.is_err() {
-            return Err(DemandError::Gone);
-        }
+        })?;
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(DemandError::Gone),
@@ -324,6 +324,113 @@ impl AccountHandle {
                 retry_in: Duration::ZERO,
             }),
         }
+    }
+}
+
+/// Most demands one account queues; more are refused at once rather than piling up
+/// behind a slow provider (a bounded channel held as many).
+pub const MAX_QUEUED_DEMANDS: usize = 256;
+
+/// Readers' demands on one account, waiting for its refresher. A lock-guarded queue and a
+/// `Notify` live inline in the handle and allocate nothing until a reader demands: with
+/// 10,000 mostly idle accounts, a channel each cost ~1.5 KB up front.
+#[derive(Debug, Default)]
+pub struct Demands {
+    queue: Mutex<Queue>,
+    /// `notify_one` stores a permit when the refresher is not waiting, so a demand pushed
+    /// between its check of the queue and its wait still wakes it.
+    arrived: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    waiting: VecDeque<Demand>,
+    /// The refresher has stopped: demands are answered `Gone` at once.
+    closed: bool,
+}
+
+impl Demands {
+    /// Queues a demand for the refresher, unless it has stopped or too many wait.
+    fn push(&self, demand: Demand) -> Result<(), DemandError> {
+        let mut queue = self.lock();
+        if queue.closed {
+            return Err(DemandError::Gone);
+        }
+        if queue.waiting.len() >= MAX_QUEUED_DEMANDS {
+            // Readers that timed out no longer need an answer: make room first.
+            queue.waiting.retain(|d| !d.reply.is_closed());
+            if queue.waiting.len() >= MAX_QUEUED_DEMANDS {
+                return Err(DemandError::Busy {
+                    waiting: queue.waiting.len(),
+                });
+            }
+        }
+        queue.waiting.push_back(demand);
+        drop(queue);
+        self.arrived.notify_one();
+        Ok(())
+    }
+
+    /// The next demand, waiting for one. Cancel-safe: a demand stays queued until returned.
+    async fn recv(&self) -> Demand {
+        loop {
+            if let Some(demand) = self.try_recv() {
+                return demand;
+            }
+            self.arrived.notified().await;
+        }
+    }
+
+    /// The next demand, if one is queued.
+    fn try_recv(&self) -> Option<Demand> {
+        self.lock().waiting.pop_front()
+    }
+
+    /// Refuses demands from now on and answers the queued ones `Gone`.
+    fn close(&self) {
+        let waiting = {
+            let mut queue = self.lock();
+            queue.closed = true;
+            std::mem::take(&mut queue.waiting)
+        };
+        for demand in waiting {
+            let _ = demand.reply.send(Err(DemandError::Gone));
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // Nothing panics while holding the lock; a queue is valid whatever happened.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The refresher's end of its account's demands, the only one that takes them. Dropping it
+/// (the task ended, by shutdown, reload or a panic) closes the queue, so no reader waits
+/// for an answer that cannot come.
+#[derive(Debug)]
+pub struct DemandReceiver {
+    handle: Arc<AccountHandle>,
+}
+
+impl DemandReceiver {
+    pub fn new(handle: Arc<AccountHandle>) -> DemandReceiver {
+        DemandReceiver { handle }
+    }
+
+    /// The next demand, waiting for one. Cancel-safe: a demand stays queued until returned.
+    pub async fn recv(&self) -> Demand {
+        self.handle.demands.recv().await
+    }
+
+    /// The next demand, if one is queued.
+    pub fn try_recv(&self) -> Option<Demand> {
+        self.handle.demands.try_recv()
+    }
+}
+
+impl Drop for DemandReceiver {
+    fn drop(&mut self) {
+        self.handle.demands.close();
     }
 }
 
@@ -352,6 +459,92 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type Answer = oneshot::Receiver<Result<Arc<Served>, DemandError>>;
+
+    fn demand(min_valid: u64) -> (Demand, Answer) {
+        let (reply, answer) = oneshot::channel();
+        let demand = Demand {
+            min_valid: Duration::from_secs(min_valid),
+            force: false,
+            reply,
+        };
+        (demand, answer)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn demands_reach_the_refresher_in_order_and_none_is_lost() {
+        let demands = Arc::new(Demands::default());
+        let (first, _a1) = demand(1);
+        let (second, _a2) = demand(2);
+        demands.push(first).unwrap();
+        demands.push(second).unwrap();
+        assert_eq!(demands.recv().await.min_valid, Duration::from_secs(1));
+        assert_eq!(
+            demands.try_recv().unwrap().min_valid,
+            Duration::from_secs(2)
+        );
+        assert!(demands.try_recv().is_none());
+
+        // Pushed while the refresher waits: it wakes.
+        let waiter = tokio::spawn({
+            let demands = demands.clone();
+            async move { demands.recv().await.min_valid }
+        });
+        tokio::task::yield_now().await;
+        let (third, _a3) = demand(3);
+        demands.push(third).unwrap();
+        assert_eq!(waiter.await.unwrap(), Duration::from_secs(3));
+
+        // Pushed before the refresher waits again (it was busy): the stored permit wakes
+        // it at once; and a wake-up whose demand was already taken is not a demand.
+        let (fourth, _a4) = demand(4);
+        let (fifth, _a5) = demand(5);
+        demands.push(fourth).unwrap();
+        demands.push(fifth).unwrap();
+        assert_eq!(
+            demands.try_recv().unwrap().min_valid,
+            Duration::from_secs(4)
+        );
+        assert_eq!(demands.recv().await.min_valid, Duration::from_secs(5));
+        let idle = tokio::time::timeout(Duration::from_secs(1), demands.recv()).await;
+        assert!(idle.is_err(), "no demand is waiting");
+    }
+
+    #[test]
+    fn past_the_cap_demands_are_refused_until_readers_give_up() {
+        let demands = Demands::default();
+        let mut answers: Vec<Answer> = (0..MAX_QUEUED_DEMANDS)
+            .map(|_| {
+                let (d, answer) = demand(0);
+                demands.push(d).unwrap();
+                answer
+            })
+            .collect();
+        let (extra, _) = demand(0);
+        let refused = demands.push(extra).unwrap_err();
+        assert!(
+            matches!(refused, DemandError::Busy { waiting } if waiting == MAX_QUEUED_DEMANDS),
+            "{refused:?}"
+        );
+        assert!(refused.to_string().contains("try again"), "{refused}");
+        // A reader that timed out no longer holds a place.
+        drop(answers.pop());
+        let (extra, _) = demand(0);
+        demands.push(extra).unwrap();
+    }
+
+    #[test]
+    fn closing_answers_waiting_readers_and_refuses_new_ones() {
+        let demands = Demands::default();
+        let (d, mut answer) = demand(0);
+        demands.push(d).unwrap();
+        demands.close();
+        assert!(matches!(answer.try_recv(), Ok(Err(DemandError::Gone))));
+        let (d, _) = demand(0);
+        assert!(matches!(demands.push(d), Err(DemandError::Gone)));
+        assert!(demands.try_recv().is_none());
+    }
 
     #[test]
     fn header_names_are_shown_in_canonical_case() {

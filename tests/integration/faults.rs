@@ -16,9 +16,9 @@ use crate::harness::*;
 
 const S: fn(u64) -> Duration = Duration::from_secs;
 
-/// A daemon with one Zywave-style account holding a fresh 300 s token (refreshed
-/// between 225 s and 240 s: 80% minus up to 5% jitter, and the 60 s margin). Returns the
-/// seed so a restart can use the same config.
+/// A daemon with one Zywave-style account holding a fresh 300 s token obtained by a
+/// planned refresh, so the next one comes between 225 s and 240 s (80% minus up to 5%
+/// jitter, and the 60 s margin). Returns the seed so a restart can use the same config.
 async fn healthy(
     fake_setup: impl FnOnce(&tokend::fake_provider::FakeProvider),
 ) -> (Harness, String) {
@@ -28,6 +28,15 @@ async fn healthy(
     let seed = fake.grant_refresh_token("zy-client", None);
     let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
     h.advance(Duration::from_millis(10)).await;
+    assert_eq!(h.account_state("zy").await["state"], "ok");
+    // The token fetched at start is refreshed anywhere in its period (phase spreading);
+    // run to that refresh, after which the normal plan holds.
+    let state = h.account_state("zy").await;
+    let next = humantime::parse_rfc3339(state["next_refresh"].as_str().unwrap()).unwrap();
+    h.advance(h.clock.until(next)).await;
+    while h.account_state("zy").await["last_refresh"] == state["last_refresh"] {
+        h.advance(Duration::from_millis(10)).await;
+    }
     assert_eq!(h.account_state("zy").await["state"], "ok");
     (h, seed)
 }
@@ -121,7 +130,11 @@ async fn retry_after_is_honoured_in_seconds() {
 #[tokio::test(start_paused = true)]
 async fn retry_after_is_honoured_as_an_http_date() {
     let (h, _) = healthy(|_| {}).await;
-    let at = epoch() + S(400);
+    // An HTTP date has whole seconds.
+    let in_400s = (h.clock.now() + S(400))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let at = std::time::UNIX_EPOCH + S(in_400s.as_secs());
     h.fake
         .push_faults([Fault::RetryAfter(503, httpdate::fmt_http_date(at))]);
     h.advance(S(220)).await;
@@ -144,15 +157,16 @@ async fn retry_after_is_honoured_as_an_http_date() {
 #[tokio::test(start_paused = true)]
 async fn an_outage_backs_off_and_never_serves_an_expired_token() {
     let (h, _) = healthy(|_| {}).await;
+    let start = h.clock.now();
     let token = h.token("zy").await;
     h.fake
         .push_faults(std::iter::repeat_n(Fault::Status(503), 200));
-    // Refresh due at 240 s; the token expires at 300 s; watch until 20 min.
+    // Refresh due by 240 s; the token expires at 300 s; watch until 20 min.
     let mut saw_degraded = false;
     for _ in 0..120 {
         h.advance(S(10)).await;
         let (status, body) = h.get("/v1/token/zy").await;
-        if h.clock.now() < epoch() + S(300) {
+        if h.clock.now() < start + S(300) {
             assert_eq!(status, StatusCode::OK);
             assert_eq!(body["access_token"], token.as_str());
             saw_degraded |= h.account_state("zy").await["state"] == "degraded";
@@ -229,7 +243,14 @@ async fn invalid_client_is_a_credential_problem_retried_slowly() {
         StatusCode::SERVICE_UNAVAILABLE,
         "expired meanwhile"
     );
-    h.advance(S(102)).await; // plus up to 10% jitter
+    // Plus up to 10% jitter. (The token the retry obtains is refreshed again anywhere in
+    // its period, so only the retry itself is counted.)
+    for _ in 0..102 {
+        if h.fake.counts().token_requests > calls {
+            break;
+        }
+        h.advance(S(1)).await;
+    }
     assert_eq!(h.fake.counts().token_requests, calls + 1);
     assert_eq!(
         h.get("/v1/token/zy").await.0,
@@ -355,10 +376,18 @@ async fn a_failing_disk_keeps_tokens_served_and_the_last_good_file() {
     let good_file = h.state_file("zy");
 
     flaky.failing.store(true, Ordering::SeqCst);
-    h.advance(S(241)).await;
+    // Up to the first refresh (planned anywhere in the first 240 s: phase spreading).
+    let stored = good_file["access"]["token"].as_str().unwrap();
+    let mut token = h.token("zy").await;
+    for _ in 0..241 {
+        if token != stored {
+            break;
+        }
+        h.advance(S(1)).await;
+        token = h.token("zy").await;
+    }
     // The refresh went through; its result lives in memory only and is served.
-    let token = h.token("zy").await;
-    assert_ne!(token, good_file["access"]["token"].as_str().unwrap());
+    assert_ne!(token, stored);
     assert!(h.fake.is_valid_access_token(&token));
     let state = h.account_state("zy").await;
     assert_eq!(state["state"], "degraded", "{state}");

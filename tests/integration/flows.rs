@@ -294,8 +294,24 @@ async fn a_jwt_without_expires_in_is_scheduled_from_its_exp_claim() {
         body["expires_in"], 899,
         "from the exp claim, not the 1 h default"
     );
-    h.advance(Duration::from_secs(720)).await; // 80% of 900 s
+    // The first token's refresh comes by 80% of 900 s (spread over the period).
+    for _ in 0..720 {
+        if h.fake.counts().client_credentials_grants == 2 {
+            break;
+        }
+        h.advance(Duration::from_secs(1)).await;
+    }
     assert_eq!(h.fake.counts().client_credentials_grants, 2);
+    // That refresh was on schedule: the next is planned at 75–80% of 900 s.
+    let state = h.account_state("cc").await;
+    let at = |field: &str| humantime::parse_rfc3339(state[field].as_str().unwrap()).unwrap();
+    let planned_after = at("next_refresh")
+        .duration_since(at("last_refresh"))
+        .unwrap();
+    assert!(
+        (674..=720).contains(&planned_after.as_secs()),
+        "{planned_after:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -599,4 +615,73 @@ async fn malformed_requests_get_json_errors() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
         assert_eq!(body["error"], "invalid_request", "{uri}: {body}");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn accounts_started_together_spread_their_refreshes_over_the_period() {
+    // 300 s tokens are normally refreshed 225–240 s after issue (75–80%; the 60 s margin
+    // caps 80% at 240 s). All accounts get their first token at start, at once.
+    const ACCOUNTS: usize = 30;
+    const LATEST: u64 = 240;
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(300));
+    let accounts: String = (0..ACCOUNTS)
+        .map(|i| client_credentials_account(&format!("cc{i}")))
+        .collect();
+    let h = Harness::start(fake, clock, &accounts).await;
+
+    // Each account's refresh times (seconds since start), seen every second for three
+    // lifetimes; every token served meanwhile is one the provider accepts.
+    let mut refreshes: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for second in 0..=900u64 {
+        let (_, body) = h.get("/v1/accounts").await;
+        for account in body["accounts"].as_array().unwrap() {
+            let name = account["account"].as_str().unwrap().to_string();
+            let Some(at) = account["last_refresh"].as_str() else {
+                continue;
+            };
+            let at = humantime::parse_rfc3339(at).unwrap();
+            let at = at.duration_since(epoch()).unwrap().as_secs();
+            let seen = refreshes.entry(name).or_default();
+            if seen.last() != Some(&at) {
+                seen.push(at);
+            }
+        }
+        if second % 5 == 0 {
+            for i in 0..ACCOUNTS {
+                let (status, body) = h.get(&format!("/v1/token/cc{i}")).await;
+                assert_eq!(status, StatusCode::OK, "cc{i} at {second} s: {body}");
+                assert!(
+                    h.fake
+                        .is_valid_access_token(body["access_token"].as_str().unwrap())
+                );
+                assert!(body["expires_in"].as_u64().unwrap() >= 1);
+            }
+        }
+        h.advance(Duration::from_secs(1)).await;
+    }
+
+    assert_eq!(refreshes.len(), ACCOUNTS);
+    for (name, times) in &refreshes {
+        assert_eq!(times[0], 0, "{name}: first token at start");
+        assert!(times.len() >= 4, "{name}: {times:?}");
+        for pair in times.windows(2) {
+            // Never later than the normal plan (1 s: the polling resolution).
+            assert!(pair[1] - pair[0] <= LATEST + 1, "{name}: {times:?}");
+        }
+        // After the one spread refresh, planned refreshes keep the normal period.
+        for pair in times[1..].windows(2) {
+            assert!(pair[1] - pair[0] >= 225 - 1, "{name}: {times:?}");
+        }
+    }
+    // The first refreshes after the shared start are spread over the period (7.5–240 s),
+    // not bunched in the 15 s of the normal plan's jitter.
+    let firsts: Vec<u64> = refreshes.values().map(|times| times[1]).collect();
+    let span = firsts.iter().max().unwrap() - firsts.iter().min().unwrap();
+    assert!(span > LATEST / 2, "{firsts:?}");
+    let bunched = firsts
+        .iter()
+        .filter(|t| (225..=LATEST).contains(*t))
+        .count();
+    assert!(bunched < ACCOUNTS / 2, "{firsts:?}");
 }

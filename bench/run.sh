@@ -66,6 +66,9 @@ CONNS=64
 
 OUT=${OUT:-target/bench/$(date +%Y%m%d-%H%M%S)-$MODE}
 mkdir -p "$OUT"
+# Absolute: the configs written below name paths in it, and tokend resolves a relative
+# path against the config file's directory, not the harness's.
+OUT=$(cd "$OUT" && pwd)
 RESULTS=$OUT/results.tsv
 : > "$RESULTS"
 CLK_TCK=$(getconf CLK_TCK)

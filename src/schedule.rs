@@ -24,20 +24,30 @@ pub fn lifetime(
 
 /// How long after issuance to refresh a token of `lifetime`.
 ///
-/// At `ratio` of the lifetime, minus up to `jitter` of it at random (`sample` in `[0, 1)`),
-/// and no later than `margin` before expiry when the lifetime is longer than the margin.
-/// Never sooner than `min_interval`, so a provider handing out ever-shorter tokens cannot
-/// drive the daemon into a refresh loop.
+/// At `ratio` of the lifetime, no later than `margin` before expiry when the lifetime is
+/// longer than the margin, nor later than `max_interval`; then minus up to `jitter` at
+/// random (`sample` in `[0, 1)`). Never sooner than `min_interval`, so a provider handing
+/// out ever-shorter tokens cannot drive the daemon into a refresh loop.
+///
+/// The jitter is a fraction of the lifetime the plan stands for (`plan ÷ ratio`, the
+/// lifetime itself when no cap applies): applied before the caps, it would vanish
+/// whenever one of them decides, and capped accounts would all refresh in step.
 pub fn refresh_delay(lifetime: Duration, policy: &RefreshPolicy, sample: f64) -> Duration {
     let sample = sample.clamp(0.0, 1.0);
     let life = lifetime.as_secs_f64();
-    let mut delay = life * (policy.ratio - policy.jitter * sample);
+    let mut plan = life * policy.ratio;
     if lifetime > policy.margin {
-        delay = delay.min((lifetime - policy.margin).as_secs_f64());
+        plan = plan.min((lifetime - policy.margin).as_secs_f64());
     }
     if let Some(max) = policy.max_interval {
-        delay = delay.min(max.as_secs_f64());
+        plan = plan.min(max.as_secs_f64());
     }
+    let span = if policy.ratio > 0.0 {
+        life.min(plan / policy.ratio)
+    } else {
+        life
+    };
+    let delay = plan - policy.jitter * sample * span;
     Duration::from_secs_f64(delay.max(0.0)).max(policy.min_interval)
 }
 
@@ -117,6 +127,24 @@ mod tests {
         assert_eq!(refresh_delay(S(200), &p, 0.0), S(140));
         // A 30 s token cannot keep a 60 s margin: the ratio decides.
         assert_eq!(refresh_delay(S(30), &p, 0.0), S(24));
+    }
+
+    #[test]
+    fn capped_plans_keep_their_jitter() {
+        let p = policy();
+        // 140 s is 80% of 175 s: the jitter spans 5% of that, 8.75 s.
+        let earliest = refresh_delay(S(200), &p, 0.999_999);
+        assert!(earliest > S(131) && earliest < S(132), "{earliest:?}");
+        let p = RefreshPolicy {
+            max_interval: Some(S(6 * 3600)),
+            ..policy()
+        };
+        // 6 h is 80% of 7.5 h: up to 22.5 min earlier.
+        let earliest = refresh_delay(S(86_400), &p, 0.999_999);
+        assert!(
+            earliest > S(6 * 3600 - 1351) && earliest < S(6 * 3600 - 1349),
+            "{earliest:?}"
+        );
     }
 
     #[test]

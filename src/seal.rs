@@ -190,6 +190,14 @@ pub fn unseal<T>(
             envelope.account
         ));
     }
+    // A newer tokend's envelope may seal differently: say so rather than fail to open it.
+    if envelope.version != crate::store::FORMAT_VERSION {
+        return Err(format!(
+            "envelope format version {} is not {}, the one this tokend understands",
+            envelope.version,
+            crate::store::FORMAT_VERSION
+        ));
+    }
     let Some(keyring) = keyring else {
         return Err("the file is encrypted but no state.encryption_key is configured".into());
     };
@@ -247,6 +255,21 @@ mod tests {
                 .unwrap_err()
                 .contains(key(1).id())
         );
+    }
+
+    #[test]
+    fn an_envelope_of_another_format_version_is_refused_by_name() {
+        let ring = Keyring {
+            current: key(1),
+            previous: vec![],
+        };
+        let file = seal_file(&ring, "a", "a", b"{}".to_vec());
+        assert!(unseal(&file, "a", "a", Some(&ring), |b| Ok(b.to_vec())).is_ok());
+        let mut envelope: serde_json::Value = serde_json::from_slice(&file).unwrap();
+        envelope["version"] = 2.into();
+        let newer = serde_json::to_vec(&envelope).unwrap();
+        let err = unseal(&newer, "a", "a", Some(&ring), |b| Ok(b.to_vec())).unwrap_err();
+        assert!(err.contains("envelope format version 2"), "{err}");
     }
 
     #[test]

@@ -242,6 +242,16 @@ impl Daemon {
         if new.provider.connect_timeout != self.config.provider.connect_timeout {
             report.ignored.push("provider.connect_timeout".into());
         }
+        if new.per_host.max_concurrent != self.config.per_host.max_concurrent {
+            report
+                .ignored
+                .push("provider.max_concurrent_requests".into());
+        }
+        if new.per_host.max_per_second != self.config.per_host.max_per_second {
+            report
+                .ignored
+                .push("provider.max_requests_per_second".into());
+        }
         let handed = self.accounts_with_handoffs().await;
         let stale: Vec<AccountName> = self
             .running
@@ -283,6 +293,7 @@ impl Daemon {
             state: self.config.state.clone(),
             server: self.config.server.clone(),
             provider: self.config.provider,
+            per_host: self.config.per_host,
             ..new
         };
         report.ignored = ignored;
@@ -338,7 +349,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), RunError> {
     // with its default action.
     let signals = signals()?;
     let store = FileStore::open_sealed(&config.state.dir, config.state.keyring.clone())?;
-    let provider = Provider::http(config.provider.connect_timeout)?;
+    let provider =
+        Provider::http(config.provider.connect_timeout)?.with_host_limits(config.per_host);
     let listeners = listen::bind_all(&config.server).await?;
     let addrs: Vec<String> = listeners.iter().map(|l| l.to_string()).collect();
     for warning in &config.warnings {
@@ -370,7 +382,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), RunError> {
 /// account holds a valid token.
 pub async fn run_once(config: Config) -> Result<bool, RunError> {
     let store = FileStore::open_sealed(&config.state.dir, config.state.keyring.clone())?;
-    let provider = Provider::http(config.provider.connect_timeout)?;
+    let provider =
+        Provider::http(config.provider.connect_timeout)?.with_host_limits(config.per_host);
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let clock = Clock::system();

@@ -33,6 +33,8 @@ pub struct Config {
     pub state: StateConfig,
     /// Defaults for every account; `connect_timeout` applies to the one shared HTTP client.
     pub provider: ProviderLimits,
+    /// How hard the daemon may press each token endpoint host, whichever accounts use it.
+    pub per_host: HostLimits,
     pub log: LogConfig,
     pub accounts: BTreeMap<AccountName, Arc<AccountConfig>>,
     pub consumers: Vec<ConsumerConfig>,
@@ -249,6 +251,26 @@ impl Default for ProviderLimits {
             connect_timeout: Duration::from_secs(10),
             timeout: Duration::from_secs(30),
             max_response_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Limits on the requests to one provider host (scheme, host and port), shared by every
+/// account that calls it: they protect the provider when thousands of accounts are due
+/// together (a cold start, the end of an outage). Read at start only.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HostLimits {
+    /// Requests in flight at once.
+    pub max_concurrent: usize,
+    /// Request starts per second, evenly spaced; unset: only `max_concurrent` bounds them.
+    pub max_per_second: Option<f64>,
+}
+
+impl Default for HostLimits {
+    fn default() -> Self {
+        HostLimits {
+            max_concurrent: crate::provider::MAX_CONCURRENT_PER_HOST,
+            max_per_second: None,
         }
     }
 }
@@ -562,6 +584,8 @@ struct RawProvider {
     connect_timeout: Option<Spanned<RawDuration>>,
     timeout: Option<Spanned<RawDuration>>,
     max_response_bytes: Option<Spanned<u64>>,
+    max_concurrent_requests: Option<Spanned<u64>>,
+    max_requests_per_second: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -815,6 +839,7 @@ impl Validator<'_> {
         };
         let refresh = self.refresh(RefreshPolicy::default(), &raw.refresh, "refresh");
         let limits = self.limits(&raw.provider);
+        let per_host = self.host_limits(&raw.provider);
         let mut accounts = BTreeMap::new();
         for (name, account) in raw.accounts {
             let span = account.span();
@@ -838,6 +863,7 @@ impl Validator<'_> {
             server,
             state: StateConfig { dir, keyring },
             provider: limits,
+            per_host,
             log: LogConfig {
                 format: raw.log.format.unwrap_or_default(),
             },
@@ -1163,6 +1189,35 @@ impl Validator<'_> {
             }
         }
         l
+    }
+
+    fn host_limits(&mut self, raw: &RawProvider) -> HostLimits {
+        let mut h = HostLimits::default();
+        if let Some(n) = &raw.max_concurrent_requests {
+            match usize::try_from(*n.get_ref()) {
+                Ok(v @ 1..=1024) => h.max_concurrent = v,
+                _ => self.report(
+                    n.span(),
+                    "provider.max_concurrent_requests",
+                    "must be from 1 to 1024",
+                ),
+            }
+        }
+        if let Some(r) = &raw.max_requests_per_second {
+            let v = *r.get_ref();
+            // One request every 100 s at the slowest; faster than a microsecond apart is
+            // no limit at all.
+            if v.is_finite() && (0.01..=1_000_000.0).contains(&v) {
+                h.max_per_second = Some(v);
+            } else {
+                self.report(
+                    r.span(),
+                    "provider.max_requests_per_second",
+                    "must be from 0.01 to 1000000",
+                );
+            }
+        }
+        h
     }
 
     fn timeout(&mut self, dst: &mut Duration, field: Option<&Spanned<RawDuration>>, key: &str) {
@@ -1861,6 +1916,35 @@ client_id = "c"
         );
         assert!(
             err.to_string().contains("MISSING_SECRET is not set"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn per_host_limits_are_read_and_checked() {
+        let c = load("[provider]\nmax_concurrent_requests = 4\nmax_requests_per_second = 50\n")
+            .unwrap();
+        assert_eq!(
+            c.per_host,
+            HostLimits {
+                max_concurrent: 4,
+                max_per_second: Some(50.0)
+            }
+        );
+        assert_eq!(load("").unwrap().per_host, HostLimits::default());
+        let err = load("[provider]\nmax_concurrent_requests = 0\nmax_requests_per_second = 0\n")
+            .unwrap_err();
+        let keys: Vec<(&str, usize)> = err
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("provider.max_concurrent_requests", 2),
+                ("provider.max_requests_per_second", 3)
+            ],
             "{err}"
         );
     }

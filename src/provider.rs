@@ -20,7 +20,7 @@ use zeroize::Zeroize;
 
 use reqwest::Url;
 
-use crate::config::{AccountConfig, CaBundle, ClientAuth, RequestFormat};
+use crate::config::{AccountConfig, CaBundle, ClientAuth, HostLimits, RequestFormat};
 use crate::secret::Secret;
 
 /// What tokend asks the token endpoint for.
@@ -320,28 +320,97 @@ impl HttpClients {
 #[derive(Clone)]
 pub struct Provider {
     transport: Transport,
-    /// One semaphore per token endpoint host: how many requests may be in flight to it.
-    in_flight: Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
+    limits: HostLimits,
+    /// One gate per provider host, made on first use.
+    hosts: Arc<Mutex<HashMap<String, Arc<HostGate>>>>,
 }
 
-/// Requests in flight to one provider host at once: after a restart or an outage,
-/// thousands of accounts due together queue here instead of stampeding the provider.
+/// Requests in flight to one provider host at once unless the config says otherwise:
+/// after a restart or an outage, thousands of accounts due together queue here instead
+/// of stampeding the provider.
 pub const MAX_CONCURRENT_PER_HOST: usize = 16;
+
+/// Admission to one provider host: a slot among its concurrent requests, then, when the
+/// host is paced, the next free start time.
+struct HostGate {
+    slots: Arc<tokio::sync::Semaphore>,
+    pace: Option<Pace>,
+}
+
+/// Evenly spaced request starts. No credit builds up while the host is idle, so no
+/// second ever sees more than the configured rate (plus one).
+struct Pace {
+    interval: Duration,
+    next: Mutex<tokio::time::Instant>,
+}
+
+impl Pace {
+    /// Books the next start time at or after `now`.
+    fn book(&self, now: tokio::time::Instant) -> tokio::time::Instant {
+        let mut next = self.next.lock().expect("pace lock");
+        let at = (*next).max(now);
+        *next = at + self.interval;
+        at
+    }
+}
+
+/// A turn at calling one provider host: its slot is held until the exchange ends.
+pub struct Turn {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
 
 impl Provider {
     pub fn new(transport: Transport) -> Provider {
         Provider {
             transport,
-            in_flight: Arc::new(Mutex::new(HashMap::new())),
+            limits: HostLimits::default(),
+            hosts: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
-    fn host_limit(&self, url: &Url) -> Arc<tokio::sync::Semaphore> {
+    /// The same client with other per-host limits (before any request is made).
+    pub fn with_host_limits(mut self, limits: HostLimits) -> Provider {
+        self.limits = limits;
+        self.hosts = Arc::new(Mutex::new(HashMap::new()));
+        self
+    }
+
+    fn gate(&self, url: &Url) -> Arc<HostGate> {
         let host = format!("{}://{}", url.scheme(), url.authority());
-        let mut map = self.in_flight.lock().expect("host limit lock");
+        let mut map = self.hosts.lock().expect("host gate lock");
         map.entry(host)
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PER_HOST)))
+            .or_insert_with(|| {
+                Arc::new(HostGate {
+                    slots: Arc::new(tokio::sync::Semaphore::new(self.limits.max_concurrent)),
+                    pace: self.limits.max_per_second.map(|rate| Pace {
+                        interval: Duration::from_secs_f64(1.0 / rate),
+                        next: Mutex::new(tokio::time::Instant::now()),
+                    }),
+                })
+            })
             .clone()
+    }
+
+    /// Waits for a turn at `url`'s host: a free slot, then its paced start time. Waiting
+    /// sends nothing, so it can be abandoned (a dropped wait may leave one start time
+    /// unused).
+    pub async fn turn(&self, url: &Url) -> Turn {
+        let gate = self.gate(url);
+        let slot = gate
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        if let Some(pace) = &gate.pace {
+            tokio::time::sleep_until(pace.book(tokio::time::Instant::now())).await;
+        }
+        Turn { _slot: slot }
+    }
+
+    /// A turn at `account`'s token endpoint (see [`Provider::turn`]).
+    pub async fn token_turn(&self, account: &AccountConfig) -> Result<Turn, ProviderError> {
+        Ok(self.turn(token_url(account)?).await)
     }
 
     /// Real HTTP(S) with the system's trust roots (and accounts' extra CA bundles).
@@ -363,10 +432,19 @@ impl Provider {
         account: &AccountConfig,
         grant: TokenGrant<'_>,
     ) -> Result<TokenResponse, ProviderError> {
-        let url = account
-            .token_url
-            .as_ref()
-            .ok_or(ProviderError::NoEndpoint("token_url"))?;
+        let turn = self.token_turn(account).await?;
+        self.request_token_in(turn, account, grant).await
+    }
+
+    /// [`Provider::request_token`] in a turn already waited for: the caller can do
+    /// something (persist a mark) between getting its turn and sending.
+    pub async fn request_token_in(
+        &self,
+        turn: Turn,
+        account: &AccountConfig,
+        grant: TokenGrant<'_>,
+    ) -> Result<TokenResponse, ProviderError> {
+        let url = token_url(account)?;
         let mut params = grant.params();
         if grant.sends_scope()
             && let Some(scope) = &account.scope
@@ -376,7 +454,7 @@ impl Provider {
         let mut secrets = grant.secrets();
         secrets.extend(account.client_secret.as_ref());
         let request = build_request(account, params, true);
-        let (status, headers, body) = self.exchange(account, url, Some(request)).await?;
+        let (status, headers, body) = self.exchange(turn, account, url, Some(request)).await?;
         parse_response(status, &headers, &body, &secrets)
     }
 
@@ -396,7 +474,9 @@ impl Provider {
         }
         let secrets: Vec<&Secret> = account.client_secret.iter().collect();
         let request = build_request(account, params, true);
-        let (status, headers, body) = self.exchange(account, url, Some(request)).await?;
+        let (status, headers, body) = self
+            .exchange(self.turn(url).await, account, url, Some(request))
+            .await?;
         let mut obj = success_object(status, &headers, &body, &secrets)?;
         let text = |obj: &mut serde_json::Map<String, Value>, key: &str| match obj.remove(key) {
             Some(Value::String(s)) if !s.is_empty() => Some(s),
@@ -446,7 +526,9 @@ impl Provider {
         let mut secrets = vec![refresh_token];
         secrets.extend(account.client_secret.as_ref());
         let request = build_request(account, params, false);
-        let (status, headers, body) = self.exchange(account, url, Some(request)).await?;
+        let (status, headers, body) = self
+            .exchange(self.turn(url).await, account, url, Some(request))
+            .await?;
         if let Some(e) = error_answer(status, &headers, &body, &secrets) {
             return Err(e);
         }
@@ -459,7 +541,9 @@ impl Provider {
         account: &AccountConfig,
         url: &Url,
     ) -> Result<serde_json::Map<String, Value>, ProviderError> {
-        let (status, headers, body) = self.exchange(account, url, None).await?;
+        let (status, headers, body) = self
+            .exchange(self.turn(url).await, account, url, None)
+            .await?;
         success_object(status, &headers, &body, &[])
     }
 
@@ -467,6 +551,7 @@ impl Provider {
     /// included, is bounded by the account's timeout and response-size limit.
     async fn exchange(
         &self,
+        _turn: Turn,
         account: &AccountConfig,
         url: &Url,
         mut request: Option<PreparedRequest>,
@@ -484,18 +569,20 @@ impl Provider {
                 }
             }
         };
-        // Waiting for a slot is not part of the exchange's timeout.
-        let host_slots = self.host_limit(url);
-        let _slot = host_slots
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
+        // The turn was waited for before: waiting is not part of the exchange's timeout.
         let outcome = tokio::time::timeout(timeout, exchange).await;
         if let Some(r) = request.as_mut() {
             r.body.zeroize();
         }
         outcome.map_err(|_| ProviderError::Timeout(timeout))?
     }
+}
+
+fn token_url(account: &AccountConfig) -> Result<&Url, ProviderError> {
+    account
+        .token_url
+        .as_ref()
+        .ok_or(ProviderError::NoEndpoint("token_url"))
 }
 
 /// A request ready to send: the body holds secrets and is zeroized after use.

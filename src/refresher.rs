@@ -280,7 +280,7 @@ impl Refresher {
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => break,
-                    demand = self.demands.recv() => Box::pin(self.on_demand(demand)).await,
+                    demand = self.demands.recv() => Box::pin(self.on_demand(demand, &cancel)).await,
                     changed = self.deps.jumps.changed(), if watch_jumps => {
                         // Re-plan: the loop recomputes the sleep from the wall clock. A jump
                         // forward makes every account's plan due at once: not on schedule.
@@ -290,7 +290,7 @@ impl Refresher {
                             self.planned = false;
                         }
                     }
-                    _ = sleep => Box::pin(self.on_timer()).await,
+                    _ = sleep => Box::pin(self.on_timer(&cancel)).await,
                 }
             }
             if self.unsaved {
@@ -327,7 +327,7 @@ impl Refresher {
         }
     }
 
-    async fn on_timer(&mut self) {
+    async fn on_timer(&mut self, cancel: &CancellationToken) {
         let now = self.deps.clock.now();
         if self.unsaved && self.save_retry_at.is_some_and(|t| t <= now) {
             self.save().await;
@@ -337,11 +337,11 @@ impl Refresher {
             && self.needs_reauth.is_none()
         {
             let on_schedule = self.planned && self.retry_at.is_none() && self.served.is_some();
-            self.refresh(on_schedule).await;
+            self.refresh(on_schedule, cancel).await;
         }
     }
 
-    async fn on_demand(&mut self, demand: Demand) {
+    async fn on_demand(&mut self, demand: Demand, cancel: &CancellationToken) {
         let now = self.deps.clock.now();
         if !demand.force
             && let Some(t) = self
@@ -390,13 +390,18 @@ impl Refresher {
             return;
         }
         let mut waiting = vec![demand];
-        let refreshed = self.refresh(false).await;
+        let refreshed = self.refresh(false, cancel).await;
         // Every reader that queued up during the refresh shares its result.
         while let Some(d) = self.demands.try_recv() {
             waiting.push(d);
         }
         let now = self.deps.clock.now();
         for d in waiting {
+            if !refreshed && cancel.is_cancelled() {
+                // Stopped while waiting for a turn at the provider: nothing was asked.
+                let _ = d.reply.send(Err(DemandError::Gone));
+                continue;
+            }
             let failing = || DemandError::Failing {
                 error: self.last_error.clone().unwrap_or_default(),
                 retry_in: self
@@ -421,7 +426,9 @@ impl Refresher {
 
     /// One refresh: mark → call → persist → publish. True when a new token was obtained.
     /// `on_schedule`: this is the planned refresh of the current token (see `planned`).
-    async fn refresh(&mut self, on_schedule: bool) -> bool {
+    /// A refresh still waiting for its turn at the provider when `cancel` fires is
+    /// abandoned: nothing has been sent, so nothing can be lost.
+    async fn refresh(&mut self, on_schedule: bool, cancel: &CancellationToken) -> bool {
         let name = self.config.name.clone();
         let rotating = matches!(self.config.grant, Grant::RefreshToken { .. });
         let refresh_token = self.state.refresh_token.clone();
@@ -438,10 +445,23 @@ impl Refresher {
             return false;
         }
 
+        // Queued behind the provider host's limits (after a cold start or an outage, with
+        // thousands of accounts due) until a slot and a start time are free.
+        let turn = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => None,
+            turn = self.deps.provider.token_turn(&self.config) => Some(turn),
+        };
+        let Some(turn) = turn else {
+            self.refreshing = false;
+            self.publish();
+            return false;
+        };
+
         // A crash between the provider rotating the refresh token and our save would lose
         // it; the mark lets the next start know to retry at once, inside the provider's
         // reuse window.
-        if rotating && self.state.refresh_in_flight_since.is_none() {
+        if rotating && turn.is_ok() && self.state.refresh_in_flight_since.is_none() {
             self.state.refresh_in_flight_since = Some(self.deps.clock.now());
             self.unsaved = true;
             self.save().await;
@@ -451,7 +471,15 @@ impl Refresher {
         self.last_call = Some(started);
         let url = self.config.token_url.as_ref().map(|u| u.as_str());
         debug!(account = %name, grant = grant.as_str(), url = url.unwrap_or("-"), "requesting a token");
-        let result = self.deps.provider.request_token(&self.config, grant).await;
+        let result = match turn {
+            Ok(turn) => {
+                self.deps
+                    .provider
+                    .request_token_in(turn, &self.config, grant)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         let elapsed = started.elapsed();
         self.refreshing = false;
         let now = self.deps.clock.now();

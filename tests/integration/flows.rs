@@ -600,6 +600,72 @@ async fn concurrent_refreshes_to_one_provider_are_bounded() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_paced_provider_host_sees_evenly_spaced_requests() {
+    // A cold start of 30 accounts against a host limited to 10 requests a second: the
+    // provider sees them over 3 s, never more than 10 (plus one) in any second.
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(3600));
+    let accounts: String = "[provider]\nmax_requests_per_second = 10\n".to_string()
+        + &(0..30)
+            .map(|i| client_credentials_account(&format!("cc{i}")))
+            .collect::<String>();
+    let h = Harness::start(fake, clock, &accounts).await;
+    // Grants seen after each 100 ms of virtual time.
+    let mut seen = vec![0u64];
+    for _ in 0..40 {
+        h.advance(Duration::from_millis(100)).await;
+        seen.push(h.fake.counts().client_credentials_grants);
+    }
+    assert_eq!(
+        seen[seen.len() - 1],
+        30,
+        "every account got its token: {seen:?}"
+    );
+    assert!(seen[10] <= 11, "no burst at the start: {seen:?}");
+    let busiest = seen.windows(11).map(|w| w[10] - w[0]).max().unwrap();
+    assert!(busiest <= 11, "at most 10 (+1) per second: {seen:?}");
+    assert!(
+        seen[29] < 30,
+        "spaced 100 ms apart, the last start is near 2.9 s: {seen:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_host_limits_change_only_on_restart_and_a_reload_says_so() {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(3600));
+    let mut h = Harness::start(fake, clock, &client_credentials_account("cc")).await;
+    h.advance(Duration::from_secs(1)).await;
+    let paced =
+        "[provider]\nmax_requests_per_second = 5\n".to_string() + &client_credentials_account("cc");
+    let new = config(&h.dir, &paced);
+    let report = h.daemon.as_mut().unwrap().reload(new).await;
+    assert_eq!(report.ignored, ["provider.max_requests_per_second"]);
+    assert!(report.restarted.is_empty(), "accounts keep running");
+    h.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_abandons_refreshes_still_waiting_for_their_turn() {
+    // One request a second, 30 accounts due: stopping after 2.5 s must not wait for the
+    // other 27 turns, and no request is sent after the stop.
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(3600));
+    let accounts: String = "[provider]\nmax_requests_per_second = 1\n".to_string()
+        + &(0..30)
+            .map(|i| client_credentials_account(&format!("cc{i}")))
+            .collect::<String>();
+    let mut h = Harness::start(fake, clock, &accounts).await;
+    h.advance(Duration::from_millis(2500)).await;
+    let before = h.fake.counts().client_credentials_grants;
+    assert_eq!(before, 3, "one request a second");
+    tokio::time::timeout(Duration::from_secs(1), h.shutdown())
+        .await
+        .expect("shutdown does not wait for queued turns");
+    assert_eq!(h.fake.counts().client_credentials_grants, before);
+}
+
+#[tokio::test(start_paused = true)]
 async fn malformed_requests_get_json_errors() {
     let clock = Clock::manual(epoch());
     let fake = provider(&clock, Duration::from_secs(3600));

@@ -110,7 +110,8 @@ impl Harness {
         store: Arc<dyn Store>,
     ) -> Harness {
         let config = config(&dir, accounts);
-        let provider = Provider::new(Transport::InProcess(fake.router()));
+        let provider =
+            Provider::new(Transport::InProcess(fake.router())).with_host_limits(config.per_host);
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
         let daemon = Daemon::start(

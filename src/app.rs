@@ -343,30 +343,52 @@ impl Daemon {
     }
 }
 
+/// What `tokend run` works with outside the process: the state directory and the
+/// providers' token endpoints. Opened before anything starts, so a locked state
+/// directory or a broken TLS setup stops the start with its own error.
+struct Backends {
+    store: Arc<dyn Store>,
+    provider: Provider,
+}
+
+impl Backends {
+    fn open(config: &Config) -> Result<Backends, RunError> {
+        Ok(Backends {
+            store: FileStore::open_sealed(&config.state.dir, config.state.keyring.clone())?,
+            provider: Provider::http(config.provider.connect_timeout)?
+                .with_host_limits(config.per_host),
+        })
+    }
+
+    /// Starts every account on the system clock, with a fresh shutdown signal.
+    async fn start(self, config: Config) -> (Daemon, TaskTracker, CancellationToken) {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let daemon = Daemon::start(
+            config,
+            self.store,
+            self.provider,
+            Clock::system(),
+            tracker.clone(),
+            cancel.clone(),
+        )
+        .await;
+        (daemon, tracker, cancel)
+    }
+}
+
 /// The daemon: `tokend run`, with the config already loaded from `config_path`.
 pub async fn run(config: Config, config_path: PathBuf) -> Result<(), RunError> {
     // Installed first: a SIGHUP or SIGTERM during start-up must not kill the process
     // with its default action.
     let signals = signals()?;
-    let store = FileStore::open_sealed(&config.state.dir, config.state.keyring.clone())?;
-    let provider =
-        Provider::http(config.provider.connect_timeout)?.with_host_limits(config.per_host);
+    let backends = Backends::open(&config)?;
     let listeners = listen::bind_all(&config.server).await?;
     let addrs: Vec<String> = listeners.iter().map(|l| l.to_string()).collect();
     for warning in &config.warnings {
         warn!("{warning}");
     }
-    let tracker = TaskTracker::new();
-    let cancel = CancellationToken::new();
-    let daemon = Daemon::start(
-        config,
-        store,
-        provider,
-        Clock::system(),
-        tracker.clone(),
-        cancel.clone(),
-    )
-    .await;
+    let (daemon, tracker, cancel) = backends.start(config).await;
     listen::serve(listeners, daemon.router(), &tracker, &cancel);
     info!(
         listen = %addrs.join(","),
@@ -381,21 +403,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), RunError> {
 /// written and hooks run, then the daemon stops, leaving the sinks. True when every
 /// account holds a valid token.
 pub async fn run_once(config: Config) -> Result<bool, RunError> {
-    let store = FileStore::open_sealed(&config.state.dir, config.state.keyring.clone())?;
-    let provider =
-        Provider::http(config.provider.connect_timeout)?.with_host_limits(config.per_host);
-    let tracker = TaskTracker::new();
-    let cancel = CancellationToken::new();
-    let clock = Clock::system();
-    let daemon = Daemon::start(
-        config,
-        store,
-        provider,
-        clock.clone(),
-        tracker.clone(),
-        cancel.clone(),
-    )
-    .await;
+    let (daemon, tracker, _cancel) = Backends::open(&config)?.start(config).await;
+    let clock = daemon.clock.clone();
     daemon.keep_sinks_on_exit();
     daemon
         .wait_settled(tokio::time::Instant::now() + START_TIMEOUT)

@@ -391,12 +391,17 @@ row "3c start: daemon RSS with $START_ACCOUNTS accounts, idle" "$(calc "sprintf(
 
 log "6. forced refresh: $FORCED sequential GET ?min_valid=3700 on distinct accounts (tokens have <3600 s left; new ones 7200 s)"
 foreign_mark
+# The disk's own share, in the same run: two durable saves the store's way (a rotating
+# refresh makes two), on the same filesystem, alternating with nothing else.
+mkdir -p "$OUT/start/disk"
+timeout 300 "$EX/bench_client" disk --dir "$OUT/start/disk" --count "$FORCED" > "$OUT/start/disk.txt"
 timeout 300 "$EX/bench_client" forced --addr "$(hostport "$start_daemon")" --control "$(hostport "$start_control")" \
   --first 0 --count "$FORCED" --min-valid 3700 > "$OUT/start/forced.txt" 2> "$OUT/start/forced.err"
 f() { get "$1" "$OUT/start/forced.txt"; }
+DISK_P99_MS=$(calc "sprintf(\"%.3f\", $(get pair_p99_us "$OUT/start/disk.txt") / 1000)")
 OTHER=$(foreign_since)%
-row "6 forced refresh: client latency minus provider time, p99" "$(calc "sprintf(\"%.3f\", $(f overhead_p99_us) / 1000)")" - "<=" 5 ms \
-  "samples $(f samples), failures $(f failures); overhead p50 $(f overhead_p50_us) us, max $(f overhead_max_us) us; client p50 $(f client_p50_us) us, p99 $(f client_p99_us) us; provider p50 $(f provider_p50_us) us (grant refresh_token: 2 state saves per refresh)"
+row "6 forced refresh: client latency minus provider time, p99 (baseline: the disk's 2 saves)" "$(calc "sprintf(\"%.3f\", $(f overhead_p99_us) / 1000)")" "$DISK_P99_MS" "<=" 5 ms \
+  "samples $(f samples), failures $(f failures); overhead p50 $(f overhead_p50_us) us, max $(f overhead_max_us) us; client p50 $(f client_p50_us) us, p99 $(f client_p99_us) us; provider p50 $(f provider_p50_us) us (grant refresh_token: 2 state saves per refresh). Baseline: two saves the store's way (write, fdatasync, rename, fsync dir) with nothing else, p50 $(get pair_p50_us "$OUT/start/disk.txt") us, p99 $(get pair_p99_us "$OUT/start/disk.txt") us"
 row "5a connection reuse: provider connections for $(f provider_requests) sequential forced refreshes" \
   "$(f provider_connections)" - "<=" 1 connections "accepted TCP connections counted by the fake provider"
 stop "$START_DPID"; stop "$start_PID"

@@ -15,6 +15,9 @@
 //! - `forced`: sequential `GET /v1/token/{account}?min_valid=N` on distinct accounts,
 //!   each forcing a refresh; compares the client's latency with the provider's own
 //!   handling time of the same request (from the fake provider's event log).
+//! - `disk`: the disk's own share of a forced refresh: N times, two saves the way the
+//!   state store makes them (temp file, write, fdatasync, rename over, fsync the
+//!   directory), as a rotating refresh does; the baseline of target 6.
 //! - `poll`: a reader polling random accounts at a fixed rate, asking the provider
 //!   whether each served access token is valid at that moment.
 //! - `scale-report`: lateness, missed expiries and refresh-rate smoothness from the fake
@@ -107,6 +110,13 @@ enum Cmd {
         /// min_valid seconds: more than the persisted tokens' remaining life.
         #[arg(long)]
         min_valid: u64,
+    },
+    Disk {
+        /// A directory on the disk the state lives on.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 200)]
+        count: usize,
     },
     Poll {
         #[arg(long)]
@@ -840,6 +850,38 @@ async fn scale_report(
     println!("per_second={}", series.join(" "));
 }
 
+/// Two durable replacements of a ~1 KB file per sample, as the store saves a state
+/// (`src/store.rs`: write_atomic); prints the distribution of the pair's wall time.
+fn disk(dir: &std::path::Path, count: usize) {
+    use std::io::Write as _;
+    let target = dir.join("bench-disk.json");
+    let payload = vec![b'x'; 1024];
+    let save = || {
+        let tmp = dir.join(".bench-disk.json.tmp");
+        let mut f = std::fs::File::create(&tmp).expect("create temp file");
+        f.write_all(&payload).expect("write");
+        f.sync_data().expect("fdatasync");
+        std::fs::rename(&tmp, &target).expect("rename");
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .expect("fsync dir");
+    };
+    let mut samples: Vec<u64> = (0..count)
+        .map(|_| {
+            let t = Instant::now();
+            save();
+            save();
+            t.elapsed().as_micros() as u64
+        })
+        .collect();
+    let _ = std::fs::remove_file(&target);
+    samples.sort_unstable();
+    println!("samples={}", samples.len());
+    println!("pair_p50_us={}", pct(&samples, 50.0));
+    println!("pair_p99_us={}", pct(&samples, 99.0));
+    println!("pair_max_us={}", samples.last().copied().unwrap_or(0));
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Cmd::Rate {
@@ -855,13 +897,17 @@ fn main() {
         rate(addr, prefix, accounts, r, duration, warmup, connections);
         return;
     }
+    if let Cmd::Disk { dir, count } = cli.cmd {
+        disk(&dir, count);
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async move {
         match cli.cmd {
-            Cmd::Rate { .. } => unreachable!("handled above"),
+            Cmd::Rate { .. } | Cmd::Disk { .. } => unreachable!("handled above"),
             Cmd::Once { addr, path, n } => once(addr, path, n).await,
             Cmd::Start {
                 daemon,

@@ -1921,6 +1921,32 @@ client_id = "c"
     }
 
     #[test]
+    fn the_shipped_example_configs_are_valid() {
+        let mut e = env();
+        for var in ["EXAMPLE_API_SECRET", "ZEPHR_CLIENT_SECRET"] {
+            e.vars.insert(var.into(), "s".into());
+        }
+        for (name, text) in [
+            ("zywave.toml", include_str!("../config/zywave.toml")),
+            ("zephr.toml", include_str!("../config/zephr.toml")),
+            (
+                "client-credentials.toml",
+                include_str!("../config/client-credentials.toml"),
+            ),
+        ] {
+            let c = Config::from_str_at(text, Path::new(name), &e)
+                .unwrap_or_else(|err| panic!("config/{name}: {err}"));
+            assert_eq!(c.accounts.len(), 1, "{name}");
+        }
+        // The commented [provider] block, switched on, is valid too.
+        let on = include_str!("../config/client-credentials.toml")
+            .replace("# [provider]", "[provider]")
+            .replace("# max_", "max_");
+        let c = Config::from_str_at(&on, Path::new("cc.toml"), &e).unwrap();
+        assert_eq!(c.per_host.max_per_second, Some(50.0));
+    }
+
+    #[test]
     fn per_host_limits_are_read_and_checked() {
         let c = load("[provider]\nmax_concurrent_requests = 4\nmax_requests_per_second = 50\n")
             .unwrap();

@@ -58,6 +58,27 @@ start_demo() {
   log "provider: $TOKEN_URL (tokend demo, pid $DEMO_PID)"
 }
 
+# demo_config PORT ACCOUNT...: a tokend config, on stdout, that listens on 127.0.0.1:PORT
+# with one client_credentials account per name against the demo provider at $TOKEN_URL
+# (start_demo sets it); the client secret is read from the credential demo-service-secret.
+demo_config() {
+  local port=$1 name
+  shift
+  echo '[server]'
+  echo "listen = [\"127.0.0.1:$port\"]"
+  for name in "$@"; do
+    cat <<EOF
+
+[accounts.$name]
+grant = "client_credentials"
+token_url = "$TOKEN_URL"
+client_id = "demo-service"
+client_secret = { file = "demo-service-secret" }
+scope = "demo.example.com"
+EOF
+  done
+}
+
 # stop_pid PID SECONDS: SIGTERM, then SIGKILL after SECONDS; only a process this script
 # started and that still runs.
 stop_pid() {

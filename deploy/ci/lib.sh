@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the deployment checks in deploy/ci/ (sourced, not run): logging, package
 # installation, waiting, a free loopback port and the `tokend demo` provider they all
 # talk to. Each script keeps its own clean-up, since what it must tear down differs.
@@ -7,6 +8,7 @@
 ci_init() {
   CI_NAME=$1
   START=$SECONDS
+  # shellcheck disable=SC2154 # rc is assigned inside the trap, which shellcheck does not follow
   trap 'rc=$?; log "total $((SECONDS - START))s; exit $rc"' EXIT
 }
 log() { echo "[$CI_NAME +$((SECONDS - START))s] $*"; }

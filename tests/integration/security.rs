@@ -8,27 +8,19 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tempfile::TempDir;
-use tokend::app::Daemon;
 use tokend::clock::Clock;
 use tokend::config::{Config, SystemEnvironment};
 use tokend::listen::{self, Limits};
-use tokend::provider::{Provider, Transport};
 use tokend::store::{FileStore, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::harness::{provider, zywave_account};
+use crate::harness::{Harness, parse_config, provider, zywave_account};
 
 /// A daemon (library) behind the real listener code, with a fake provider in-process.
 struct Served {
-    dir: TempDir,
+    h: Harness,
     base: String,
     socket: Option<std::path::PathBuf>,
-    cancel: CancellationToken,
-    tracker: TaskTracker,
-    daemon: Option<Daemon>,
 }
 
 impl Served {
@@ -47,34 +39,18 @@ impl Served {
             zywave_account("a", &seed_a),
             zywave_account("b", &seed_b),
         );
-        let config =
-            Config::from_str_at(&text, std::path::Path::new("sec.toml"), &SystemEnvironment)
-                .unwrap();
+        let config = parse_config(&text);
         let listeners = listen::bind_all(&config.server).await.unwrap();
         let base = listeners[0]
             .local_tcp_addr()
             .map(|a| format!("http://{a}"))
             .unwrap_or_else(|| "http://localhost".into());
-        let tracker = TaskTracker::new();
-        let cancel = CancellationToken::new();
-        let store = FileStore::open(&config.state.dir).unwrap();
-        let daemon = Daemon::start(
-            config,
-            store,
-            Provider::new(Transport::InProcess(fake.router())),
-            clock,
-            tracker.clone(),
-            cancel.clone(),
-        )
-        .await;
-        listen::serve_with(listeners, daemon.router(), &tracker, &cancel, limits);
+        let h = Harness::builder(fake, clock, dir).start(config).await;
+        h.serve(listeners, limits);
         let served = Served {
-            dir,
+            h,
             base,
             socket: listen.contains("unix:").then_some(socket),
-            cancel,
-            tracker,
-            daemon: Some(daemon),
         };
         served.wait_ready().await;
         served
@@ -134,12 +110,7 @@ impl Served {
     }
 
     async fn stop(mut self) {
-        self.cancel.cancel();
-        if let Some(d) = self.daemon.take() {
-            d.shutdown().await;
-        }
-        self.tracker.close();
-        self.tracker.wait().await;
+        self.h.shutdown().await;
     }
 }
 
@@ -329,7 +300,7 @@ async fn a_unix_socket_has_its_mode_and_matches_consumers_by_uid() {
     assert_eq!(s.get("/v1/token/b", &[]).await.0, 403);
     // Host is not checked on a socket (it names no network host).
     assert_eq!(s.get("/v1/token/a", &[("Host", "anything")]).await.0, 200);
-    let dir = s.dir.path().to_path_buf();
+    let dir = s.h.dir.path().to_path_buf();
     s.stop().await;
     assert!(!socket.exists(), "the socket file is removed on shutdown");
     drop(dir);

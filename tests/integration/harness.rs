@@ -1,7 +1,8 @@
 //! The in-process harness: the daemon (library) against the fake provider through the
 //! in-process transport, with a real file store in a temp dir; every test that runs the
 //! daemon as a library starts it here (`Harness::builder`). Flow and fault tests use
-//! tokio's paused clock and a manual wall clock. HTTP requests go through the real router.
+//! tokio's paused clock and a manual wall clock. HTTP requests go through the real router,
+//! built by `request` and sent by `call`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Body;
-use http::{Request, StatusCode};
+use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tempfile::TempDir;
@@ -85,6 +86,33 @@ pub fn provider(clock: &Clock, lifetime: Duration) -> FakeProvider {
     ));
     fake.register(ClientSpec::zephr("zephr-client", "zephr-secret"));
     fake
+}
+
+/// The guard header every token and refresh request carries.
+pub const MARK: (&str, &str) = ("Tokend-Request", "1");
+
+/// A request with `headers` in the order given (none added).
+pub fn request<B>(method: Method, uri: &str, headers: &[(&str, &str)], body: B) -> Request<B> {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.body(body).unwrap()
+}
+
+/// Sends `req` through `api` (no socket) and returns the answer with its whole body.
+pub async fn call(api: &Router, req: Request<Body>) -> (StatusCode, HeaderMap, Vec<u8>) {
+    let response = api.clone().oneshot(req).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    (status, headers, body)
 }
 
 pub struct Harness {
@@ -247,24 +275,9 @@ impl Harness {
     }
 
     pub async fn raw(&self, uri: &str, with_header: bool) -> (StatusCode, Vec<u8>) {
-        let mut req = Request::get(uri);
-        if with_header {
-            req = req.header("Tokend-Request", "1");
-        }
-        let response = self
-            .api
-            .clone()
-            .oneshot(req.body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec();
+        let headers: &[(&str, &str)] = if with_header { &[MARK] } else { &[] };
+        let req = request(Method::GET, uri, headers, Body::empty());
+        let (status, _, body) = call(&self.api, req).await;
         (status, body)
     }
 

@@ -14,21 +14,19 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::routing::post;
-use http::{HeaderMap, Method, Request, header};
-use http_body_util::BodyExt;
+use http::{HeaderMap, HeaderValue, Method, header};
 use serde_json::{Value, json};
 use tokend::clock::Clock;
 use tokend::listen::Peer;
-use tower::ServiceExt;
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::harness::{Harness, client_credentials_account, epoch, provider, zywave_account};
+use crate::harness::{
+    Harness, MARK, call, client_credentials_account, epoch, provider, request, zywave_account,
+};
 
 const SPEC: &str = include_str!("../../docs/openapi.yaml");
 const ROUTER_SOURCE: &str = include_str!("../../src/http.rs");
 
-/// The guard header every token and refresh request carries.
-const MARK: (&str, &str) = ("Tokend-Request", "1");
 const BILLING: (&str, &str) = ("Authorization", "Bearer billing-key-0123456789");
 const OPS: (&str, &str) = ("Authorization", "Bearer ops-key-0123456789");
 
@@ -496,28 +494,16 @@ impl Reply {
 /// A request as a local TCP client sends it: from a loopback peer, `Host` naming the
 /// loopback address (`headers` may replace it).
 async fn send(api: &Router, method: Method, uri: &str, headers: &[(&str, &str)]) -> Reply {
-    let mut req = Request::builder().method(method).uri(uri);
-    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
-        req = req.header(header::HOST, "127.0.0.1:8731");
+    let mut req = request(method, uri, headers, Body::empty());
+    if !req.headers().contains_key(header::HOST) {
+        let host = HeaderValue::from_static("127.0.0.1:8731");
+        req.headers_mut().insert(header::HOST, host);
     }
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let mut req = req.body(Body::empty()).unwrap();
     req.extensions_mut()
         .insert(Peer::Tcp("127.0.0.1:40000".parse().unwrap()));
-    let response = api.clone().oneshot(req).await.unwrap();
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .to_vec();
+    let (status, headers, body) = call(api, req).await;
     Reply {
-        status,
+        status: status.as_u16(),
         headers,
         body,
     }

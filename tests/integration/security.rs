@@ -8,13 +8,14 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::Method;
 use tokend::clock::Clock;
 use tokend::config::{Config, SystemEnvironment};
 use tokend::listen::{self, Limits};
 use tokend::store::{FileStore, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{Harness, parse_config, provider, zywave_account};
+use crate::harness::{Harness, MARK, parse_config, provider, request, zywave_account};
 
 /// A daemon (library) behind the real listener code, with a fake provider in-process.
 struct Served {
@@ -80,16 +81,23 @@ impl Served {
         }
     }
 
+    /// Sends `method path` with exactly `headers` and no body.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let url = format!("{}{path}", self.base);
+        let req = request(method, &url, headers, Vec::new());
+        let req = reqwest::Request::try_from(req).unwrap();
+        self.client().execute(req).await.unwrap()
+    }
+
     /// GET a token route with the guard header and `extra` headers; status and body.
     async fn get(&self, path: &str, extra: &[(&str, &str)]) -> (u16, serde_json::Value) {
-        let mut req = self
-            .client()
-            .get(format!("{}{path}", self.base))
-            .header("Tokend-Request", "1");
-        for (k, v) in extra {
-            req = req.header(*k, *v);
-        }
-        let resp = req.send().await.unwrap();
+        let headers: Vec<_> = [MARK].into_iter().chain(extra.iter().copied()).collect();
+        let resp = self.send(Method::GET, path, &headers).await;
         let status = resp.status().as_u16();
         let www = resp.headers().get("www-authenticate").is_some();
         let mut body: serde_json::Value = resp.json().await.unwrap_or_default();
@@ -119,20 +127,10 @@ const TCP: &str = "\"127.0.0.1:0\"";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_without_the_guard_header_are_refused() {
     let s = Served::start("", TCP, Limits::default()).await;
-    let resp = s
-        .client()
-        .get(format!("{}/v1/token/a", s.base))
-        .send()
-        .await
-        .unwrap();
+    let resp = s.send(Method::GET, "/v1/token/a", &[]).await;
     assert_eq!(resp.status(), 403);
-    let resp = s
-        .client()
-        .get(format!("{}/v1/token/a", s.base))
-        .header("Tokend-Request", " ")
-        .send()
-        .await
-        .unwrap();
+    let blank = ("Tokend-Request", " ");
+    let resp = s.send(Method::GET, "/v1/token/a", &[blank]).await;
     assert_eq!(resp.status(), 403, "a blank header counts as missing");
     assert_eq!(s.get("/v1/token/a", &[]).await.0, 200);
     s.stop().await;
@@ -220,13 +218,8 @@ async fn consumer_keys_are_required_and_scoped() {
         "no hint whether it exists"
     );
     let refresh = s
-        .client()
-        .post(format!("{}/v1/accounts/b/refresh", s.base))
-        .header("Tokend-Request", "1")
-        .header(billing.0, billing.1)
-        .send()
-        .await
-        .unwrap();
+        .send(Method::POST, "/v1/accounts/b/refresh", &[MARK, billing])
+        .await;
     assert_eq!(
         refresh.status(),
         403,

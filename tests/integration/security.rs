@@ -117,8 +117,10 @@ impl Served {
         String::from_utf8_lossy(&out).to_string()
     }
 
-    async fn stop(mut self) {
-        self.h.shutdown().await;
+    /// Stops the daemon and returns its temp dir, so that what shutdown left in it can
+    /// still be looked at.
+    async fn stop(self) -> tempfile::TempDir {
+        self.h.stop().await.2
     }
 }
 
@@ -293,8 +295,8 @@ async fn a_unix_socket_has_its_mode_and_matches_consumers_by_uid() {
     assert_eq!(s.get("/v1/token/b", &[]).await.0, 403);
     // Host is not checked on a socket (it names no network host).
     assert_eq!(s.get("/v1/token/a", &[("Host", "anything")]).await.0, 200);
-    let dir = s.h.dir.path().to_path_buf();
-    s.stop().await;
+    // The temp dir outlives the shutdown: removing it would remove the socket file too.
+    let dir = s.stop().await;
     assert!(!socket.exists(), "the socket file is removed on shutdown");
     drop(dir);
 }

@@ -138,17 +138,7 @@ start_demo "$BIN" "$WORK"
 PORT=$(free_port) || fail "no free port"
 ENDPOINT=http://127.0.0.1:$PORT
 mkdir -p "$WORK/etc" "$WORK/secrets"
-cat >"$WORK/etc/tokend.toml" <<EOF
-[server]
-listen = ["127.0.0.1:$PORT"]
-
-[accounts.svc]
-grant = "client_credentials"
-token_url = "$TOKEN_URL"
-client_id = "demo-service"
-client_secret = { file = "demo-service-secret" }
-scope = "demo.example.com"
-EOF
+demo_config "$PORT" svc >"$WORK/etc/tokend.toml"
 chmod 0644 "$WORK/etc/tokend.toml"
 (umask 077 && echo demo-service-secret >"$WORK/secrets/demo-service-secret")
 # A bind-mounted secret keeps its host owner and mode: give it to the runtime uid.

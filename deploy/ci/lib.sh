@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the deployment checks in deploy/ci/ (sourced, not run): logging, package
 # installation, waiting, a free loopback port and the `tokend demo` provider they all
 # talk to. Each script keeps its own clean-up, since what it must tear down differs.
@@ -7,6 +8,7 @@
 ci_init() {
   CI_NAME=$1
   START=$SECONDS
+  # shellcheck disable=SC2154 # rc is assigned inside the trap, which shellcheck does not follow
   trap 'rc=$?; log "total $((SECONDS - START))s; exit $rc"' EXIT
 }
 log() { echo "[$CI_NAME +$((SECONDS - START))s] $*"; }
@@ -56,6 +58,27 @@ start_demo() {
   wait_for 20 grep -qs 'provider is running at' "$2/demo.out" || fail "tokend demo did not start"
   TOKEN_URL=$(sed -n 's/.*provider is running at \(http:[^ ]*\).*/\1/p' "$2/demo.out")
   log "provider: $TOKEN_URL (tokend demo, pid $DEMO_PID)"
+}
+
+# demo_config PORT ACCOUNT...: a tokend config, on stdout, that listens on 127.0.0.1:PORT
+# with one client_credentials account per name against the demo provider at $TOKEN_URL
+# (start_demo sets it); the client secret is read from the credential demo-service-secret.
+demo_config() {
+  local port=$1 name
+  shift
+  echo '[server]'
+  echo "listen = [\"127.0.0.1:$port\"]"
+  for name in "$@"; do
+    cat <<EOF
+
+[accounts.$name]
+grant = "client_credentials"
+token_url = "$TOKEN_URL"
+client_id = "demo-service"
+client_secret = { file = "demo-service-secret" }
+scope = "demo.example.com"
+EOF
+  done
 }
 
 # stop_pid PID SECONDS: SIGTERM, then SIGKILL after SECONDS; only a process this script

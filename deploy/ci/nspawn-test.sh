@@ -108,23 +108,9 @@ install -d -m 0700 "$ROOT/etc/credstore" "$ROOT/etc/credstore/tokend"
 (umask 077 && echo demo-service-secret >"$ROOT/etc/credstore/tokend/demo-service-secret")
 PORT=$(free_port) || fail "no free port"
 ENDPOINT=http://127.0.0.1:$PORT
-account() {
-  cat <<EOF
-
-[accounts.$1]
-grant = "client_credentials"
-token_url = "$TOKEN_URL"
-client_id = "demo-service"
-client_secret = { file = "demo-service-secret" }
-scope = "demo.example.com"
-EOF
-}
+# write_config ACCOUNT...: replaces the container's config in one rename.
 write_config() {
-  {
-    echo '[server]'
-    echo "listen = [\"127.0.0.1:$PORT\"]"
-    for a in "$@"; do account "$a"; done
-  } >"$ROOT/etc/tokend/tokend.toml.new"
+  demo_config "$PORT" "$@" >"$ROOT/etc/tokend/tokend.toml.new"
   chmod 0644 "$ROOT/etc/tokend/tokend.toml.new"
   mv "$ROOT/etc/tokend/tokend.toml.new" "$ROOT/etc/tokend/tokend.toml"
 }

@@ -9,15 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokend::app::Daemon;
 use tokend::clock::Clock;
 use tokend::config::{Config, SystemEnvironment};
-use tokend::provider::{Provider, Transport};
-use tokend::store::FileStore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::harness::{provider, zywave_account};
+use crate::harness::{Harness, parse_config, provider, zywave_account};
 
 async fn until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
@@ -51,19 +46,9 @@ async fn sinks_follow_every_refresh_atomically_and_hooks_fire_once_each() {
         json = json_sink.display(),
         log = hook_log.display(),
     );
-    let config = Config::from_str_at(&text, Path::new("h.toml"), &SystemEnvironment).unwrap();
-    let store = FileStore::open(&config.state.dir).unwrap();
-    let tracker = TaskTracker::new();
-    let cancel = CancellationToken::new();
-    let daemon = Daemon::start(
-        config,
-        store,
-        Provider::new(Transport::InProcess(fake.router())),
-        clock,
-        tracker.clone(),
-        cancel.clone(),
-    )
-    .await;
+    let mut h = Harness::builder(fake.clone(), clock, dir)
+        .start(parse_config(&text))
+        .await;
 
     // A reader that never sees a missing, empty or partial token file.
     let stop = Arc::new(AtomicBool::new(false));
@@ -118,10 +103,7 @@ async fn sinks_follow_every_refresh_atomically_and_hooks_fire_once_each() {
         Some("zy")
     );
 
-    daemon.shutdown().await;
-    cancel.cancel();
-    tracker.close();
-    tracker.wait().await;
+    h.shutdown().await;
     // Hooks fire once per refresh: never more runs than refreshes.
     let (runs, refreshes) = (hook_runs() as u64, fake.counts().refresh_grants);
     assert!(
@@ -145,41 +127,16 @@ async fn a_profile_token_is_served_as_a_secret_profile_header() {
         zywave_account("zy", &seed).replace("headers = { Profile = \"B 1234\" }\n", ""),
         dir.path().join("profile-token").display(),
     );
-    let config = Config::from_str_at(&text, Path::new("p.toml"), &SystemEnvironment).unwrap();
+    let config = parse_config(&text);
     assert!(
         !format!("{config:?}").contains("eyJwcm9maWxl"),
         "the profile token is a secret"
     );
-    let store = FileStore::open(&config.state.dir).unwrap();
-    let tracker = TaskTracker::new();
-    let cancel = CancellationToken::new();
-    let daemon = Daemon::start(
-        config,
-        store,
-        Provider::new(Transport::InProcess(fake.router())),
-        clock,
-        tracker.clone(),
-        cancel.clone(),
-    )
-    .await;
-    daemon
-        .wait_settled(tokio::time::Instant::now() + Duration::from_secs(10))
-        .await;
-    use tower::ServiceExt;
-    let req = http::Request::get("/v1/token/zy")
-        .header("Tokend-Request", "1")
-        .body(axum::body::Body::empty())
-        .unwrap();
-    let resp = daemon.router().oneshot(req).await.unwrap();
-    let body = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let mut h = Harness::builder(fake, clock, dir).start(config).await;
+    h.settle(Duration::from_secs(10)).await;
+    let (_, json) = h.get("/v1/token/zy").await;
     assert_eq!(json["headers"]["Profile"], "Token eyJwcm9maWxl");
-    daemon.shutdown().await;
-    tracker.close();
-    tracker.wait().await;
+    h.shutdown().await;
 }
 
 #[test]

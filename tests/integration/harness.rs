@@ -1,13 +1,16 @@
-//! The in-process harness for flow and fault tests: the daemon (library) against the fake
-//! provider through the in-process transport, on tokio's paused clock and a manual wall
-//! clock, with a real file store in a temp dir. HTTP requests go through the real router.
+//! The in-process harness: the daemon (library) against the fake provider through the
+//! in-process transport, with a real file store in a temp dir; every test that runs the
+//! daemon as a library starts it here (`Harness::builder`). Flow and fault tests use
+//! tokio's paused clock and a manual wall clock. HTTP requests go through the real router,
+//! built by `request` and sent by `call`.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Body;
-use http::{Request, StatusCode};
+use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tempfile::TempDir;
@@ -15,6 +18,7 @@ use tokend::app::Daemon;
 use tokend::clock::Clock;
 use tokend::config::{AccountName, Config, SystemEnvironment};
 use tokend::fake_provider::{ClientSpec, FakeProvider};
+use tokend::listen::{self, Limits, Listener};
 use tokend::provider::{Provider, Transport};
 use tokend::store::{FileStore, State, Store, StoreFuture, state_path};
 use tokio_util::sync::CancellationToken;
@@ -84,22 +88,128 @@ pub fn provider(clock: &Clock, lifetime: Duration) -> FakeProvider {
     fake
 }
 
+/// The guard header every token and refresh request carries.
+pub const MARK: (&str, &str) = ("Tokend-Request", "1");
+
+/// A request with `headers` in the order given (none added).
+pub fn request<B>(method: Method, uri: &str, headers: &[(&str, &str)], body: B) -> Request<B> {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.body(body).unwrap()
+}
+
+/// Sends `req` through `api` (no socket) and returns the answer with its whole body.
+pub async fn call(api: &Router, req: Request<Body>) -> (StatusCode, HeaderMap, Vec<u8>) {
+    let response = api.clone().oneshot(req).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    (status, headers, body)
+}
+
 pub struct Harness {
     pub fake: FakeProvider,
     pub clock: Clock,
     pub dir: TempDir,
     pub daemon: Option<Daemon>,
     pub api: Router,
+    state_dir: PathBuf,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
 
+/// How a daemon starts: the fake provider, the clocks and the temp dir the harness keeps;
+/// optionally another store, or provider routes beside the fake's.
+pub struct Builder {
+    fake: FakeProvider,
+    clock: Clock,
+    dir: TempDir,
+    store: Option<Arc<dyn Store>>,
+    routes: Option<Router>,
+}
+
+impl Builder {
+    /// The store instead of a `FileStore` at the config's state dir.
+    pub fn store(mut self, store: Arc<dyn Store>) -> Builder {
+        self.store = Some(store);
+        self
+    }
+
+    /// Provider routes served beside the fake provider's, on the same transport.
+    pub fn routes(mut self, routes: Router) -> Builder {
+        self.routes = Some(routes);
+        self
+    }
+
+    /// Starts the daemon on the harness config (see `config`) with `accounts` (TOML
+    /// account blocks) and `[refresh]` extras.
+    pub async fn accounts(self, accounts: &str) -> Harness {
+        let config = config(&self.dir, accounts);
+        self.start(config).await
+    }
+
+    /// Starts the daemon on `config`.
+    pub async fn start(self, config: Config) -> Harness {
+        let state_dir = config.state.dir.clone();
+        let store = match self.store {
+            Some(store) => store,
+            None => FileStore::open(&state_dir).unwrap(),
+        };
+        let routes = match self.routes {
+            Some(extra) => self.fake.router().merge(extra),
+            None => self.fake.router(),
+        };
+        let provider =
+            Provider::new(Transport::InProcess(routes)).with_host_limits(config.per_host);
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let daemon = Daemon::start(
+            config,
+            store,
+            provider,
+            self.clock.clone(),
+            tracker.clone(),
+            cancel.clone(),
+        )
+        .await;
+        let api = daemon.router();
+        Harness {
+            fake: self.fake,
+            clock: self.clock,
+            dir: self.dir,
+            daemon: Some(daemon),
+            api,
+            state_dir,
+            tracker,
+            cancel,
+        }
+    }
+}
+
 impl Harness {
+    /// A daemon to start with `fake` and `clock`, its config and state in `dir`.
+    pub fn builder(fake: FakeProvider, clock: Clock, dir: TempDir) -> Builder {
+        Builder {
+            fake,
+            clock,
+            dir,
+            store: None,
+            routes: None,
+        }
+    }
+
     /// Starts the daemon with `accounts` (TOML account blocks) and `[refresh]` extras.
     pub async fn start(fake: FakeProvider, clock: Clock, accounts: &str) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = FileStore::open(dir.path()).unwrap();
-        Harness::start_with_store(fake, clock, accounts, dir, store).await
+        Harness::builder(fake, clock, dir).accounts(accounts).await
     }
 
     pub async fn start_with_store(
@@ -109,30 +219,29 @@ impl Harness {
         dir: TempDir,
         store: Arc<dyn Store>,
     ) -> Harness {
-        let config = config(&dir, accounts);
-        let provider =
-            Provider::new(Transport::InProcess(fake.router())).with_host_limits(config.per_host);
-        let tracker = TaskTracker::new();
-        let cancel = CancellationToken::new();
-        let daemon = Daemon::start(
-            config,
-            store,
-            provider,
-            clock.clone(),
-            tracker.clone(),
-            cancel.clone(),
-        )
-        .await;
-        let api = daemon.router();
-        Harness {
-            fake,
-            clock,
-            dir,
-            daemon: Some(daemon),
-            api,
-            tracker,
-            cancel,
-        }
+        Harness::builder(fake, clock, dir)
+            .store(store)
+            .accounts(accounts)
+            .await
+    }
+
+    /// Serves the API on real `listeners` too, until the daemon stops.
+    pub fn serve(&self, listeners: Vec<Listener>, limits: Limits) {
+        listen::serve_with(
+            listeners,
+            self.api.clone(),
+            &self.tracker,
+            &self.cancel,
+            limits,
+        );
+    }
+
+    /// Waits at most `limit` for every account to settle.
+    pub async fn settle(&self, limit: Duration) {
+        let daemon = self.daemon.as_ref().expect("the daemon runs");
+        daemon
+            .wait_settled(tokio::time::Instant::now() + limit)
+            .await;
     }
 
     /// Stops the daemon the way SIGTERM does and returns what a restart needs.
@@ -167,24 +276,9 @@ impl Harness {
     }
 
     pub async fn raw(&self, uri: &str, with_header: bool) -> (StatusCode, Vec<u8>) {
-        let mut req = Request::get(uri);
-        if with_header {
-            req = req.header("Tokend-Request", "1");
-        }
-        let response = self
-            .api
-            .clone()
-            .oneshot(req.body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec();
+        let headers: &[(&str, &str)] = if with_header { &[MARK] } else { &[] };
+        let req = request(Method::GET, uri, headers, Body::empty());
+        let (status, _, body) = call(&self.api, req).await;
         (status, body)
     }
 
@@ -208,17 +302,22 @@ impl Harness {
 
     /// The state file's JSON.
     pub fn state_file(&self, account: &str) -> Value {
-        let path = state_path(self.dir.path(), &AccountName::parse(account).unwrap());
+        let path = state_path(&self.state_dir, &AccountName::parse(account).unwrap());
         serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
     }
 }
 
+/// The harness config: state in `dir`, `min_interval` 5 s, then `accounts`.
 pub fn config(dir: &TempDir, accounts: &str) -> Config {
-    let text = format!(
+    parse_config(&format!(
         "[state]\ndir = \"{}\"\n\n[refresh]\nmin_interval = \"5s\"\n{accounts}",
         dir.path().display()
-    );
-    Config::from_str_at(&text, std::path::Path::new("test.toml"), &SystemEnvironment).unwrap()
+    ))
+}
+
+/// A whole config from its text (panics on an error).
+pub fn parse_config(text: &str) -> Config {
+    Config::from_str_at(text, Path::new("test.toml"), &SystemEnvironment).unwrap()
 }
 
 /// A store that fails its saves while `failing` is set: a full or read-only disk.

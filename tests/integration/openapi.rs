@@ -14,27 +14,19 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::routing::post;
-use http::{HeaderMap, Method, Request, header};
-use http_body_util::BodyExt;
+use http::{HeaderMap, HeaderValue, Method, header};
 use serde_json::{Value, json};
-use tempfile::TempDir;
-use tokend::app::Daemon;
 use tokend::clock::Clock;
 use tokend::listen::Peer;
-use tokend::provider::{Provider, Transport};
-use tokend::store::FileStore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::harness::{client_credentials_account, config, epoch, provider, zywave_account};
+use crate::harness::{
+    Harness, MARK, call, client_credentials_account, epoch, provider, request, zywave_account,
+};
 
 const SPEC: &str = include_str!("../../docs/openapi.yaml");
 const ROUTER_SOURCE: &str = include_str!("../../src/http.rs");
 
-/// The guard header every token and refresh request carries.
-const MARK: (&str, &str) = ("Tokend-Request", "1");
 const BILLING: (&str, &str) = ("Authorization", "Bearer billing-key-0123456789");
 const OPS: (&str, &str) = ("Authorization", "Bearer ops-key-0123456789");
 
@@ -502,28 +494,16 @@ impl Reply {
 /// A request as a local TCP client sends it: from a loopback peer, `Host` naming the
 /// loopback address (`headers` may replace it).
 async fn send(api: &Router, method: Method, uri: &str, headers: &[(&str, &str)]) -> Reply {
-    let mut req = Request::builder().method(method).uri(uri);
-    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
-        req = req.header(header::HOST, "127.0.0.1:8731");
+    let mut req = request(method, uri, headers, Body::empty());
+    if !req.headers().contains_key(header::HOST) {
+        let host = HeaderValue::from_static("127.0.0.1:8731");
+        req.headers_mut().insert(header::HOST, host);
     }
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let mut req = req.body(Body::empty()).unwrap();
     req.extensions_mut()
         .insert(Peer::Tcp("127.0.0.1:40000".parse().unwrap()));
-    let response = api.clone().oneshot(req).await.unwrap();
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .to_vec();
+    let (status, headers, body) = call(api, req).await;
     Reply {
-        status,
+        status: status.as_u16(),
         headers,
         body,
     }
@@ -716,57 +696,19 @@ key = "ops-key-0123456789"
 accounts = ["*"]
 "#;
 
-struct Running {
-    api: Router,
-    daemon: Option<Daemon>,
-    tracker: TaskTracker,
-    cancel: CancellationToken,
-    _dir: TempDir,
-}
-
-impl Running {
-    /// The daemon with the fake provider's `zy` (refresh token) and `cc` (client
-    /// credentials) accounts plus `extra`, once every account has settled.
-    async fn start(extra: &str) -> Running {
-        let clock = Clock::manual(epoch());
-        let fake = provider(&clock, Duration::from_secs(3600));
-        let seed = fake.grant_refresh_token("zy-client", Some("offline_access accounts:read"));
-        let accounts = zywave_account("zy", &seed) + &client_credentials_account("cc") + extra;
-        let dir = tempfile::tempdir().unwrap();
-        let config = config(&dir, &accounts);
-        let store = FileStore::open(dir.path()).unwrap();
-        let transport = Transport::InProcess(fake.router().merge(short_lived_refresh_tokens()));
-        let tracker = TaskTracker::new();
-        let cancel = CancellationToken::new();
-        let daemon = Daemon::start(
-            config,
-            store,
-            Provider::new(transport),
-            clock,
-            tracker.clone(),
-            cancel.clone(),
-        )
+/// The daemon with the fake provider's `zy` (refresh token) and `cc` (client credentials)
+/// accounts plus `extra`, once every account has settled.
+async fn start_daemon(extra: &str) -> Harness {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, Duration::from_secs(3600));
+    let seed = fake.grant_refresh_token("zy-client", Some("offline_access accounts:read"));
+    let accounts = zywave_account("zy", &seed) + &client_credentials_account("cc") + extra;
+    let h = Harness::builder(fake, clock, tempfile::tempdir().unwrap())
+        .routes(short_lived_refresh_tokens())
+        .accounts(&accounts)
         .await;
-        daemon
-            .wait_settled(tokio::time::Instant::now() + Duration::from_secs(60))
-            .await;
-        Running {
-            api: daemon.router(),
-            daemon: Some(daemon),
-            tracker,
-            cancel,
-            _dir: dir,
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(d) = self.daemon.take() {
-            d.shutdown().await;
-        }
-        self.cancel.cancel();
-        self.tracker.close();
-        self.tracker.wait().await;
-    }
+    h.settle(Duration::from_secs(60)).await;
+    h
 }
 
 // ---------------------------------------------------------------------------------------
@@ -889,7 +831,7 @@ async fn openapi_every_route_and_status_matches_the_daemon() {
 
     // Open access: no consumers. `bad` holds a refresh token the provider rejects.
     let extra = zywave_account("bad", "rt-unknown") + SHORT_ACCOUNT;
-    let d = Running::start(&extra).await;
+    let d = start_daemon(&extra).await;
     let api = &d.api;
 
     let token = c
@@ -1052,7 +994,7 @@ async fn openapi_every_route_and_status_matches_the_daemon() {
     d.stop().await;
 
     // Consumers configured: keys are required and scoped, and the list is filtered.
-    let d = Running::start(CONSUMERS).await;
+    let d = start_daemon(CONSUMERS).await;
     let api = &d.api;
     let wrong = ("Authorization", "Bearer wrong-key");
     for (template, uri, method) in [

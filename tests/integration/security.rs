@@ -8,27 +8,20 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tempfile::TempDir;
-use tokend::app::Daemon;
+use http::Method;
 use tokend::clock::Clock;
 use tokend::config::{Config, SystemEnvironment};
 use tokend::listen::{self, Limits};
-use tokend::provider::{Provider, Transport};
 use tokend::store::{FileStore, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::harness::{provider, zywave_account};
+use crate::harness::{Harness, MARK, parse_config, provider, request, zywave_account};
 
 /// A daemon (library) behind the real listener code, with a fake provider in-process.
 struct Served {
-    dir: TempDir,
+    h: Harness,
     base: String,
     socket: Option<std::path::PathBuf>,
-    cancel: CancellationToken,
-    tracker: TaskTracker,
-    daemon: Option<Daemon>,
 }
 
 impl Served {
@@ -47,34 +40,18 @@ impl Served {
             zywave_account("a", &seed_a),
             zywave_account("b", &seed_b),
         );
-        let config =
-            Config::from_str_at(&text, std::path::Path::new("sec.toml"), &SystemEnvironment)
-                .unwrap();
+        let config = parse_config(&text);
         let listeners = listen::bind_all(&config.server).await.unwrap();
         let base = listeners[0]
             .local_tcp_addr()
             .map(|a| format!("http://{a}"))
             .unwrap_or_else(|| "http://localhost".into());
-        let tracker = TaskTracker::new();
-        let cancel = CancellationToken::new();
-        let store = FileStore::open(&config.state.dir).unwrap();
-        let daemon = Daemon::start(
-            config,
-            store,
-            Provider::new(Transport::InProcess(fake.router())),
-            clock,
-            tracker.clone(),
-            cancel.clone(),
-        )
-        .await;
-        listen::serve_with(listeners, daemon.router(), &tracker, &cancel, limits);
+        let h = Harness::builder(fake, clock, dir).start(config).await;
+        h.serve(listeners, limits);
         let served = Served {
-            dir,
+            h,
             base,
             socket: listen.contains("unix:").then_some(socket),
-            cancel,
-            tracker,
-            daemon: Some(daemon),
         };
         served.wait_ready().await;
         served
@@ -104,16 +81,23 @@ impl Served {
         }
     }
 
+    /// Sends `method path` with exactly `headers` and no body.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let url = format!("{}{path}", self.base);
+        let req = request(method, &url, headers, Vec::new());
+        let req = reqwest::Request::try_from(req).unwrap();
+        self.client().execute(req).await.unwrap()
+    }
+
     /// GET a token route with the guard header and `extra` headers; status and body.
     async fn get(&self, path: &str, extra: &[(&str, &str)]) -> (u16, serde_json::Value) {
-        let mut req = self
-            .client()
-            .get(format!("{}{path}", self.base))
-            .header("Tokend-Request", "1");
-        for (k, v) in extra {
-            req = req.header(*k, *v);
-        }
-        let resp = req.send().await.unwrap();
+        let headers: Vec<_> = [MARK].into_iter().chain(extra.iter().copied()).collect();
+        let resp = self.send(Method::GET, path, &headers).await;
         let status = resp.status().as_u16();
         let www = resp.headers().get("www-authenticate").is_some();
         let mut body: serde_json::Value = resp.json().await.unwrap_or_default();
@@ -133,13 +117,10 @@ impl Served {
         String::from_utf8_lossy(&out).to_string()
     }
 
-    async fn stop(mut self) {
-        self.cancel.cancel();
-        if let Some(d) = self.daemon.take() {
-            d.shutdown().await;
-        }
-        self.tracker.close();
-        self.tracker.wait().await;
+    /// Stops the daemon and returns its temp dir, so that what shutdown left in it can
+    /// still be looked at.
+    async fn stop(self) -> tempfile::TempDir {
+        self.h.stop().await.2
     }
 }
 
@@ -148,20 +129,10 @@ const TCP: &str = "\"127.0.0.1:0\"";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_without_the_guard_header_are_refused() {
     let s = Served::start("", TCP, Limits::default()).await;
-    let resp = s
-        .client()
-        .get(format!("{}/v1/token/a", s.base))
-        .send()
-        .await
-        .unwrap();
+    let resp = s.send(Method::GET, "/v1/token/a", &[]).await;
     assert_eq!(resp.status(), 403);
-    let resp = s
-        .client()
-        .get(format!("{}/v1/token/a", s.base))
-        .header("Tokend-Request", " ")
-        .send()
-        .await
-        .unwrap();
+    let blank = ("Tokend-Request", " ");
+    let resp = s.send(Method::GET, "/v1/token/a", &[blank]).await;
     assert_eq!(resp.status(), 403, "a blank header counts as missing");
     assert_eq!(s.get("/v1/token/a", &[]).await.0, 200);
     s.stop().await;
@@ -249,13 +220,8 @@ async fn consumer_keys_are_required_and_scoped() {
         "no hint whether it exists"
     );
     let refresh = s
-        .client()
-        .post(format!("{}/v1/accounts/b/refresh", s.base))
-        .header("Tokend-Request", "1")
-        .header(billing.0, billing.1)
-        .send()
-        .await
-        .unwrap();
+        .send(Method::POST, "/v1/accounts/b/refresh", &[MARK, billing])
+        .await;
     assert_eq!(
         refresh.status(),
         403,
@@ -329,8 +295,8 @@ async fn a_unix_socket_has_its_mode_and_matches_consumers_by_uid() {
     assert_eq!(s.get("/v1/token/b", &[]).await.0, 403);
     // Host is not checked on a socket (it names no network host).
     assert_eq!(s.get("/v1/token/a", &[("Host", "anything")]).await.0, 200);
-    let dir = s.dir.path().to_path_buf();
-    s.stop().await;
+    // The temp dir outlives the shutdown: removing it would remove the socket file too.
+    let dir = s.stop().await;
     assert!(!socket.exists(), "the socket file is removed on shutdown");
     drop(dir);
 }

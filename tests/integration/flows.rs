@@ -181,7 +181,11 @@ async fn rotated_refresh_token_is_persisted_and_survives_a_restart() {
 #[tokio::test(start_paused = true)]
 async fn concurrent_min_valid_readers_share_one_refresh() {
     let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(600));
+    // Two-hour tokens: the account's own next refresh, spread at random over the period,
+    // is then at least 180 s away (half the 5% jitter window), so the herd's refresh is
+    // the only call in this test's window even when virtual time moves on while saves
+    // run on blocking threads.
+    let fake = provider(&clock, Duration::from_secs(7200));
     let seed = fake.grant_refresh_token("zy-client", None);
     let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
     h.advance(Duration::from_secs(30)).await;
@@ -194,13 +198,13 @@ async fn concurrent_min_valid_readers_share_one_refresh() {
     assert_eq!(body["access_token"], first.as_str());
     assert_eq!(h.fake.counts().refresh_grants, calls);
 
-    // 570 s left; 50 readers want 590 s: one refresh serves them all.
+    // 7,170 s left; 50 readers want 7,190 s: one refresh serves them all.
     let mut readers = Vec::new();
     for _ in 0..50 {
         let api = h.api.clone();
         readers.push(tokio::spawn(async move {
             use tower::ServiceExt;
-            let req = http::Request::get("/v1/token/zy?min_valid=590")
+            let req = http::Request::get("/v1/token/zy?min_valid=7190")
                 .header("Tokend-Request", "1")
                 .body(axum::body::Body::empty())
                 .unwrap();

@@ -1,6 +1,6 @@
-//! The command line: subcommands, the client for a running daemon (`token`, `status`,
-//! `health`, `refresh`), the front of `login`/`import`/`logout` (their flows are in
-//! `login`), logging set-up, and the exit codes every command keeps to.
+//! The command line: subcommands, the client commands (`token`, `status`, `health`,
+//! `refresh`; their HTTP client is in `client`), the front of `login`/`import`/`logout`
+//! (their flows are in `login`), logging set-up, and the exit codes every command keeps to.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -12,8 +12,8 @@ use serde_json::Value;
 use std::sync::Arc;
 
 use crate::app::{self, RunError};
+use crate::client::{ClientError, DaemonClient};
 use crate::config::{AccountConfig, Config, DEFAULT_CONFIG_PATH, DEFAULT_LISTEN, Grant, LogFormat};
-use crate::http::REQUEST_HEADER;
 use crate::login::{self, LoginError};
 use crate::provider::Provider;
 use crate::secret::Secret;
@@ -212,35 +212,37 @@ pub fn init_tracing(format: LogFormat) {
 
 /// Runs one command and returns its exit code.
 pub fn dispatch(cli: Cli) -> u8 {
-    if let Command::Completions { shell } = cli.command {
-        clap_complete::generate(shell, &mut Cli::command(), "tokend", &mut std::io::stdout());
-        return exit::OK;
-    }
-    if let Command::Check { config } = &cli.command {
-        return check(&config.path());
-    }
-    // The client commands make one request: a thread per core would only cost start-up
-    // time. Everything else runs the daemon, a provider client or a loopback listener.
-    let client_only = matches!(
-        cli.command,
-        Command::Token { .. }
-            | Command::Status { .. }
-            | Command::Health { .. }
-            | Command::Refresh { .. }
-    );
-    let mut builder = if client_only {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
+    // The client commands make one blocking request and need no async runtime: building
+    // one (and its threads) would be most of what they cost.
+    let command = match cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "tokend", &mut std::io::stdout());
+            return exit::OK;
+        }
+        Command::Check { config } => return check(&config.path()),
+        Command::Token {
+            account,
+            client,
+            min_valid,
+            json,
+        } => return finish(token(&client, &account, min_valid, json)),
+        Command::Status { client, json } => return finish(status(&client, json)),
+        Command::Health { client } => return finish(health(&client)),
+        Command::Refresh { account, client } => return finish(refresh(&client, &account)),
+        other => other,
     };
-    let runtime = match builder.enable_all().build() {
+    // Everything else runs the daemon, a provider client or a loopback listener.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tokend: cannot start the async runtime: {e}");
             return exit::FAILURE;
         }
     };
-    match cli.command {
+    match command {
         Command::Run { config, once } => {
             let path = config.path();
             let config = match Config::load(&path) {
@@ -261,15 +263,6 @@ pub fn dispatch(cli: Cli) -> u8 {
             init_tracing(LogFormat::Text);
             daemon_exit(runtime.block_on(crate::demo::run()))
         }
-        Command::Token {
-            account,
-            client,
-            min_valid,
-            json,
-        } => runtime.block_on(token(&client, &account, min_valid, json)),
-        Command::Status { client, json } => runtime.block_on(status(&client, json)),
-        Command::Health { client } => runtime.block_on(health(&client)),
-        Command::Refresh { account, client } => runtime.block_on(refresh(&client, &account)),
         Command::Login {
             account,
             config,
@@ -293,7 +286,12 @@ pub fn dispatch(cli: Cli) -> u8 {
             config,
             no_revoke,
         } => runtime.block_on(logout(&config.path(), &account, !no_revoke)),
-        Command::Check { .. } | Command::Completions { .. } => unreachable!("handled above"),
+        Command::Check { .. }
+        | Command::Completions { .. }
+        | Command::Token { .. }
+        | Command::Status { .. }
+        | Command::Health { .. }
+        | Command::Refresh { .. } => unreachable!("handled above"),
     }
 }
 
@@ -573,11 +571,11 @@ async fn report_handoff(
                 Some(crate::config::ListenAddr::Unix(path)) => format!("unix:{}", path.display()),
                 None => format!("http://{DEFAULT_LISTEN}"),
             };
-            let args = ClientArgs {
-                endpoint: Some(endpoint),
-                key_file: None,
-            };
-            if let Some(state) = settled_state(&args, name.as_str()).await {
+            // The client blocks (up to a few seconds while the account settles): on
+            // the blocking pool, so no runtime worker is held up.
+            let name = name.to_string();
+            let settled = tokio::task::spawn_blocking(move || settled_state(&endpoint, &name));
+            if let Ok(Some(state)) = settled.await {
                 println!("{state}");
             }
         }
@@ -586,16 +584,15 @@ async fn report_handoff(
 }
 
 /// `ACCOUNT: STATE (LAST ERROR)` from the daemon, waiting up to 10 s for a state that
-/// is not `pending`/`refreshing`; `None` if the daemon cannot be asked.
-async fn settled_state(args: &ClientArgs, name: &str) -> Option<String> {
+/// is not `pending`/`refreshing`; `None` if the daemon cannot be asked. Blocking.
+fn settled_state(endpoint: &str, name: &str) -> Option<String> {
     let report = |e: ClientError| eprintln!("tokend: {e}");
-    let client = DaemonClient::new(args).map_err(report).ok()?;
+    let client = DaemonClient::new(endpoint, None).map_err(report).ok()?;
     let url = client.url(&["v1", "accounts"], &[]);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let body = client
             .call_ok(http::Method::GET, &url)
-            .await
             .map_err(report)
             .ok()?;
         let v: Value = serde_json::from_str(&body).ok()?;
@@ -606,13 +603,13 @@ async fn settled_state(args: &ClientArgs, name: &str) -> Option<String> {
             .clone();
         let state = account["state"].as_str().unwrap_or("?").to_string();
         let settled = !matches!(state.as_str(), "pending" | "refreshing");
-        if settled || tokio::time::Instant::now() >= deadline {
+        if settled || std::time::Instant::now() >= deadline {
             return Some(match account["last_error"].as_str() {
                 Some(e) => format!("{name}: {state} ({e})"),
                 None => format!("{name}: {state}"),
             });
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -686,270 +683,10 @@ fn default_endpoint() -> String {
     }
 }
 
-/// How long a client command waits for the daemon, from connecting to the last byte.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Why a client command failed. Nothing here holds the consumer key: it is only ever in
-/// a sensitive header value.
-#[derive(Debug, thiserror::Error)]
-enum ClientError {
-    #[error("cannot read the key file {}: {source}", path.display())]
-    KeyFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the key file {} holds characters that cannot be sent in an HTTP header", path.display())]
-    KeyNotSendable { path: PathBuf },
-    #[error("invalid endpoint {endpoint}: {reason}")]
-    Endpoint {
-        endpoint: String,
-        reason: &'static str,
-    },
-    #[error("cannot reach the daemon at {endpoint}: {source}")]
-    Unreachable {
-        endpoint: String,
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    #[error("cannot reach the daemon at {endpoint}: no answer within {}s", CLIENT_TIMEOUT.as_secs())]
-    Timeout { endpoint: String },
-    #[error("the daemon's answer was cut off: {0}")]
-    CutOff(hyper::Error),
-    /// A non-2xx answer; `detail` is its `error_description`, else the body.
-    #[error("HTTP {status}: {detail}")]
-    Refused { status: u16, detail: String },
-}
-
-impl ClientError {
-    fn exit_code(&self) -> u8 {
-        match self {
-            ClientError::KeyFile { .. }
-            | ClientError::KeyNotSendable { .. }
-            | ClientError::Refused { .. } => exit::FAILURE,
-            ClientError::Endpoint { .. } => exit::USAGE,
-            ClientError::Unreachable { .. }
-            | ClientError::Timeout { .. }
-            | ClientError::CutOff(_) => exit::UNAVAILABLE,
-        }
-    }
-}
-
-/// Where the daemon's socket is.
-#[derive(Debug)]
-enum Connect {
-    Tcp(url::Host, u16),
-    Unix(PathBuf),
-}
-
-/// The client side of the API: one plain HTTP/1.1 request per call, with the guard
-/// header and the consumer key. The daemon never serves TLS, so there is no TLS client
-/// here: building one (reqwest's) loaded the system's root certificates on every
-/// command, most of what a `tokend token` cost.
-#[derive(Debug)]
-struct DaemonClient {
-    /// The endpoint as the user gave it, for messages.
-    shown: String,
-    /// Requests are made relative to this; for a Unix socket `http://localhost/`.
-    base: url::Url,
-    connect: Connect,
-    /// `Bearer KEY`, marked sensitive so `Debug` never shows it.
-    authorization: Option<http::HeaderValue>,
-}
-
-impl DaemonClient {
-    fn new(args: &ClientArgs) -> Result<DaemonClient, ClientError> {
-        let endpoint = args.endpoint.clone().unwrap_or_else(default_endpoint);
-        let (base, connect) = parse_endpoint(&endpoint)?;
-        let authorization = match &args.key_file {
-            None => None,
-            Some(path) => Some(bearer(path)?),
-        };
-        Ok(DaemonClient {
-            shown: endpoint.trim_end_matches('/').to_string(),
-            base,
-            connect,
-            authorization,
-        })
-    }
-
-    /// The URL of `segments` (each percent-encoded as one path segment) under the base.
-    fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> url::Url {
-        let mut url = self.base.clone();
-        url.path_segments_mut()
-            .expect("an http URL has a path")
-            .pop_if_empty()
-            .extend(segments);
-        if !query.is_empty() {
-            url.query_pairs_mut().extend_pairs(query);
-        }
-        url
-    }
-
-    /// Sends the request; returns the status and body, or why the daemon could not be
-    /// asked.
-    async fn call(
-        &self,
-        method: http::Method,
-        url: &url::Url,
-    ) -> Result<(u16, String), ClientError> {
-        match tokio::time::timeout(CLIENT_TIMEOUT, self.exchange(method, url)).await {
-            Ok(result) => result,
-            Err(_) => Err(ClientError::Timeout {
-                endpoint: self.shown.clone(),
-            }),
-        }
-    }
-
-    /// Like `call`, but a non-2xx answer is an error carrying its `error_description`.
-    async fn call_ok(&self, method: http::Method, url: &url::Url) -> Result<String, ClientError> {
-        let (status, body) = self.call(method, url).await?;
-        if (200..300).contains(&status) {
-            return Ok(body);
-        }
-        let detail = serde_json::from_str::<Value>(&body)
-            .ok()
-            .and_then(|v| v.get("error_description")?.as_str().map(str::to_string))
-            .unwrap_or(body);
-        Err(ClientError::Refused { status, detail })
-    }
-
-    async fn exchange(
-        &self,
-        method: http::Method,
-        url: &url::Url,
-    ) -> Result<(u16, String), ClientError> {
-        match &self.connect {
-            Connect::Tcp(host, port) => {
-                let stream = match host {
-                    url::Host::Ipv4(ip) => tokio::net::TcpStream::connect((*ip, *port)).await,
-                    url::Host::Ipv6(ip) => tokio::net::TcpStream::connect((*ip, *port)).await,
-                    url::Host::Domain(name) => {
-                        tokio::net::TcpStream::connect((name.as_str(), *port)).await
-                    }
-                };
-                let stream = stream.map_err(|e| self.unreachable(e))?;
-                self.send(stream, method, url).await
-            }
-            Connect::Unix(path) => {
-                let stream = tokio::net::UnixStream::connect(path)
-                    .await
-                    .map_err(|e| self.unreachable(e))?;
-                self.send(stream, method, url).await
-            }
-        }
-    }
-
-    async fn send<S>(
-        &self,
-        stream: S,
-        method: http::Method,
-        url: &url::Url,
-    ) -> Result<(u16, String), ClientError>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-    {
-        use http_body_util::BodyExt as _;
-
-        let io = hyper_util::rt::TokioIo::new(stream);
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        // The connection's errors also reach `send_request` or the body, which report
-        // them; this task only drives the I/O.
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let mut request = http::Request::builder()
-            .method(method)
-            .uri(&url[url::Position::BeforePath..])
-            .header(
-                http::header::HOST,
-                &url[url::Position::BeforeHost..url::Position::AfterPort],
-            )
-            .header(REQUEST_HEADER, "cli");
-        if let Some(value) = &self.authorization {
-            request = request.header(http::header::AUTHORIZATION, value.clone());
-        }
-        let request = request
-            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
-            .map_err(|e| self.unreachable(e))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(ClientError::CutOff)?
-            .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
-    }
-
-    fn unreachable(&self, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ClientError {
-        ClientError::Unreachable {
-            endpoint: self.shown.clone(),
-            source: e.into(),
-        }
-    }
-}
-
-/// `http://HOST[:PORT][/PREFIX]` or `unix:/PATH`: the base URL for requests and where
-/// to connect. `https://` is refused: the daemon serves plain HTTP only, on loopback or
-/// a Unix socket.
-fn parse_endpoint(endpoint: &str) -> Result<(url::Url, Connect), ClientError> {
-    let invalid = |reason| ClientError::Endpoint {
-        endpoint: endpoint.to_string(),
-        reason,
-    };
-    if let Some(path) = endpoint.strip_prefix("unix:") {
-        if path.is_empty() {
-            return Err(invalid("no socket path after unix:"));
-        }
-        let base = url::Url::parse("http://localhost/").expect("a valid URL");
-        return Ok((base, Connect::Unix(PathBuf::from(path))));
-    }
-    let url = url::Url::parse(endpoint)
-        .map_err(|_| invalid("expected http://HOST:PORT or unix:/path/to/socket"))?;
-    match url.scheme() {
-        "http" => {}
-        "https" => {
-            return Err(invalid(
-                "the daemon serves plain HTTP only (on loopback or a Unix socket): use http:// or unix:",
-            ));
-        }
-        _ => return Err(invalid("expected http://HOST:PORT or unix:/path/to/socket")),
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(invalid("a query or fragment has no place in an endpoint"));
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(invalid(
-            "credentials in the URL are not sent: use --key-file",
-        ));
-    }
-    let host = url.host().map(|h| h.to_owned());
-    let port = url.port_or_known_default();
-    match (host, port) {
-        (Some(host), Some(port)) => Ok((url, Connect::Tcp(host, port))),
-        _ => Err(invalid("no host")),
-    }
-}
-
-/// The `Authorization` value for the key in `path` (its content, trimmed).
-fn bearer(path: &Path) -> Result<http::HeaderValue, ClientError> {
-    let key = std::fs::read_to_string(path)
-        .map(|k| Secret::new(format!("Bearer {}", k.trim())))
-        .map_err(|source| ClientError::KeyFile {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let mut value =
-        http::HeaderValue::from_str(key.expose()).map_err(|_| ClientError::KeyNotSendable {
-            path: path.to_path_buf(),
-        })?;
-    value.set_sensitive(true);
-    Ok(value)
+/// The client for a command's `--endpoint` (else the default) and `--key-file`.
+fn daemon_client(args: &ClientArgs) -> Result<DaemonClient, ClientError> {
+    let endpoint = args.endpoint.clone().unwrap_or_else(default_endpoint);
+    DaemonClient::new(&endpoint, args.key_file.as_deref())
 }
 
 /// The exit code of a client command; failures are reported on stderr.
@@ -960,107 +697,92 @@ fn finish(result: Result<u8, ClientError>) -> u8 {
     })
 }
 
-async fn token(args: &ClientArgs, account: &str, min_valid: Option<u64>, json: bool) -> u8 {
-    finish(
-        async {
-            let client = DaemonClient::new(args)?;
-            let mut segments = vec!["v1", "token", account];
-            if !json {
-                segments.push("access_token");
-            }
-            let secs = min_valid.map(|s| s.to_string());
-            let query: Vec<(&str, &str)> = secs.iter().map(|s| ("min_valid", s.as_str())).collect();
-            let url = client.url(&segments, &query);
-            let body = client.call_ok(http::Method::GET, &url).await?;
-            println!("{}", body.trim_end());
-            Ok(exit::OK)
-        }
-        .await,
-    )
+fn token(
+    args: &ClientArgs,
+    account: &str,
+    min_valid: Option<u64>,
+    json: bool,
+) -> Result<u8, ClientError> {
+    let client = daemon_client(args)?;
+    let mut segments = vec!["v1", "token", account];
+    if !json {
+        segments.push("access_token");
+    }
+    let secs = min_valid.map(|s| s.to_string());
+    let query: Vec<(&str, &str)> = secs.iter().map(|s| ("min_valid", s.as_str())).collect();
+    let url = client.url(&segments, &query);
+    let body = client.call_ok(http::Method::GET, &url)?;
+    println!("{}", body.trim_end());
+    Ok(exit::OK)
 }
 
-async fn refresh(args: &ClientArgs, account: &str) -> u8 {
-    finish(
-        async {
-            let client = DaemonClient::new(args)?;
-            let url = client.url(&["v1", "accounts", account, "refresh"], &[]);
-            let body = client.call_ok(http::Method::POST, &url).await?;
-            let v: Value = serde_json::from_str(&body).unwrap_or_default();
-            println!(
-                "{account}: {} (expires in {}s)",
-                v["state"].as_str().unwrap_or("?"),
-                v["expires_in"]
-            );
-            Ok(exit::OK)
-        }
-        .await,
-    )
+fn refresh(args: &ClientArgs, account: &str) -> Result<u8, ClientError> {
+    let client = daemon_client(args)?;
+    let url = client.url(&["v1", "accounts", account, "refresh"], &[]);
+    let body = client.call_ok(http::Method::POST, &url)?;
+    let v: Value = serde_json::from_str(&body).unwrap_or_default();
+    println!(
+        "{account}: {} (expires in {}s)",
+        v["state"].as_str().unwrap_or("?"),
+        v["expires_in"]
+    );
+    Ok(exit::OK)
 }
 
-async fn health(args: &ClientArgs) -> u8 {
-    finish(
-        async {
-            let client = DaemonClient::new(args)?;
-            let url = client.url(&["readyz"], &[]);
-            let (status, body) = client.call(http::Method::GET, &url).await?;
-            if status == 200 {
-                println!("ready");
-                return Ok(exit::OK);
-            }
-            let v: Value = serde_json::from_str(&body).unwrap_or_default();
-            let waiting: Vec<String> = v["not_ready"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|x| {
-                            format!(
-                                "{} ({})",
-                                x["account"].as_str().unwrap_or("?"),
-                                x["state"].as_str().unwrap_or("?")
-                            )
-                        })
-                        .collect()
+fn health(args: &ClientArgs) -> Result<u8, ClientError> {
+    let client = daemon_client(args)?;
+    let url = client.url(&["readyz"], &[]);
+    let (status, body) = client.call(http::Method::GET, &url)?;
+    if status == 200 {
+        println!("ready");
+        return Ok(exit::OK);
+    }
+    let v: Value = serde_json::from_str(&body).unwrap_or_default();
+    let waiting: Vec<String> = v["not_ready"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    format!(
+                        "{} ({})",
+                        x["account"].as_str().unwrap_or("?"),
+                        x["state"].as_str().unwrap_or("?")
+                    )
                 })
-                .unwrap_or_default();
-            println!("not ready: {}", waiting.join(", "));
-            Ok(exit::FAILURE)
-        }
-        .await,
-    )
+                .collect()
+        })
+        .unwrap_or_default();
+    println!("not ready: {}", waiting.join(", "));
+    Ok(exit::FAILURE)
 }
 
-async fn status(args: &ClientArgs, json: bool) -> u8 {
-    finish(
-        async {
-            let client = DaemonClient::new(args)?;
-            let url = client.url(&["v1", "accounts"], &[]);
-            let body = client.call_ok(http::Method::GET, &url).await?;
-            if json {
-                println!("{}", body.trim_end());
-                return Ok(exit::OK);
-            }
-            let v: Value = serde_json::from_str(&body).unwrap_or_default();
-            let rows: Vec<[String; 5]> = v["accounts"]
-                .as_array()
-                .map(|a| a.iter().map(status_row).collect())
-                .unwrap_or_default();
-            print!(
-                "{}",
-                table(
-                    [
-                        "ACCOUNT",
-                        "STATE",
-                        "EXPIRES IN",
-                        "LAST REFRESH",
-                        "LAST ERROR"
-                    ],
-                    &rows
-                )
-            );
-            Ok(exit::OK)
-        }
-        .await,
-    )
+fn status(args: &ClientArgs, json: bool) -> Result<u8, ClientError> {
+    let client = daemon_client(args)?;
+    let url = client.url(&["v1", "accounts"], &[]);
+    let body = client.call_ok(http::Method::GET, &url)?;
+    if json {
+        println!("{}", body.trim_end());
+        return Ok(exit::OK);
+    }
+    let v: Value = serde_json::from_str(&body).unwrap_or_default();
+    let rows: Vec<[String; 5]> = v["accounts"]
+        .as_array()
+        .map(|a| a.iter().map(status_row).collect())
+        .unwrap_or_default();
+    print!(
+        "{}",
+        table(
+            [
+                "ACCOUNT",
+                "STATE",
+                "EXPIRES IN",
+                "LAST REFRESH",
+                "LAST ERROR"
+            ],
+            &rows
+        )
+    );
+    Ok(exit::OK)
 }
 
 fn status_row(a: &Value) -> [String; 5] {
@@ -1111,125 +833,6 @@ mod tests {
     #[test]
     fn the_cli_definition_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    fn client(endpoint: &str, key_file: Option<PathBuf>) -> Result<DaemonClient, ClientError> {
-        DaemonClient::new(&ClientArgs {
-            endpoint: Some(endpoint.to_string()),
-            key_file,
-        })
-    }
-
-    fn target(url: &url::Url) -> (&str, &str) {
-        (
-            &url[url::Position::BeforeHost..url::Position::AfterPort],
-            &url[url::Position::BeforePath..],
-        )
-    }
-
-    #[test]
-    fn endpoints_name_a_socket_and_a_host_header() {
-        let c = client("http://127.0.0.1:8731/", None).unwrap();
-        assert!(matches!(c.connect, Connect::Tcp(url::Host::Ipv4(ip), 8731) if ip.is_loopback()));
-        let url = c.url(
-            &["v1", "token", "zy", "access_token"],
-            &[("min_valid", "30")],
-        );
-        assert_eq!(
-            target(&url),
-            ("127.0.0.1:8731", "/v1/token/zy/access_token?min_valid=30")
-        );
-
-        let c = client("http://[::1]:9000/tokend", None).unwrap();
-        assert!(matches!(c.connect, Connect::Tcp(url::Host::Ipv6(_), 9000)));
-        assert_eq!(
-            target(&c.url(&["readyz"], &[])),
-            ("[::1]:9000", "/tokend/readyz")
-        );
-
-        let c = client("http://localhost", None).unwrap();
-        assert!(matches!(&c.connect, Connect::Tcp(url::Host::Domain(d), 80) if d == "localhost"));
-
-        let c = client("unix:/run/tokend/tokend.sock", None).unwrap();
-        assert!(
-            matches!(&c.connect, Connect::Unix(p) if p == Path::new("/run/tokend/tokend.sock"))
-        );
-        assert_eq!(
-            target(&c.url(&["v1", "accounts"], &[])),
-            ("localhost", "/v1/accounts")
-        );
-    }
-
-    #[test]
-    fn an_account_name_stays_one_path_segment() {
-        let c = client("http://127.0.0.1:8731", None).unwrap();
-        let url = c.url(&["v1", "token", "a b/../c?d#e", "access_token"], &[]);
-        assert_eq!(
-            target(&url).1,
-            "/v1/token/a%20b%2F..%2Fc%3Fd%23e/access_token"
-        );
-    }
-
-    #[test]
-    fn endpoints_the_daemon_cannot_serve_are_usage_errors() {
-        for endpoint in [
-            "https://127.0.0.1:8731",
-            "ftp://127.0.0.1",
-            "127.0.0.1:8731",
-            "http://127.0.0.1:8731/?x=1",
-            "http://user:pw@127.0.0.1:8731",
-            "unix:",
-        ] {
-            let e = client(endpoint, None).unwrap_err();
-            assert!(
-                matches!(e, ClientError::Endpoint { .. }),
-                "{endpoint}: {e:?}"
-            );
-            assert_eq!(e.exit_code(), exit::USAGE, "{endpoint}");
-        }
-        let e = client("https://127.0.0.1:8731", None).unwrap_err();
-        assert!(e.to_string().contains("plain HTTP"), "{e}");
-    }
-
-    #[test]
-    fn the_key_never_shows_in_debug_or_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("key");
-        std::fs::write(&key, "k3y-s3cret\n").unwrap();
-        let c = client("http://127.0.0.1:8731", Some(key.clone())).unwrap();
-        let shown = format!("{c:?}");
-        assert!(!shown.contains("k3y-s3cret"), "{shown}");
-        assert_eq!(
-            c.authorization.as_ref().unwrap().to_str().unwrap(),
-            "Bearer k3y-s3cret"
-        );
-
-        std::fs::write(&key, "k3y-s3cret\nsecond line").unwrap();
-        let e = client("http://127.0.0.1:8731", Some(key)).unwrap_err();
-        assert!(matches!(e, ClientError::KeyNotSendable { .. }), "{e:?}");
-        assert!(!format!("{e} {e:?}").contains("k3y-s3cret"));
-        assert_eq!(e.exit_code(), exit::FAILURE);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_daemon_that_never_answers_is_unavailable_after_the_timeout() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        // Accepts and then holds the connection without a word.
-        let _silent = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                held.push(stream);
-            }
-        });
-        let c = client(&endpoint, None).unwrap();
-        let e = c
-            .call(http::Method::GET, &c.url(&["readyz"], &[]))
-            .await
-            .unwrap_err();
-        assert!(matches!(e, ClientError::Timeout { .. }), "{e:?}");
-        assert_eq!(e.exit_code(), exit::UNAVAILABLE);
-        assert!(e.to_string().contains(&endpoint), "{e}");
     }
 
     #[test]

@@ -25,12 +25,14 @@
 //! - [`listen`]: TCP and Unix listeners, connection limits, graceful drain.
 //! - [`metrics`] and [`notify`]: Prometheus metrics; systemd readiness and watchdog.
 //! - [`app`]: wiring, signals, reload, shutdown.
-//! - [`cli`] and [`demo`]: the command line, and `tokend demo`.
+//! - [`cli`] and [`demo`]: the command line, and `tokend demo`; [`client`]: the blocking
+//!   client of the API that the client commands use.
 //! - [`fake_provider`]: the embedded OAuth provider of the demo and the tests.
 
 pub mod access;
 pub mod app;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod demo;

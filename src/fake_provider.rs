@@ -1,6 +1,7 @@
 //! A small, strict OAuth 2.0 provider: the demo's embedded provider and the peer the
-//! tests talk to. It issues short-lived access tokens, rotates refresh tokens and rejects
-//! a used one with `invalid_grant`, checks each client's registered authentication style
+//! tests talk to. It issues short-lived access tokens and rotates refresh tokens; a used
+//! one that comes back revokes its whole family (Auth0/Okta reuse detection, RFC 9700
+//! §4.14.2) and is counted, so tests can prove none came back. It checks each client's registered authentication style
 //! (form + post, form + Basic, JSON + Basic) and answers in a seed provider's style
 //! (string `expires_in`, comma-separated scope). Tests script faults into it. For the
 //! interactive flows it also has an authorization endpoint (PKCE S256 required), the
@@ -23,7 +24,28 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
-use crate::config::{ClientAuth, RequestFormat};
+
+/// RFC 8628 §3.4. Spelled out here rather than taken from the daemon: a test peer that
+/// shares the tested code's types would mirror its mistakes.
+const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+
+/// Where a registered client puts its secret (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// `client_secret` in the request body.
+    Post,
+    /// HTTP Basic, id and secret form-urlencoded first.
+    Basic,
+}
+
+/// How a registered client encodes its token requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// `application/x-www-form-urlencoded`, as RFC 6749 says.
+    Form,
+    /// A JSON object, as Zephr wants.
+    Json,
+}
 
 /// How a registered client authenticates, and how answers to it are shaped.
 #[derive(Debug, Clone)]
@@ -31,7 +53,7 @@ pub struct ClientSpec {
     pub client_id: String,
     pub client_secret: Option<String>,
     pub auth: ClientAuth,
-    pub format: RequestFormat,
+    pub format: BodyFormat,
     /// Send `expires_in` as a string, as the generic client-credentials endpoint does.
     pub expires_in_as_string: bool,
     /// Send scope comma-separated, as Zephr does.
@@ -46,8 +68,8 @@ impl ClientSpec {
         ClientSpec {
             client_id: id.into(),
             client_secret: Some(secret.into()),
-            auth: ClientAuth::ClientSecretPost,
-            format: RequestFormat::Form,
+            auth: ClientAuth::Post,
+            format: BodyFormat::Form,
             expires_in_as_string: false,
             comma_scope: false,
             jwt_without_expires_in: false,
@@ -65,8 +87,8 @@ impl ClientSpec {
     /// Zephr: HTTP Basic client auth, JSON body, comma-separated scope.
     pub fn zephr(id: &str, secret: &str) -> ClientSpec {
         ClientSpec {
-            auth: ClientAuth::ClientSecretBasic,
-            format: RequestFormat::Json,
+            auth: ClientAuth::Basic,
+            format: BodyFormat::Json,
             comma_scope: true,
             ..ClientSpec::zywave(id, secret)
         }
@@ -112,6 +134,12 @@ pub struct Counts {
     pub client_credentials_grants: u64,
     pub issued: u64,
     pub rejected: u64,
+    /// Rotated-out refresh tokens presented again after the grace period: each one
+    /// revoked its family. A daemon that never loses track of its token keeps this 0.
+    pub reuse_detected: u64,
+    /// Rotated-out refresh tokens accepted again inside the grace period: the family
+    /// then has two live branches (a fork). Counted so a test can prove none happened.
+    pub forks: u64,
 }
 
 struct Inner {
@@ -169,8 +197,13 @@ struct DeviceRecord {
 struct RefreshRecord {
     client_id: String,
     scope: Option<String>,
+    /// The grant this token descends from: every rotation keeps it, and a detected reuse
+    /// revokes every token that shares it.
+    family: u64,
     /// When it was rotated out, if it was.
     replaced_at: Option<SystemTime>,
+    /// Its family was revoked (reuse detected, or RFC 7009 revocation).
+    revoked: bool,
 }
 
 /// The provider. Clones share state.
@@ -223,17 +256,8 @@ impl FakeProvider {
 
     /// Issues a refresh token for `client_id`, as a human's consent would.
     pub fn grant_refresh_token(&self, client_id: &str, scope: Option<&str>) -> String {
-        let mut inner = self.lock();
-        let token = inner.mint("rt");
-        inner.refresh_tokens.insert(
-            token.clone(),
-            RefreshRecord {
-                client_id: client_id.into(),
-                scope: scope.map(str::to_string),
-                replaced_at: None,
-            },
-        );
-        token
+        self.lock()
+            .new_refresh_token(client_id, scope.map(str::to_string))
     }
 
     pub fn set_lifetime(&self, lifetime: Duration) {
@@ -292,12 +316,23 @@ impl FakeProvider {
             .is_some_and(|exp| *exp > now)
     }
 
-    /// Whether `token` is a live (not rotated-out) refresh token.
+    /// Whether `token` is a live refresh token: not rotated out, its family not revoked.
     pub fn is_live_refresh_token(&self, token: &str) -> bool {
         self.lock()
             .refresh_tokens
             .get(token)
-            .is_some_and(|r| r.replaced_at.is_none())
+            .is_some_and(|r| r.replaced_at.is_none() && !r.revoked)
+    }
+
+    /// How many live refresh tokens `client_id` holds: after any sequence of refreshes,
+    /// crashes and restarts by one holder this is exactly the number of grants it was
+    /// given; more means a fork, fewer a revoked family.
+    pub fn live_refresh_tokens(&self, client_id: &str) -> usize {
+        self.lock()
+            .refresh_tokens
+            .values()
+            .filter(|r| r.client_id == client_id && r.replaced_at.is_none() && !r.revoked)
+            .count()
     }
 
     /// The URL the provider is reached at (`http://127.0.0.1:PORT`): its metadata names
@@ -414,7 +449,7 @@ impl FakeProvider {
             return Err(oauth_error(401, "invalid_client", "unknown client"));
         };
         // Strict about the registered style: a daemon that speaks the wrong dialect fails here.
-        let wanted_json = spec.format == RequestFormat::Json;
+        let wanted_json = spec.format == BodyFormat::Json;
         if wanted_json != is_json {
             inner.counts.rejected += 1;
             return Err(oauth_error(
@@ -424,7 +459,7 @@ impl FakeProvider {
             ));
         }
         let presented_secret = match spec.auth {
-            ClientAuth::ClientSecretBasic => {
+            ClientAuth::Basic => {
                 if params.contains_key("client_secret") {
                     inner.counts.rejected += 1;
                     return Err(oauth_error(
@@ -435,7 +470,7 @@ impl FakeProvider {
                 }
                 basic.map(|(_, s)| s)
             }
-            ClientAuth::ClientSecretPost => {
+            ClientAuth::Post => {
                 if basic.is_some() {
                     inner.counts.rejected += 1;
                     return Err(oauth_error(
@@ -482,29 +517,29 @@ impl FakeProvider {
                         "refresh token of another client",
                     ));
                 }
-                if let Some(at) = record.replaced_at
-                    && now.duration_since(at).unwrap_or_default() > grace
-                {
+                if record.revoked {
                     inner.counts.rejected += 1;
-                    return Err(oauth_error(
-                        400,
-                        "invalid_grant",
-                        "refresh token already used",
-                    ));
+                    return Err(oauth_error(400, "invalid_grant", "refresh token revoked"));
                 }
+                let family = record.family;
                 let scope = record.scope.clone();
+                if let Some(at) = record.replaced_at {
+                    if now.duration_since(at).unwrap_or_default() > grace {
+                        inner.revoke_family(family);
+                        inner.counts.reuse_detected += 1;
+                        inner.counts.rejected += 1;
+                        return Err(oauth_error(
+                            400,
+                            "invalid_grant",
+                            "refresh token already used; its grant is revoked",
+                        ));
+                    }
+                    inner.counts.forks += 1;
+                } else if rotate {
+                    record.replaced_at = Some(now);
+                }
                 let new_refresh = if rotate {
-                    record.replaced_at.get_or_insert(now);
-                    let token = inner.mint("rt");
-                    inner.refresh_tokens.insert(
-                        token.clone(),
-                        RefreshRecord {
-                            client_id: client_id.clone(),
-                            scope: scope.clone(),
-                            replaced_at: None,
-                        },
-                    );
-                    Some(token)
+                    Some(inner.rotated_refresh_token(&client_id, scope.clone(), family))
                 } else {
                     None
                 };
@@ -547,7 +582,7 @@ impl FakeProvider {
                 let token = inner.new_refresh_token(&client_id, scope.clone());
                 (scope, Some(token))
             }
-            Some(crate::provider::DEVICE_CODE_GRANT) => {
+            Some(DEVICE_CODE_GRANT) => {
                 inner.device_polls.push(now);
                 let code = params.get("device_code").cloned().unwrap_or_default();
                 if !inner.devices.contains_key(&code) {
@@ -636,17 +671,40 @@ impl FakeProvider {
 }
 
 impl Inner {
+    /// The first refresh token of a new grant (consent, code exchange, device flow).
     fn new_refresh_token(&mut self, client_id: &str, scope: Option<String>) -> String {
+        self.serial += 1;
+        let family = self.serial;
+        self.rotated_refresh_token(client_id, scope, family)
+    }
+
+    /// The next refresh token of `family`.
+    fn rotated_refresh_token(
+        &mut self,
+        client_id: &str,
+        scope: Option<String>,
+        family: u64,
+    ) -> String {
         let token = self.mint("rt");
         self.refresh_tokens.insert(
             token.clone(),
             RefreshRecord {
                 client_id: client_id.into(),
                 scope,
+                family,
                 replaced_at: None,
+                revoked: false,
             },
         );
         token
+    }
+
+    fn revoke_family(&mut self, family: u64) {
+        for record in self.refresh_tokens.values_mut() {
+            if record.family == family {
+                record.revoked = true;
+            }
+        }
     }
 
     fn redirect_uri_registered(&self, client_id: &str, uri: &str) -> bool {
@@ -933,7 +991,7 @@ async fn metadata(State(provider): State<FakeProvider>) -> Response {
         "revocation_endpoint": format!("{base}/revoke"),
         "scopes_supported": ["openid", "offline_access", "accounts:read"],
         "response_types_supported": ["code"],
-        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials", crate::provider::DEVICE_CODE_GRANT],
+        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials", DEVICE_CODE_GRANT],
         "code_challenge_methods_supported": ["S256"],
     }))
     .into_response()

@@ -157,6 +157,17 @@ async fn rotated_refresh_token_is_persisted_and_survives_a_restart() {
         !h.fake.is_live_refresh_token(&seed),
         "the seed was rotated out"
     );
+    let counts = h.fake.counts();
+    assert_eq!(
+        (counts.reuse_detected, counts.forks),
+        (0, 0),
+        "no spent token presented again: {counts:?}"
+    );
+    assert_eq!(
+        h.fake.live_refresh_tokens("zy-client"),
+        1,
+        "one chain, alive"
+    );
     assert_eq!(file["version"], 1);
     assert!(
         file.get("refresh_in_flight_since").is_none(),

@@ -23,6 +23,8 @@ use reqwest::Url;
 use crate::config::{AccountConfig, CaBundle, ClientAuth, HostLimits, RequestFormat};
 use crate::secret::Secret;
 
+pub mod discovery;
+
 /// What tokend asks the token endpoint for.
 #[derive(Debug, Clone, Copy)]
 pub enum TokenGrant<'a> {

@@ -84,3 +84,45 @@ impl HostGates {
         Turn { _slot: slot }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pace_spaces_starts_and_banks_no_credit_while_idle() {
+        let ms = Duration::from_millis;
+        let start = tokio::time::Instant::now();
+        let pace = Pace {
+            interval: ms(100),
+            next: Mutex::new(start),
+        };
+        assert_eq!(pace.book(start), start);
+        assert_eq!(pace.book(start), start + ms(100));
+        assert_eq!(pace.book(start + ms(10)), start + ms(200));
+        // After a quiet spell the next start is now, not a burst of missed ones.
+        let later = start + Duration::from_secs(10);
+        assert_eq!(pace.book(later), later);
+        assert_eq!(pace.book(later), later + ms(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_host_admits_its_limit_and_hosts_do_not_share_slots() {
+        let gates = HostGates::new(HostLimits {
+            max_concurrent: 1,
+            max_per_second: None,
+        });
+        let token = Url::parse("https://a.example/token").unwrap();
+        let revoke = Url::parse("https://a.example/revoke").unwrap();
+        let elsewhere = Url::parse("https://b.example/token").unwrap();
+        let first = gates.turn(&token).await;
+        let same_host = tokio::time::timeout(Duration::from_secs(60), gates.turn(&revoke));
+        assert!(
+            same_host.await.is_err(),
+            "a second turn at a full host waits"
+        );
+        let _other_host = gates.turn(&elsewhere).await;
+        drop(first);
+        let _second = gates.turn(&revoke).await;
+    }
+}

@@ -290,6 +290,30 @@ mod tests {
     }
 
     #[test]
+    fn device_authorization_accepts_verification_url_and_fills_defaults() {
+        let d = parse_device_authorization(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            br#"{"device_code":"dc","user_code":"ABCD-EFGH",
+                "verification_url":"https://example.com/device","interval":0}"#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(d.device_code.expose(), "dc");
+        assert_eq!(d.verification_uri, "https://example.com/device");
+        assert_eq!(d.expires_in, Duration::from_secs(1800));
+        assert_eq!(d.interval, Duration::from_secs(5));
+        let e = parse_device_authorization(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            br#"{"device_code":"dc","verification_uri":"https://example.com/device"}"#,
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("user_code"), "{e}");
+    }
+
+    #[test]
     fn jwt_exp_is_read_from_the_payload() {
         let payload =
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"exp":1700000000}"#);

@@ -12,7 +12,8 @@
 //!
 //! - [`config`]: TOML → validated [`config::Config`]; every error names file, line, key.
 //! - [`secret`]: the secret type: redacted, zeroized, one `expose()`.
-//! - [`provider`]: token requests and response parsing; typed, classified errors.
+//! - [`provider`]: token requests and response parsing; typed, classified errors;
+//!   per-host admission; [`provider::discovery`]: endpoints from the issuer's metadata.
 //! - [`schedule`]: pure timing math (refresh time, jitter, backoff).
 //! - [`clock`]: wall-clock time and clock-jump detection.
 //! - [`refresher`]: the per-account task: mark → call → persist → publish.
@@ -36,7 +37,6 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod demo;
-pub mod discovery;
 pub mod fake_provider;
 pub mod http;
 pub mod listen;
@@ -51,3 +51,6 @@ pub mod secret;
 pub mod sinks;
 pub mod store;
 pub mod token_cell;
+
+// Transitional: the old path of `provider::discovery`, until its callers are updated.
+pub use provider::discovery;

@@ -1927,11 +1927,11 @@ client_id = "c"
             e.vars.insert(var.into(), "s".into());
         }
         for (name, text) in [
-            ("zywave.toml", include_str!("../config/zywave.toml")),
-            ("zephr.toml", include_str!("../config/zephr.toml")),
+            ("zywave.toml", include_str!("../../config/zywave.toml")),
+            ("zephr.toml", include_str!("../../config/zephr.toml")),
             (
                 "client-credentials.toml",
-                include_str!("../config/client-credentials.toml"),
+                include_str!("../../config/client-credentials.toml"),
             ),
         ] {
             let c = Config::from_str_at(text, Path::new(name), &e)
@@ -1939,7 +1939,7 @@ client_id = "c"
             assert_eq!(c.accounts.len(), 1, "{name}");
         }
         // The commented [provider] block, switched on, is valid too.
-        let on = include_str!("../config/client-credentials.toml")
+        let on = include_str!("../../config/client-credentials.toml")
             .replace("# [provider]", "[provider]")
             .replace("# max_", "max_");
         let c = Config::from_str_at(&on, Path::new("cc.toml"), &e).unwrap();

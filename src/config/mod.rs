@@ -25,6 +25,10 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/tokend/tokend.toml";
 /// The listen address used when the config names none.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8731";
 const DEFAULT_STATE_DIR: &str = "/var/lib/tokend";
+/// Requests in flight to one provider host at once unless the config says otherwise
+/// (`provider.max_concurrent_requests`): after a restart or an outage, thousands of
+/// accounts due together queue for their host instead of stampeding the provider.
+pub const DEFAULT_MAX_CONCURRENT_PER_HOST: usize = 16;
 
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -269,7 +273,7 @@ pub struct HostLimits {
 impl Default for HostLimits {
     fn default() -> Self {
         HostLimits {
-            max_concurrent: crate::provider::MAX_CONCURRENT_PER_HOST,
+            max_concurrent: DEFAULT_MAX_CONCURRENT_PER_HOST,
             max_per_second: None,
         }
     }

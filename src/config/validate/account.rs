@@ -18,8 +18,19 @@ use crate::config::{
     AccountConfig, AccountName, CaBundle, ClientAuth, Endpoints, Grant, HOOK_SIGNALS, HookAction,
     HookConfig, ProviderLimits, RefreshPolicy, RequestFormat, SinkConfig,
 };
+use crate::secret::Secret;
+
+/// Who the client is, how it authenticates, and the grant it uses.
+struct Client {
+    grant: Grant,
+    id: String,
+    secret: Option<Secret>,
+    auth: ClientAuth,
+    request_format: RequestFormat,
+}
 
 impl Validator<'_> {
+    /// One account, checked part by part in the order its problems are reported.
     pub(super) fn account(
         &mut self,
         name: AccountName,
@@ -29,7 +40,56 @@ impl Validator<'_> {
         global_limits: ProviderLimits,
     ) -> AccountConfig {
         let k = |field: &str| format!("accounts.{name}.{field}");
+        let (token_url, endpoints) = self.endpoints(&raw, &account_span, &k);
+        let client = self.client(&raw, account_span, &k);
+        let scope = raw.scope.as_ref().and_then(|s| self.scope(s, &k("scope")));
+        let extra_params = self.extra_params(raw.extra_params, &k);
+        let headers = self.headers(raw.headers, &raw.profile, &raw.profile_token, &k);
+        let sinks = raw
+            .sinks
+            .iter()
+            .filter_map(|s| self.sink(s, &k("sinks")))
+            .collect();
+        let on_refresh = raw
+            .on_refresh
+            .as_ref()
+            .and_then(|h| self.hook(h, &k("on_refresh")));
+        let refresh = self.refresh(global_refresh, &raw.refresh, &k("refresh"));
+        let ca_bundle = raw
+            .ca_file
+            .as_ref()
+            .and_then(|f| self.ca_bundle(f, &k("ca_file")));
+        let mut limits = global_limits;
+        self.timeout(&mut limits.timeout, raw.timeout.as_ref(), &k("timeout"));
 
+        AccountConfig {
+            name,
+            grant: client.grant,
+            token_url,
+            endpoints,
+            client_id: client.id,
+            client_secret: client.secret,
+            client_auth: client.auth,
+            request_format: client.request_format,
+            scope,
+            extra_params,
+            headers,
+            refresh,
+            limits,
+            ca_bundle,
+            sinks,
+            on_refresh,
+        }
+    }
+
+    /// The token endpoint (or the issuer to discover it from), and the endpoints of the
+    /// interactive flows.
+    fn endpoints(
+        &mut self,
+        raw: &RawAccount,
+        account_span: &Range<usize>,
+        k: &dyn Fn(&str) -> String,
+    ) -> (Option<Url>, Endpoints) {
         let insecure = raw.allow_insecure_http;
         let token_url = raw
             .token_url
@@ -77,16 +137,26 @@ impl Validator<'_> {
             scopes_supported: None,
             allow_insecure_http: insecure,
         };
+        (token_url, endpoints)
+    }
 
-        let client_id = raw.client_id.get_ref().trim().to_string();
-        if client_id.is_empty() {
+    /// The client and its grant, checked together: what the grant and `client_auth`
+    /// require depends on whether a client secret is set.
+    fn client(
+        &mut self,
+        raw: &RawAccount,
+        account_span: Range<usize>,
+        k: &dyn Fn(&str) -> String,
+    ) -> Client {
+        let id = raw.client_id.get_ref().trim().to_string();
+        if id.is_empty() {
             self.report(raw.client_id.span(), k("client_id"), "must not be empty");
         }
-        let client_secret = raw
+        let secret = raw
             .client_secret
             .as_ref()
             .and_then(|s| self.secret(s, &k("client_secret")));
-        let client_auth = raw.client_auth.unwrap_or(ClientAuth::ClientSecretPost);
+        let auth = raw.client_auth.unwrap_or(ClientAuth::ClientSecretPost);
         let request_format = raw.request_format.unwrap_or(RequestFormat::Form);
 
         let grant = match raw.grant {
@@ -115,28 +185,38 @@ impl Validator<'_> {
                 Grant::ClientCredentials
             }
         };
-        if client_auth == ClientAuth::ClientSecretBasic && raw.client_secret.is_none() {
+        if auth == ClientAuth::ClientSecretBasic && raw.client_secret.is_none() {
             self.report(
                 account_span,
                 k("client_secret"),
                 "client_auth = \"client_secret_basic\" needs a client_secret",
             );
         }
+        Client {
+            grant,
+            id,
+            secret,
+            auth,
+            request_format,
+        }
+    }
 
-        let scope = raw.scope.as_ref().and_then(|s| {
-            let v = s.get_ref().trim();
-            if v.is_empty() {
-                self.report(
-                    s.span(),
-                    k("scope"),
-                    "must not be empty (leave it out instead)",
-                );
-                None
-            } else {
-                Some(v.to_string())
-            }
-        });
+    fn scope(&mut self, raw: &Spanned<String>, key: &str) -> Option<String> {
+        let v = raw.get_ref().trim();
+        if v.is_empty() {
+            self.report(raw.span(), key, "must not be empty (leave it out instead)");
+            None
+        } else {
+            Some(v.to_string())
+        }
+    }
 
+    /// Extra token request parameters: any but those tokend sets itself.
+    fn extra_params(
+        &mut self,
+        raw: BTreeMap<String, Spanned<String>>,
+        k: &dyn Fn(&str) -> String,
+    ) -> BTreeMap<String, String> {
         const RESERVED: &[&str] = &[
             "grant_type",
             "refresh_token",
@@ -149,7 +229,7 @@ impl Validator<'_> {
             "device_code",
         ];
         let mut extra_params = BTreeMap::new();
-        for (key, value) in raw.extra_params {
+        for (key, value) in raw {
             if RESERVED.contains(&key.as_str()) {
                 self.report(
                     value.span(),
@@ -160,9 +240,20 @@ impl Validator<'_> {
                 extra_params.insert(key, value.into_inner());
             }
         }
+        extra_params
+    }
 
+    /// The headers consumers must send with the token: `headers`, then the `Profile`
+    /// header that `profile` or `profile_token` make.
+    fn headers(
+        &mut self,
+        raw: BTreeMap<String, Spanned<String>>,
+        profile: &Option<Spanned<String>>,
+        profile_token: &Option<Spanned<RawSecret>>,
+        k: &dyn Fn(&str) -> String,
+    ) -> Vec<(HeaderName, HeaderValue)> {
         let mut headers = Vec::new();
-        for (key, value) in raw.headers {
+        for (key, value) in raw {
             let hk = k(&format!("headers.{key}"));
             let Ok(header_name) = HeaderName::from_bytes(key.as_bytes()) else {
                 self.report(
@@ -185,63 +276,35 @@ impl Validator<'_> {
                 Err(_) => self.report(value.span(), hk, "not a valid HTTP header value"),
             }
         }
-        self.profile(&raw.profile, &raw.profile_token, &mut headers, &k);
-        let sinks = raw
-            .sinks
-            .iter()
-            .filter_map(|s| self.sink(s, &k("sinks")))
-            .collect();
-        let on_refresh = raw
-            .on_refresh
-            .as_ref()
-            .and_then(|h| self.hook(h, &k("on_refresh")));
+        self.profile(profile, profile_token, &mut headers, k);
+        headers
+    }
 
-        let refresh = self.refresh(global_refresh, &raw.refresh, &k("refresh"));
-        let ca_bundle = raw.ca_file.as_ref().and_then(|f| {
-            let path = self.base_dir.join(f.get_ref());
-            let pem = match self.env.read_file(&path) {
-                Ok(text) => text.into_bytes(),
-                Err(e) => {
-                    self.report(
-                        f.span(),
-                        k("ca_file"),
-                        format!("cannot read {}: {e}", path.display()),
-                    );
-                    return None;
-                }
-            };
-            match reqwest::Certificate::from_pem_bundle(&pem) {
-                Ok(certs) if !certs.is_empty() => Some(Arc::new(CaBundle { path, pem })),
-                _ => {
-                    self.report(
-                        f.span(),
-                        k("ca_file"),
-                        format!("{} holds no PEM certificate", path.display()),
-                    );
-                    None
-                }
+    /// The `ca_file` (relative to the config file), read now: a file that holds no PEM
+    /// certificate is refused here rather than at the first refresh.
+    fn ca_bundle(&mut self, raw: &Spanned<String>, key: &str) -> Option<Arc<CaBundle>> {
+        let path = self.base_dir.join(raw.get_ref());
+        let pem = match self.env.read_file(&path) {
+            Ok(text) => text.into_bytes(),
+            Err(e) => {
+                self.report(
+                    raw.span(),
+                    key,
+                    format!("cannot read {}: {e}", path.display()),
+                );
+                return None;
             }
-        });
-        let mut limits = global_limits;
-        self.timeout(&mut limits.timeout, raw.timeout.as_ref(), &k("timeout"));
-
-        AccountConfig {
-            name,
-            grant,
-            token_url,
-            endpoints,
-            client_id,
-            client_secret,
-            client_auth,
-            request_format,
-            scope,
-            extra_params,
-            headers,
-            refresh,
-            limits,
-            ca_bundle,
-            sinks,
-            on_refresh,
+        };
+        match reqwest::Certificate::from_pem_bundle(&pem) {
+            Ok(certs) if !certs.is_empty() => Some(Arc::new(CaBundle { path, pem })),
+            _ => {
+                self.report(
+                    raw.span(),
+                    key,
+                    format!("{} holds no PEM certificate", path.display()),
+                );
+                None
+            }
         }
     }
 

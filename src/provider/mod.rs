@@ -30,12 +30,6 @@ use request::{PreparedRequest, build_request, token_url};
 use response::{error_answer, parse_device_authorization, success_object};
 use transport::RawResponse;
 
-/// Requests in flight to one provider host at once unless the config says otherwise:
-/// after a restart or an outage, thousands of accounts due together queue here instead
-/// of stampeding the provider.
-// Transitional: kept only for `config::HostLimits::default()`; the provider reads `HostLimits`.
-pub const MAX_CONCURRENT_PER_HOST: usize = 16;
-
 /// The token-endpoint client. Cheap to clone; one is shared by every account so
 /// connections are reused.
 #[derive(Clone)]

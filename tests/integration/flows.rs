@@ -609,7 +609,7 @@ async fn concurrent_refreshes_to_one_provider_are_bounded() {
     );
     assert_eq!(
         h.fake.peak_unanswered(),
-        tokend::provider::MAX_CONCURRENT_PER_HOST as u64,
+        tokend::config::DEFAULT_MAX_CONCURRENT_PER_HOST as u64,
         "40 accounts due at once reach the provider 16 at a time"
     );
 }

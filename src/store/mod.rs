@@ -22,8 +22,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroize;
 
 use crate::config::AccountName;
-use crate::seal::{Keyring, seal_file, unseal};
 use crate::secret::Secret;
+use seal::{Keyring, seal_file, unseal};
+
+pub mod seal;
 
 /// The state file format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;

@@ -715,7 +715,13 @@ fn encode_handoff(account: &AccountName, handoff: &Handoff, keyring: Option<&Key
     let mut bytes = serde_json::to_vec_pretty(&wire).expect("a handoff serializes");
     wire.refresh_token.zeroize();
     if let Some(keyring) = keyring {
-        bytes = seal_file(keyring, account.as_str(), &handoff_aad(account), bytes);
+        bytes = seal_file(
+            keyring,
+            FORMAT_VERSION,
+            account.as_str(),
+            &handoff_aad(account),
+            bytes,
+        );
     }
     bytes.push(b'\n');
     bytes
@@ -728,6 +734,7 @@ fn decode_handoff(
 ) -> Result<Handoff, String> {
     unseal(
         bytes,
+        FORMAT_VERSION,
         account.as_str(),
         &handoff_aad(account),
         keyring,
@@ -796,7 +803,13 @@ fn encode(account: &AccountName, state: &State, keyring: Option<&Keyring>) -> Ve
         a.token.zeroize();
     }
     if let Some(keyring) = keyring {
-        bytes = seal_file(keyring, account.as_str(), account.as_str(), bytes);
+        bytes = seal_file(
+            keyring,
+            FORMAT_VERSION,
+            account.as_str(),
+            account.as_str(),
+            bytes,
+        );
     }
     bytes.push(b'\n');
     bytes
@@ -808,6 +821,7 @@ fn decode(bytes: &[u8], account: &AccountName, keyring: Option<&Keyring>) -> Res
     }
     unseal(
         bytes,
+        FORMAT_VERSION,
         account.as_str(),
         account.as_str(),
         keyring,

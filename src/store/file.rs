@@ -169,10 +169,11 @@ pub fn peek_state(
     keyring: Option<&Keyring>,
     account: &AccountName,
 ) -> Result<Option<State>, StoreError> {
-    match read_state(dir, keyring, account)? {
+    let path = state_path(dir, account);
+    match read_file(&path, account, |bytes| decode(bytes, account, keyring))? {
         None => Ok(None),
         Some(Ok(state)) => Ok(Some(state)),
-        Some(Err((path, reason))) => Err(StoreError::Read {
+        Some(Err(reason)) => Err(StoreError::Read {
             account: account.clone(),
             path,
             source: io::Error::new(io::ErrorKind::InvalidData, reason),
@@ -180,61 +181,17 @@ pub fn peek_state(
     }
 }
 
-/// Reads and decodes an account's state file: `None` when there is none, the decode
-/// error (with the path) when it is unreadable as state.
-#[allow(clippy::type_complexity)]
-fn read_state(
-    dir: &Path,
-    keyring: Option<&Keyring>,
-    account: &AccountName,
-) -> Result<Option<Result<State, (PathBuf, String)>>, StoreError> {
-    let path = state_path(dir, account);
-    let mut bytes = match fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(StoreError::Read {
-                account: account.clone(),
-                path,
-                source,
-            });
-        }
-    };
-    let parsed = decode(&bytes, account, keyring);
-    bytes.zeroize();
-    Ok(Some(parsed.map_err(|reason| (path, reason))))
-}
-
 fn load_blocking(
     dir: &Path,
     keyring: Option<&Keyring>,
     account: &AccountName,
 ) -> Result<Option<State>, StoreError> {
-    let parsed = match read_state(dir, keyring, account)? {
-        None => return Ok(None),
-        Some(parsed) => parsed,
-    };
-    match parsed {
-        Ok(state) => Ok(Some(state)),
-        Err((path, reason)) => {
-            // Never delete what may be the only copy of a refresh token: move it aside
-            // for a human, and let the account start from its seed.
-            let kept_as = aside_path(&path);
-            if let Err(source) = fs::rename(&path, &kept_as) {
-                return Err(StoreError::Read {
-                    account: account.clone(),
-                    path,
-                    source,
-                });
-            }
-            let _ = sync_dir(dir);
-            Err(StoreError::Corrupt {
-                account: account.clone(),
-                path,
-                reason,
-                kept_as,
-            })
-        }
+    let path = state_path(dir, account);
+    match read_file(&path, account, |bytes| decode(bytes, account, keyring))? {
+        None => Ok(None),
+        Some(Ok(state)) => Ok(Some(state)),
+        // The account starts again from its seed.
+        Some(Err(reason)) => Err(keep_aside(dir, path, account, reason)),
     }
 }
 
@@ -334,6 +291,23 @@ fn load_handoff_blocking(
     keyring: Option<&Keyring>,
     account: &AccountName,
 ) -> Result<Option<Handoff>, StoreError> {
+    match read_file(path, account, |bytes| {
+        decode_handoff(bytes, account, keyring)
+    })? {
+        None => Ok(None),
+        Some(Ok(handoff)) => Ok(Some(handoff)),
+        // Out of the way of the next handoff too.
+        Some(Err(reason)) => Err(keep_aside(dir, path.to_path_buf(), account, reason)),
+    }
+}
+
+/// Reads the file at `path` and decodes it: `None` when there is none, the decode error
+/// when it does not hold what it should. The bytes read are zeroized.
+fn read_file<T>(
+    path: &Path,
+    account: &AccountName,
+    decode: impl FnOnce(&[u8]) -> Result<T, String>,
+) -> Result<Option<Result<T, String>>, StoreError> {
     let mut bytes = match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -345,28 +319,29 @@ fn load_handoff_blocking(
             });
         }
     };
-    let parsed = decode_handoff(&bytes, account, keyring);
+    let parsed = decode(&bytes);
     bytes.zeroize();
-    match parsed {
-        Ok(h) => Ok(Some(h)),
-        Err(reason) => {
-            // Kept for a human, out of the way of the next handoff.
-            let kept_as = aside_path(path);
-            if let Err(source) = fs::rename(path, &kept_as) {
-                return Err(StoreError::Read {
-                    account: account.clone(),
-                    path: path.to_path_buf(),
-                    source,
-                });
-            }
-            let _ = sync_dir(dir);
-            Err(StoreError::Corrupt {
-                account: account.clone(),
-                path: path.to_path_buf(),
-                reason,
-                kept_as,
-            })
-        }
+    Ok(Some(parsed))
+}
+
+/// Moves the file at `path`, which does not hold what it should (`reason`), out of the
+/// way. Never deleted: it may be the only copy of a refresh token, so it stays for a
+/// human.
+fn keep_aside(dir: &Path, path: PathBuf, account: &AccountName, reason: String) -> StoreError {
+    let kept_as = aside_path(&path);
+    if let Err(source) = fs::rename(&path, &kept_as) {
+        return StoreError::Read {
+            account: account.clone(),
+            path,
+            source,
+        };
+    }
+    let _ = sync_dir(dir);
+    StoreError::Corrupt {
+        account: account.clone(),
+        path,
+        reason,
+        kept_as,
     }
 }
 
@@ -627,5 +602,26 @@ mod tests {
         fs::write(tmp.path().join(".tokend-abc.tmp"), b"partial").unwrap();
         let _store = FileStore::open(tmp.path()).unwrap();
         assert!(!tmp.path().join(".tokend-abc.tmp").exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_bad_handoff_is_kept_aside_and_a_peek_leaves_a_bad_state_in_place() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = name("acct");
+        fs::write(state_path(tmp.path(), &a), b"{").unwrap();
+        let err = peek_state(tmp.path(), None, &a).unwrap_err();
+        assert!(matches!(err, StoreError::Read { .. }), "{err}");
+        assert_eq!(fs::read(state_path(tmp.path(), &a)).unwrap(), b"{");
+
+        let store = FileStore::open(tmp.path()).unwrap();
+        fs::write(handoff_path(tmp.path(), &a), b"{\"version\": 1}").unwrap();
+        assert!(store.has_handoff(&a).await.unwrap());
+        let err = store.load_handoff(&a).await.unwrap_err();
+        let StoreError::Corrupt { kept_as, .. } = &err else {
+            panic!("expected Corrupt, got {err}");
+        };
+        assert_eq!(fs::read(kept_as).unwrap(), b"{\"version\": 1}");
+        assert!(!store.has_handoff(&a).await.unwrap());
+        assert_eq!(store.load_handoff(&a).await.unwrap(), None);
     }
 }

@@ -64,3 +64,28 @@ pub(super) fn remove_file_durably(dir: &Path, path: &Path) -> io::Result<()> {
 pub(super) fn is_temp_file(name: &str) -> bool {
     name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_replaces_the_file_with_exactly_its_mode_and_leaves_no_temp_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("token");
+        write_atomically(tmp.path(), &target, b"one".to_vec(), 0o600).unwrap();
+        write_atomically(tmp.path(), &target, b"two".to_vec(), 0o644).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"two");
+        let mode = fs::metadata(&target).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
+        let names: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["token"]);
+        remove_file_durably(tmp.path(), &target).unwrap();
+        // Already gone is not an error.
+        remove_file_durably(tmp.path(), &target).unwrap();
+        assert!(!target.exists());
+    }
+}

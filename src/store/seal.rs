@@ -1,7 +1,9 @@
 //! Encryption at rest of state files: each file's JSON is sealed with XChaCha20-Poly1305
 //! under the current key (random 192-bit nonce, the account name as associated data, so a
 //! file cannot be passed off as another account's). Older keys stay usable for opening
-//! files written before a rotation; every save re-seals under the current key.
+//! files written before a rotation; every save re-seals under the current key. The
+//! envelope's format version is passed in by the store's wire format, which this module
+//! does not know.
 
 use std::fmt;
 
@@ -156,11 +158,18 @@ impl Keyring {
     }
 }
 
-/// Seals `plain` (zeroized here) for `account` into an envelope file's bytes. `aad` is the
-/// associated data: it ties the ciphertext to the account and to the kind of file.
-pub fn seal_file(keyring: &Keyring, account: &str, aad: &str, mut plain: Vec<u8>) -> Vec<u8> {
+/// Seals `plain` (zeroized here) for `account` into an envelope file's bytes, marked with
+/// format `version`. `aad` is the associated data: it ties the ciphertext to the account
+/// and to the kind of file.
+pub fn seal_file(
+    keyring: &Keyring,
+    version: u32,
+    account: &str,
+    aad: &str,
+    mut plain: Vec<u8>,
+) -> Vec<u8> {
     let envelope = Envelope {
-        version: crate::store::FORMAT_VERSION,
+        version,
         account: account.to_string(),
         sealed: keyring.seal(aad, &plain),
     };
@@ -169,11 +178,12 @@ pub fn seal_file(keyring: &Keyring, account: &str, aad: &str, mut plain: Vec<u8>
 }
 
 /// Reads a file that may be sealed: `read` gets the file's bytes as they are when in
-/// clear, or the opened plaintext (zeroized afterwards) when they are an envelope for
-/// `account` sealed with `aad`. The errors name no secret: only account names, key ids
-/// and what is wrong.
+/// clear, or the opened plaintext (zeroized afterwards) when they are an envelope of
+/// format `version` for `account` sealed with `aad`. The errors name no secret: only
+/// account names, key ids and what is wrong.
 pub fn unseal<T>(
     bytes: &[u8],
+    version: u32,
     account: &str,
     aad: &str,
     keyring: Option<&Keyring>,
@@ -191,11 +201,10 @@ pub fn unseal<T>(
         ));
     }
     // A newer tokend's envelope may seal differently: say so rather than fail to open it.
-    if envelope.version != crate::store::FORMAT_VERSION {
+    if envelope.version != version {
         return Err(format!(
-            "envelope format version {} is not {}, the one this tokend understands",
-            envelope.version,
-            crate::store::FORMAT_VERSION
+            "envelope format version {} is not {version}, the one this tokend understands",
+            envelope.version
         ));
     }
     let Some(keyring) = keyring else {
@@ -263,13 +272,13 @@ mod tests {
             current: key(1),
             previous: vec![],
         };
-        let file = seal_file(&ring, "a", "a", b"{}".to_vec());
-        assert!(unseal(&file, "a", "a", Some(&ring), |b| Ok(b.to_vec())).is_ok());
+        let file = seal_file(&ring, 1, "a", "a", b"{}".to_vec());
+        assert!(unseal(&file, 1, "a", "a", Some(&ring), |b| Ok(b.to_vec())).is_ok());
         let mut envelope: serde_json::Value = serde_json::from_slice(&file).unwrap();
         envelope["version"] = 2.into();
         let newer = serde_json::to_vec(&envelope).unwrap();
-        let err = unseal(&newer, "a", "a", Some(&ring), |b| Ok(b.to_vec())).unwrap_err();
-        assert!(err.contains("envelope format version 2"), "{err}");
+        let err = unseal(&newer, 1, "a", "a", Some(&ring), |b| Ok(b.to_vec())).unwrap_err();
+        assert!(err.contains("envelope format version 2 is not 1"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,627 @@
+//! The file-backed [`Store`]: one file per account, mode 0600, in a 0700 directory of
+//! this user's guarded by an exclusive lock, and the handoff files waiting there for the
+//! daemon. A file it cannot make sense of is kept aside, never deleted.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use zeroize::Zeroize;
+
+use super::atomic::{is_temp_file, remove_file_durably, sync_dir, write_atomically};
+use super::seal::Keyring;
+use super::wire::{decode, decode_handoff, encode, encode_handoff};
+use super::{Handoff, State, Store, StoreError, StoreFuture};
+use crate::config::AccountName;
+
+/// The file-backed store. Holding it holds the state directory's lock.
+pub struct FileStore {
+    dir: PathBuf,
+    keyring: Option<Keyring>,
+    /// One per file operation under way on the blocking pool; see [`MAX_DISK_OPS`].
+    disk_ops: Arc<Semaphore>,
+    _lock: File,
+}
+
+/// How many loads, saves and removals may be on the blocking pool at once. Each is
+/// bound by fsync latency, not CPU, and one disk gains little from more than a few
+/// dozen writes in flight; unbounded, a refresh burst of 10,000 accounts would take a
+/// blocking thread per save (up to the pool's 512), all contending for the same disk and
+/// each holding a stack. Beyond this many, callers queue on the async side, cheaply, in
+/// arrival order.
+const MAX_DISK_OPS: usize = 16;
+
+const LOCK_FILE: &str = ".lock";
+
+impl FileStore {
+    /// Opens (creating with mode 0700 if needed) and locks the state directory.
+    pub fn open(dir: &Path) -> Result<Arc<FileStore>, StoreError> {
+        FileStore::open_sealed(dir, None)
+    }
+
+    /// Like `open`, sealing every file written with `keyring` when one is given. Files
+    /// found in clear are read and sealed at their next save.
+    pub fn open_sealed(dir: &Path, keyring: Option<Keyring>) -> Result<Arc<FileStore>, StoreError> {
+        let dir_err = |source| StoreError::Dir {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(dir_err)?;
+        let meta = fs::metadata(dir).map_err(dir_err)?;
+        let mode = meta.permissions().mode();
+        if mode & 0o022 != 0 {
+            return Err(StoreError::Insecure {
+                dir: dir.to_path_buf(),
+                mode: mode & 0o7777,
+            });
+        }
+        // A state dir owned by another user could have its files swapped under us.
+        let me = rustix::process::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(StoreError::NotOwner {
+                dir: dir.to_path_buf(),
+                owner: meta.uid(),
+                me,
+            });
+        }
+        // Ours, but readable by others (made by hand, or an old umask): close it.
+        if mode & 0o077 != 0 {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
+        }
+        let lock_path = dir.join(LOCK_FILE);
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(dir_err)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let text = fs::read_to_string(&lock_path)
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty());
+                let pid = text.as_deref().and_then(|t| t.parse().ok());
+                let holder =
+                    text.map_or_else(|| "pid unknown".to_string(), |pid| format!("pid {pid}"));
+                return Err(StoreError::Locked {
+                    dir: dir.to_path_buf(),
+                    holder,
+                    pid,
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(dir_err(e)),
+        }
+        lock.set_len(0).map_err(dir_err)?;
+        writeln!(lock, "{}", std::process::id()).map_err(dir_err)?;
+        remove_stale_temp_files(dir);
+        Ok(Arc::new(FileStore {
+            dir: dir.to_path_buf(),
+            keyring,
+            disk_ops: Arc::new(Semaphore::new(MAX_DISK_OPS)),
+            _lock: lock,
+        }))
+    }
+
+    pub fn path(&self, account: &AccountName) -> PathBuf {
+        state_path(&self.dir, account)
+    }
+
+    /// Waits for one of the [`MAX_DISK_OPS`] places.
+    async fn disk_permit(&self) -> OwnedSemaphorePermit {
+        Arc::clone(&self.disk_ops)
+            .acquire_owned()
+            .await
+            .expect("the store never closes its semaphore")
+    }
+
+    /// Runs blocking file work off the async threads, holding a place among the
+    /// [`MAX_DISK_OPS`]; a panic there comes back as an I/O error.
+    async fn on_disk<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<T> {
+        let permit = self.disk_permit().await;
+        run_holding(permit, f).await
+    }
+}
+
+/// Runs `f` on the blocking pool. The permit goes with it and is released when `f` ends,
+/// not when the caller stops waiting: a cancelled save still occupies the disk until done.
+async fn run_holding<T: Send + 'static>(
+    permit: OwnedSemaphorePermit,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        f()
+    })
+    .await
+    .map_err(|join| io::Error::other(join.to_string()))
+}
+
+/// The state file of `account` in `dir`.
+pub fn state_path(dir: &Path, account: &AccountName) -> PathBuf {
+    dir.join(format!("{account}.json"))
+}
+
+/// The handoff file of `account` in `dir`.
+pub fn handoff_path(dir: &Path, account: &AccountName) -> PathBuf {
+    dir.join(format!("{account}.handoff"))
+}
+
+/// Reads an account's state without the lock, for `tokend logout` while a daemon runs
+/// (a file is always whole: writes are atomic). Unlike a store load, a bad file is left
+/// where it is.
+pub fn peek_state(
+    dir: &Path,
+    keyring: Option<&Keyring>,
+    account: &AccountName,
+) -> Result<Option<State>, StoreError> {
+    let path = state_path(dir, account);
+    match read_file(&path, account, |bytes| decode(bytes, account, keyring))? {
+        None => Ok(None),
+        Some(Ok(state)) => Ok(Some(state)),
+        Some(Err(reason)) => Err(StoreError::Read {
+            account: account.clone(),
+            path,
+            source: io::Error::new(io::ErrorKind::InvalidData, reason),
+        }),
+    }
+}
+
+fn load_blocking(
+    dir: &Path,
+    keyring: Option<&Keyring>,
+    account: &AccountName,
+) -> Result<Option<State>, StoreError> {
+    let path = state_path(dir, account);
+    match read_file(&path, account, |bytes| decode(bytes, account, keyring))? {
+        None => Ok(None),
+        Some(Ok(state)) => Ok(Some(state)),
+        // The account starts again from its seed.
+        Some(Err(reason)) => Err(keep_aside(dir, path, account, reason)),
+    }
+}
+
+impl Store for FileStore {
+    fn load<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<State>> {
+        Box::pin(async move {
+            let dir = self.dir.clone();
+            let keyring = self.keyring.clone();
+            let owned = account.clone();
+            self.on_disk(move || load_blocking(&dir, keyring.as_ref(), &owned))
+                .await
+                .unwrap_or_else(|source| {
+                    Err(StoreError::Read {
+                        account: account.clone(),
+                        path: self.path(account),
+                        source,
+                    })
+                })
+        })
+    }
+
+    fn save<'a>(&'a self, account: &'a AccountName, state: &'a State) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            // Encoded only once a place is free, so a queue of saves holds no copies of
+            // the secrets.
+            let permit = self.disk_permit().await;
+            let bytes = encode(account, state, self.keyring.as_ref());
+            let dir = self.dir.clone();
+            let path = self.path(account);
+            let target = path.clone();
+            run_holding(permit, move || {
+                write_atomically(&dir, &target, bytes, 0o600)
+            })
+            .await
+            .and_then(|written| written)
+            .map_err(|source| StoreError::Write {
+                account: account.clone(),
+                path,
+                source,
+            })
+        })
+    }
+
+    fn remove<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()> {
+        Box::pin(self.remove_durably(account, self.path(account)))
+    }
+
+    fn location(&self, account: &AccountName) -> String {
+        self.path(account).display().to_string()
+    }
+
+    fn has_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, bool> {
+        let path = handoff_path(&self.dir, account);
+        Box::pin(async move { Ok(path.exists()) })
+    }
+
+    fn load_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<Handoff>> {
+        Box::pin(async move {
+            let (dir, path) = (self.dir.clone(), handoff_path(&self.dir, account));
+            let keyring = self.keyring.clone();
+            let (owned, target) = (account.clone(), path.clone());
+            self.on_disk(move || load_handoff_blocking(&dir, &target, keyring.as_ref(), &owned))
+                .await
+                .unwrap_or_else(|source| {
+                    Err(StoreError::Read {
+                        account: account.clone(),
+                        path,
+                        source,
+                    })
+                })
+        })
+    }
+
+    fn clear_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()> {
+        Box::pin(self.remove_durably(account, handoff_path(&self.dir, account)))
+    }
+}
+
+impl FileStore {
+    async fn remove_durably(&self, account: &AccountName, path: PathBuf) -> Result<(), StoreError> {
+        let dir = self.dir.clone();
+        let target = path.clone();
+        self.on_disk(move || remove_file_durably(&dir, &target))
+            .await
+            .and_then(|removed| removed)
+            .map_err(|source| StoreError::Write {
+                account: account.clone(),
+                path,
+                source,
+            })
+    }
+}
+
+fn load_handoff_blocking(
+    dir: &Path,
+    path: &Path,
+    keyring: Option<&Keyring>,
+    account: &AccountName,
+) -> Result<Option<Handoff>, StoreError> {
+    match read_file(path, account, |bytes| {
+        decode_handoff(bytes, account, keyring)
+    })? {
+        None => Ok(None),
+        Some(Ok(handoff)) => Ok(Some(handoff)),
+        // Out of the way of the next handoff too.
+        Some(Err(reason)) => Err(keep_aside(dir, path.to_path_buf(), account, reason)),
+    }
+}
+
+/// Reads the file at `path` and decodes it: `None` when there is none, the decode error
+/// when it does not hold what it should. The bytes read are zeroized.
+fn read_file<T>(
+    path: &Path,
+    account: &AccountName,
+    decode: impl FnOnce(&[u8]) -> Result<T, String>,
+) -> Result<Option<Result<T, String>>, StoreError> {
+    let mut bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(StoreError::Read {
+                account: account.clone(),
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let parsed = decode(&bytes);
+    bytes.zeroize();
+    Ok(Some(parsed))
+}
+
+/// Moves the file at `path`, which does not hold what it should (`reason`), out of the
+/// way. Never deleted: it may be the only copy of a refresh token, so it stays for a
+/// human.
+fn keep_aside(dir: &Path, path: PathBuf, account: &AccountName, reason: String) -> StoreError {
+    let kept_as = aside_path(&path);
+    if let Err(source) = fs::rename(&path, &kept_as) {
+        return StoreError::Read {
+            account: account.clone(),
+            path,
+            source,
+        };
+    }
+    let _ = sync_dir(dir);
+    StoreError::Corrupt {
+        account: account.clone(),
+        path,
+        reason,
+        kept_as,
+    }
+}
+
+/// Leaves `handoff` as a file for the process holding the lock of `dir` (the daemon),
+/// whose store's `load_handoff` reads it.
+pub(super) fn leave_handoff(
+    dir: &Path,
+    keyring: Option<&Keyring>,
+    account: &AccountName,
+    handoff: &Handoff,
+) -> Result<PathBuf, StoreError> {
+    let me = rustix::process::geteuid().as_raw();
+    let dir_err = |source| StoreError::Dir {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let owner = fs::metadata(dir).map_err(dir_err)?.uid();
+    // The daemon must be able to read (and delete) what is written here.
+    if owner != me {
+        return Err(StoreError::NotOwner {
+            dir: dir.to_path_buf(),
+            owner,
+            me,
+        });
+    }
+    let path = handoff_path(dir, account);
+    let bytes = encode_handoff(account, handoff, keyring);
+    write_atomically(dir, &path, bytes, 0o600).map_err(|source| StoreError::Write {
+        account: account.clone(),
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}
+
+fn aside_path(path: &Path) -> PathBuf {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".corrupt-{stamp}"));
+    path.with_file_name(name)
+}
+
+/// Temp files left by a process killed mid-write hold nothing the real files lack.
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if is_temp_file(&name) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::fixtures::{name, ring, sample};
+    use super::*;
+    use crate::secret::Secret;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn save_then_load_round_trips_with_private_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let store = FileStore::open(&dir).unwrap();
+        let a = name("acct");
+        assert_eq!(store.load(&a).await.unwrap(), None);
+        store.save(&a, &sample()).await.unwrap();
+        assert_eq!(store.load(&a).await.unwrap(), Some(sample()));
+        let file_mode = fs::metadata(store.path(&a)).unwrap().permissions().mode();
+        assert_eq!(file_mode & 0o777, 0o600);
+        let dir_mode = fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
+        // No temp files are left behind.
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_dir_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let _first = FileStore::open(tmp.path()).unwrap();
+        let err = FileStore::open(tmp.path())
+            .err()
+            .expect("second open must fail");
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("pid {}", std::process::id()))
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_corrupt_file_is_kept_aside_not_deleted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).unwrap();
+        let a = name("acct");
+        fs::write(store.path(&a), b"{\"version\": 1, \"acc").unwrap();
+        let err = store.load(&a).await.unwrap_err();
+        let StoreError::Corrupt { kept_as, .. } = &err else {
+            panic!("expected Corrupt, got {err}");
+        };
+        assert_eq!(fs::read(kept_as).unwrap(), b"{\"version\": 1, \"acc");
+        assert!(err.to_string().contains("acct"));
+        // The account starts afresh: no file now, so the next load finds nothing.
+        assert_eq!(store.load(&a).await.unwrap(), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn sealed_files_hold_no_secret_in_clear_and_survive_key_rotation() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = name("acct");
+        {
+            let store = FileStore::open_sealed(tmp.path(), Some(ring(1, &[]))).unwrap();
+            store.save(&a, &sample()).await.unwrap();
+            let text = fs::read_to_string(store.path(&a)).unwrap();
+            assert!(!text.contains("rt-1") && !text.contains("at-1"), "{text}");
+            assert!(text.contains("XChaCha20-Poly1305"));
+            assert_eq!(store.load(&a).await.unwrap(), Some(sample()));
+        }
+        {
+            // Rotation: the old key still opens the file; the next save re-seals.
+            let store = FileStore::open_sealed(tmp.path(), Some(ring(2, &[1]))).unwrap();
+            assert_eq!(store.load(&a).await.unwrap(), Some(sample()));
+            store.save(&a, &sample()).await.unwrap();
+        }
+        {
+            // The old key can go once every file was re-sealed.
+            let store = FileStore::open_sealed(tmp.path(), Some(ring(2, &[]))).unwrap();
+            assert_eq!(store.load(&a).await.unwrap(), Some(sample()));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn plain_files_are_read_and_a_missing_key_keeps_the_file_aside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = name("acct");
+        {
+            let store = FileStore::open(tmp.path()).unwrap();
+            store.save(&a, &sample()).await.unwrap();
+        }
+        {
+            // Turning encryption on: the clear file is read, then sealed on save.
+            let store = FileStore::open_sealed(tmp.path(), Some(ring(1, &[]))).unwrap();
+            assert_eq!(store.load(&a).await.unwrap(), Some(sample()));
+            store.save(&a, &sample()).await.unwrap();
+        }
+        let store = FileStore::open_sealed(tmp.path(), Some(ring(3, &[]))).unwrap();
+        let err = store.load(&a).await.unwrap_err();
+        let StoreError::Corrupt { kept_as, .. } = &err else {
+            panic!("{err}")
+        };
+        assert!(err.to_string().contains("key id"), "{err}");
+        assert!(
+            fs::read_to_string(kept_as).unwrap().contains("sealed"),
+            "kept, not lost"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_saves_is_bounded_on_disk_and_every_save_lands() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).unwrap();
+
+        // Hold the disk work of the first wave until the queue behind it has formed.
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Arc::new(std::sync::Mutex::new(gate));
+        let mut held = tokio::task::JoinSet::new();
+        for _ in 0..2 * MAX_DISK_OPS {
+            let (store, running, most, gate) = (
+                Arc::clone(&store),
+                Arc::clone(&running),
+                Arc::clone(&most),
+                Arc::clone(&gate),
+            );
+            held.spawn(async move {
+                store
+                    .on_disk(move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        gate.lock().unwrap().recv().unwrap();
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    })
+                    .await
+                    .unwrap()
+            });
+        }
+        while running.load(Ordering::SeqCst) < MAX_DISK_OPS {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(store.disk_ops.available_permits(), 0);
+        // Saves queue behind the held ones (and behind each other) rather than fail.
+        let saves: Vec<_> = (0..3 * MAX_DISK_OPS)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    let a = name(&format!("acct-{i}"));
+                    let mut state = sample();
+                    state.seed_fingerprint = Some(format!("fp-{i}"));
+                    store.save(&a, &state).await
+                })
+            })
+            .collect();
+        for _ in 0..2 * MAX_DISK_OPS {
+            release.send(()).unwrap();
+        }
+        held.join_all().await;
+        for save in saves {
+            save.await.unwrap().unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), MAX_DISK_OPS);
+        assert_eq!(store.disk_ops.available_permits(), MAX_DISK_OPS);
+        for i in 0..3 * MAX_DISK_OPS {
+            let state = store
+                .load(&name(&format!("acct-{i}")))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(state.seed_fingerprint, Some(format!("fp-{i}")));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_cancelled_save_leaves_the_old_or_the_new_record_and_frees_its_place() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).unwrap();
+        let a = name("acct");
+        store.save(&a, &sample()).await.unwrap();
+        let mut next = sample();
+        next.refresh_token = Some(Secret::new("rt-2"));
+        // Dropped at its first await: queued, or already handed to the blocking pool.
+        let save = store.save(&a, &next);
+        drop(tokio::time::timeout(Duration::ZERO, save).await);
+        let loaded = store.load(&a).await.unwrap().unwrap();
+        assert!(loaded == sample() || loaded == next);
+        // The blocking work that outlived its caller gave its place back.
+        while store.disk_ops.available_permits() < MAX_DISK_OPS {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[test]
+    fn stale_temp_files_are_swept_at_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join(".tokend-abc.tmp"), b"partial").unwrap();
+        let _store = FileStore::open(tmp.path()).unwrap();
+        assert!(!tmp.path().join(".tokend-abc.tmp").exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_bad_handoff_is_kept_aside_and_a_peek_leaves_a_bad_state_in_place() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = name("acct");
+        fs::write(state_path(tmp.path(), &a), b"{").unwrap();
+        let err = peek_state(tmp.path(), None, &a).unwrap_err();
+        assert!(matches!(err, StoreError::Read { .. }), "{err}");
+        assert_eq!(fs::read(state_path(tmp.path(), &a)).unwrap(), b"{");
+
+        let store = FileStore::open(tmp.path()).unwrap();
+        fs::write(handoff_path(tmp.path(), &a), b"{\"version\": 1}").unwrap();
+        assert!(store.has_handoff(&a).await.unwrap());
+        let err = store.load_handoff(&a).await.unwrap_err();
+        let StoreError::Corrupt { kept_as, .. } = &err else {
+            panic!("expected Corrupt, got {err}");
+        };
+        assert_eq!(fs::read(kept_as).unwrap(), b"{\"version\": 1}");
+        assert!(!store.has_handoff(&a).await.unwrap());
+        assert_eq!(store.load_handoff(&a).await.unwrap(), None);
+    }
+}

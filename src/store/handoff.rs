@@ -1,0 +1,118 @@
+//! The handoff protocol's store end: how `tokend login`, `import` and `logout` give an
+//! account its new refresh token (or none), straight into the state when no daemon runs,
+//! else as a handoff the daemon applies. The handoff files themselves are `file`'s.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use super::file::{FileStore, leave_handoff};
+use super::seal::Keyring;
+use super::{Handoff, State, Store, StoreError};
+use crate::config::AccountName;
+
+/// What became of a handoff given to [`deliver_handoff`].
+#[derive(Debug)]
+pub enum Delivery {
+    /// No daemon held the state directory: the state was changed directly; this is the
+    /// account's record now (`None`: no record).
+    Applied(Option<State>),
+    /// A daemon holds the state directory: the handoff waits in `path` for it to apply;
+    /// `pid` is the daemon's, from its lock file.
+    Pending { path: PathBuf, pid: Option<i32> },
+}
+
+/// Gives `handoff` to `account`: applied to its state at once when the state directory
+/// is free (the lock is held meanwhile, so no daemon starts in between), else written as
+/// a handoff file for the daemon that holds it. `seed_fingerprint` as in
+/// [`Handoff::apply`]. Files are written the way the store writes state: atomically,
+/// mode 0600, sealed when `keyring` is set.
+pub async fn deliver_handoff(
+    dir: &Path,
+    keyring: Option<Keyring>,
+    account: &AccountName,
+    handoff: &Handoff,
+    seed_fingerprint: Option<String>,
+    now: SystemTime,
+) -> Result<Delivery, StoreError> {
+    match FileStore::open_sealed(dir, keyring.clone()) {
+        Ok(store) => {
+            let current = match store.load(account).await {
+                Ok(state) => state,
+                // Moved aside by the load, for a human; the handoff replaces it anyway.
+                Err(StoreError::Corrupt { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            let next = handoff.apply(current.as_ref(), seed_fingerprint, now);
+            match &next {
+                Some(state) => store.save(account, state).await?,
+                None => store.remove(account).await?,
+            }
+            // A handoff left by a daemon that stopped before applying it is superseded.
+            store.clear_handoff(account).await?;
+            Ok(Delivery::Applied(next))
+        }
+        Err(StoreError::Locked { pid, .. }) => {
+            let path = leave_handoff(dir, keyring.as_ref(), account, handoff)?;
+            Ok(Delivery::Pending { path, pid })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::super::fixtures::{name, ring, sample};
+    use super::super::wire::from_unix;
+    use super::*;
+    use crate::secret::Secret;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_handoff_is_applied_directly_or_left_for_the_daemon_holding_the_lock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = name("acct");
+        let now = from_unix(1_800_000_000);
+        let handoff = Handoff::RefreshToken(Secret::new("rt-new"));
+        {
+            let store = FileStore::open(tmp.path()).unwrap();
+            store.save(&a, &sample()).await.unwrap();
+        }
+        // No daemon: applied at once; the seed's fingerprint is kept, the old chain's
+        // access token and in-flight mark go.
+        let d = deliver_handoff(tmp.path(), None, &a, &handoff, Some("fp".into()), now)
+            .await
+            .unwrap();
+        let Delivery::Applied(Some(state)) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(state.refresh_token.as_ref().unwrap().expose(), "rt-new");
+        assert_eq!(state.seed_fingerprint.as_deref(), Some("fp"));
+        assert_eq!(state.refresh_token_issued_at, Some(now));
+        assert!(state.access.is_none() && state.refresh_in_flight_since.is_none());
+        assert_eq!(state.last_refresh, sample().last_refresh);
+
+        // A daemon holds the lock: the handoff waits in a private file, sealed when
+        // the store is.
+        let keys = ring(1, &[]);
+        let daemon = FileStore::open_sealed(tmp.path(), Some(keys.clone())).unwrap();
+        let d = deliver_handoff(tmp.path(), Some(keys), &a, &handoff, None, now)
+            .await
+            .unwrap();
+        let Delivery::Pending { path, pid } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(pid, Some(std::process::id() as i32));
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(!fs::read_to_string(&path).unwrap().contains("rt-new"));
+        assert!(daemon.has_handoff(&a).await.unwrap());
+        assert_eq!(daemon.load_handoff(&a).await.unwrap(), Some(handoff));
+        daemon.clear_handoff(&a).await.unwrap();
+        assert!(!daemon.has_handoff(&a).await.unwrap());
+        assert_eq!(daemon.load_handoff(&a).await.unwrap(), None);
+    }
+}

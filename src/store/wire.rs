@@ -1,0 +1,350 @@
+//! The on-disk format of state and handoff files: versioned JSON bound to its account,
+//! sealed into an envelope when a keyring is configured. Bytes in, bytes out: where the
+//! files live and how they are written is `file`'s and `atomic`'s.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
+
+use super::seal::{Keyring, seal_file, unseal};
+use super::{AccessToken, Handoff, State};
+use crate::config::AccountName;
+use crate::secret::Secret;
+
+/// The format version this build writes into state and handoff files (and their
+/// envelopes when sealed), and the only one it reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A state file in clear, or the plaintext of a sealed one.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire {
+    version: u32,
+    account: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seed_fingerprint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token_issued_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token_expires_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    access: Option<WireAccess>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_in_flight_since: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_refresh: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireAccess {
+    token: String,
+    token_type: String,
+    expires_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scope: Option<String>,
+    issued_at: u64,
+}
+
+/// The bytes of `account`'s state file: pretty JSON and a newline, sealed when `keyring`
+/// is set.
+pub(super) fn encode(account: &AccountName, state: &State, keyring: Option<&Keyring>) -> Vec<u8> {
+    let mut wire = Wire {
+        version: FORMAT_VERSION,
+        account: account.to_string(),
+        refresh_token: state.refresh_token.as_ref().map(|s| s.expose().to_string()),
+        seed_fingerprint: state.seed_fingerprint.clone(),
+        refresh_token_issued_at: state.refresh_token_issued_at.map(to_unix),
+        refresh_token_expires_at: state.refresh_token_expires_at.map(to_unix),
+        access: state.access.as_ref().map(|a| WireAccess {
+            token: a.token.expose().to_string(),
+            token_type: a.token_type.clone(),
+            expires_at: to_unix(a.expires_at),
+            scope: a.scope.clone(),
+            issued_at: to_unix(a.issued_at),
+        }),
+        refresh_in_flight_since: state.refresh_in_flight_since.map(to_unix),
+        last_refresh: state.last_refresh.map(to_unix),
+    };
+    let mut bytes = serde_json::to_vec_pretty(&wire).expect("state serializes");
+    wire.refresh_token.zeroize();
+    if let Some(a) = wire.access.as_mut() {
+        a.token.zeroize();
+    }
+    if let Some(keyring) = keyring {
+        bytes = seal_file(
+            keyring,
+            FORMAT_VERSION,
+            account.as_str(),
+            account.as_str(),
+            bytes,
+        );
+    }
+    bytes.push(b'\n');
+    bytes
+}
+
+/// `account`'s state from its file's bytes, sealed or not. The error names no secret.
+pub(super) fn decode(
+    bytes: &[u8],
+    account: &AccountName,
+    keyring: Option<&Keyring>,
+) -> Result<State, String> {
+    if bytes.is_empty() {
+        return Err("the file is empty".into());
+    }
+    unseal(
+        bytes,
+        FORMAT_VERSION,
+        account.as_str(),
+        account.as_str(),
+        keyring,
+        |plain| read_wire(plain, account),
+    )
+}
+
+fn read_wire(bytes: &[u8], account: &AccountName) -> Result<State, String> {
+    // serde_json's messages name line and column but never echo the input's values.
+    let mut wire: Wire = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if wire.version != FORMAT_VERSION {
+        return Err(format!(
+            "format version {} is not {FORMAT_VERSION}, the one this tokend understands",
+            wire.version
+        ));
+    }
+    if wire.account != account.as_str() {
+        return Err(format!("the file belongs to account {:?}", wire.account));
+    }
+    let state = State {
+        refresh_token: wire.refresh_token.take().map(Secret::new),
+        seed_fingerprint: wire.seed_fingerprint.take(),
+        refresh_token_issued_at: wire.refresh_token_issued_at.map(from_unix),
+        refresh_token_expires_at: wire.refresh_token_expires_at.map(from_unix),
+        access: wire.access.take().map(|a| AccessToken {
+            token: Secret::new(a.token),
+            token_type: a.token_type,
+            expires_at: from_unix(a.expires_at),
+            scope: a.scope,
+            issued_at: from_unix(a.issued_at),
+        }),
+        refresh_in_flight_since: wire.refresh_in_flight_since.map(from_unix),
+        last_refresh: wire.last_refresh.map(from_unix),
+    };
+    Ok(state)
+}
+
+fn to_unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+pub(super) fn from_unix(s: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(s)
+}
+
+// ---------------------------------------------------------------------------------------
+// Handoff files.
+
+/// A handoff file: `{"version":1,"account":"a","handoff":"refresh_token","refresh_token":".."}`
+/// or `{"version":1,"account":"a","handoff":"logout"}`.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireHandoff {
+    version: u32,
+    account: String,
+    handoff: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<String>,
+}
+
+/// Sealed handoffs are bound to this associated data, so one cannot pass for a state file.
+fn handoff_aad(account: &AccountName) -> String {
+    format!("handoff:{account}")
+}
+
+/// The bytes of `account`'s handoff file, made like those of a state file.
+pub(super) fn encode_handoff(
+    account: &AccountName,
+    handoff: &Handoff,
+    keyring: Option<&Keyring>,
+) -> Vec<u8> {
+    let mut wire = WireHandoff {
+        version: FORMAT_VERSION,
+        account: account.to_string(),
+        handoff: match handoff {
+            Handoff::RefreshToken(_) => "refresh_token",
+            Handoff::Logout => "logout",
+        }
+        .into(),
+        refresh_token: match handoff {
+            Handoff::RefreshToken(rt) => Some(rt.expose().to_string()),
+            Handoff::Logout => None,
+        },
+    };
+    let mut bytes = serde_json::to_vec_pretty(&wire).expect("a handoff serializes");
+    wire.refresh_token.zeroize();
+    if let Some(keyring) = keyring {
+        bytes = seal_file(
+            keyring,
+            FORMAT_VERSION,
+            account.as_str(),
+            &handoff_aad(account),
+            bytes,
+        );
+    }
+    bytes.push(b'\n');
+    bytes
+}
+
+pub(super) fn decode_handoff(
+    bytes: &[u8],
+    account: &AccountName,
+    keyring: Option<&Keyring>,
+) -> Result<Handoff, String> {
+    unseal(
+        bytes,
+        FORMAT_VERSION,
+        account.as_str(),
+        &handoff_aad(account),
+        keyring,
+        |plain| read_handoff(plain, account),
+    )
+}
+
+fn read_handoff(bytes: &[u8], account: &AccountName) -> Result<Handoff, String> {
+    let mut wire: WireHandoff = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if wire.version != FORMAT_VERSION {
+        return Err(format!(
+            "handoff format version {} is unknown",
+            wire.version
+        ));
+    }
+    if wire.account != account.as_str() {
+        return Err(format!("the file belongs to account {:?}", wire.account));
+    }
+    match (wire.handoff.as_str(), wire.refresh_token.take()) {
+        ("refresh_token", Some(rt)) if !rt.is_empty() => Ok(Handoff::RefreshToken(Secret::new(rt))),
+        ("logout", None) => Ok(Handoff::Logout),
+        (kind, _) => Err(format!("not a valid handoff of kind {kind:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::{name, ring, sample};
+    use super::*;
+
+    #[test]
+    fn decode_rejects_other_versions_and_accounts_without_echoing_secrets() {
+        let bytes = encode(&name("a"), &sample(), None);
+        assert!(
+            decode(&bytes, &name("b"), None)
+                .unwrap_err()
+                .contains("\"a\"")
+        );
+        let text = String::from_utf8(bytes)
+            .unwrap()
+            .replace("\"version\": 1", "\"version\": 9");
+        let err = decode(text.as_bytes(), &name("a"), None).unwrap_err();
+        assert!(err.contains("version 9"), "{err}");
+        assert!(!err.contains("rt-1"));
+    }
+
+    #[test]
+    fn handoff_files_are_bound_to_their_account_and_never_read_as_state() {
+        let bytes = encode_handoff(&name("a"), &Handoff::Logout, None);
+        assert_eq!(
+            decode_handoff(&bytes, &name("a"), None),
+            Ok(Handoff::Logout)
+        );
+        assert!(decode_handoff(&bytes, &name("b"), None).is_err());
+        assert!(decode(&bytes, &name("a"), None).is_err());
+        let sealed = encode_handoff(
+            &name("a"),
+            &Handoff::RefreshToken(Secret::new("rt-9")),
+            Some(&ring(1, &[])),
+        );
+        assert!(decode(&sealed, &name("a"), Some(&ring(1, &[]))).is_err());
+    }
+
+    #[test]
+    fn sealed_state_and_handoffs_share_one_envelope_check() {
+        let keys = ring(1, &[]);
+        let state = encode(&name("a"), &sample(), Some(&keys));
+        let handoff = encode_handoff(&name("a"), &Handoff::Logout, Some(&keys));
+        for err in [
+            decode(&state, &name("b"), Some(&keys)).unwrap_err(),
+            decode_handoff(&handoff, &name("b"), Some(&keys)).unwrap_err(),
+        ] {
+            assert_eq!(err, "the file belongs to account \"a\"");
+        }
+        for err in [
+            decode(&state, &name("a"), None).unwrap_err(),
+            decode_handoff(&handoff, &name("a"), None).unwrap_err(),
+        ] {
+            assert!(err.contains("no state.encryption_key"), "{err}");
+        }
+        assert_eq!(decode(&state, &name("a"), Some(&keys)), Ok(sample()));
+        assert_eq!(
+            decode_handoff(&handoff, &name("a"), Some(&keys)),
+            Ok(Handoff::Logout)
+        );
+    }
+
+    /// Pins the files' bytes: a daemon must read what the previous build wrote, and
+    /// `tokend login` must write what the running daemon reads.
+    #[test]
+    fn the_files_are_written_byte_for_byte_as_before() {
+        let state = encode(&name("a"), &sample(), None);
+        assert_eq!(
+            String::from_utf8(state).unwrap(),
+            r#"{
+  "version": 1,
+  "account": "a",
+  "refresh_token": "rt-1",
+  "seed_fingerprint": "abc",
+  "refresh_token_issued_at": 1700000000,
+  "refresh_token_expires_at": 1702592000,
+  "access": {
+    "token": "at-1",
+    "token_type": "Bearer",
+    "expires_at": 1700003600,
+    "scope": "a b",
+    "issued_at": 1700000000
+  },
+  "last_refresh": 1700000000
+}
+"#
+        );
+        let handoff = encode_handoff(
+            &name("a"),
+            &Handoff::RefreshToken(Secret::new("rt-9")),
+            None,
+        );
+        assert_eq!(
+            String::from_utf8(handoff).unwrap(),
+            r#"{
+  "version": 1,
+  "account": "a",
+  "handoff": "refresh_token",
+  "refresh_token": "rt-9"
+}
+"#
+        );
+        let logout = encode_handoff(&name("a"), &Handoff::Logout, None);
+        assert_eq!(
+            String::from_utf8(logout).unwrap(),
+            "{\n  \"version\": 1,\n  \"account\": \"a\",\n  \"handoff\": \"logout\"\n}\n"
+        );
+        // Sealed: the envelope's fields in this order, then the random nonce.
+        let sealed = String::from_utf8(encode(&name("a"), &sample(), Some(&ring(1, &[])))).unwrap();
+        let key_id = ring(1, &[]).current.id().to_string();
+        let head = format!(
+            "{{\n  \"version\": 1,\n  \"account\": \"a\",\n  \"sealed\": {{\n    \"alg\": \"XChaCha20-Poly1305\",\n    \"key_id\": \"{key_id}\",\n    \"nonce\": \""
+        );
+        assert!(sealed.starts_with(&head), "{sealed}");
+        assert!(sealed.ends_with("\"\n  }\n}\n"), "{sealed}");
+    }
+}

@@ -18,7 +18,7 @@
 //! - [`clock`]: wall-clock time and clock-jump detection.
 //! - [`refresher`]: the per-account task: mark → call → persist → publish.
 //! - [`store`]: the narrow persistence interface, the atomic file store and the handoffs;
-//!   [`store::seal`]: optional encryption of the state files.
+//!   [`seal`]: optional encryption of the state files.
 //! - [`sinks`]: token files and rotation hooks.
 //! - [`access`]: consumers and what each may read.
 //! - [`token_cell`]: the published per-account snapshot and reader demands.
@@ -46,11 +46,10 @@ pub mod notify;
 pub mod provider;
 pub mod refresher;
 pub mod schedule;
+pub mod seal;
 pub mod secret;
 pub mod sinks;
 pub mod store;
-// The old path of `store::seal`, kept while the source layout moves (issue 13).
-pub use store::seal;
 pub mod token_cell;
 
 // Transitional: the old path of `provider::discovery`, until its callers are updated.

@@ -13,10 +13,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroize;
 
 use super::atomic::{is_temp_file, remove_file_durably, sync_dir, write_atomically};
-use super::seal::Keyring;
 use super::wire::{decode, decode_handoff, encode, encode_handoff};
 use super::{Handoff, State, Store, StoreError, StoreFuture};
 use crate::config::AccountName;
+use crate::seal::Keyring;
 
 /// The file-backed store. Holding it holds the state directory's lock.
 pub struct FileStore {

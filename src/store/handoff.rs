@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use super::file::{FileStore, leave_handoff};
-use super::seal::Keyring;
 use super::{Handoff, State, Store, StoreError};
 use crate::config::AccountName;
+use crate::seal::Keyring;
 
 /// What became of a handoff given to [`deliver_handoff`].
 #[derive(Debug)]

@@ -19,7 +19,6 @@ use crate::secret::Secret;
 mod atomic;
 mod file;
 mod handoff;
-pub mod seal;
 mod wire;
 
 pub(crate) use atomic::write_atomically;
@@ -165,9 +164,9 @@ pub trait Store: Send + Sync + 'static {
 /// Test fixtures shared by the store's submodules.
 #[cfg(test)]
 mod fixtures {
-    use super::seal::{Keyring, SealKey};
     use super::wire::from_unix;
     use super::*;
+    use crate::seal::{Keyring, SealKey};
 
     pub(super) fn name(s: &str) -> AccountName {
         AccountName::parse(s).unwrap()

@@ -7,9 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
-use super::seal::{Keyring, seal_file, unseal};
 use super::{AccessToken, Handoff, State};
 use crate::config::AccountName;
+use crate::seal::{Keyring, seal_file, unseal};
 use crate::secret::Secret;
 
 /// The format version this build writes into state and handoff files (and their

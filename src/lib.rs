@@ -32,7 +32,6 @@
 pub mod access;
 pub mod app;
 pub mod cli;
-pub mod client;
 pub mod clock;
 pub mod config;
 pub mod demo;
@@ -40,7 +39,6 @@ pub mod discovery;
 pub mod fake_provider;
 pub mod http;
 pub mod listen;
-pub mod login;
 pub mod metrics;
 pub mod notify;
 pub mod provider;
@@ -51,3 +49,7 @@ pub mod secret;
 pub mod sinks;
 pub mod store;
 pub mod token_cell;
+
+// The old paths of modules that moved under `cli`, kept while other branches use them.
+pub use cli::client;
+pub use cli::login;

@@ -124,7 +124,7 @@ fn describe(description: &Option<String>) -> String {
 impl LoginError {
     /// The exit code (see `cli::exit`): usage errors 2, config problems 78, else 1.
     pub fn exit_code(&self) -> u8 {
-        use crate::cli::exit;
+        use super::exit;
         match self {
             LoginError::UnknownAccount(_)
             | LoginError::NotRefreshToken(_)

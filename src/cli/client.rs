@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use zeroize::Zeroizing;
 
-use crate::cli::exit;
+use super::exit;
 use crate::http::REQUEST_HEADER;
 use crate::secret::Secret;
 

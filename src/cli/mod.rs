@@ -12,27 +12,16 @@ use serde_json::Value;
 use std::sync::Arc;
 
 use crate::app::{self, RunError};
-use crate::client::{ClientError, DaemonClient};
 use crate::config::{AccountConfig, Config, DEFAULT_CONFIG_PATH, DEFAULT_LISTEN, Grant, LogFormat};
-use crate::login::{self, LoginError};
 use crate::provider::Provider;
 use crate::secret::Secret;
 use crate::store::{Handoff, state_path};
+use client::{ClientError, DaemonClient};
+use login::LoginError;
 
-/// Exit codes (sysexits.h where one fits).
-pub mod exit {
-    /// Success.
-    pub const OK: u8 = 0;
-    /// A runtime failure: the daemon could not start, a request was refused, not ready.
-    pub const FAILURE: u8 = 1;
-    /// Bad command-line usage (clap's own).
-    pub const USAGE: u8 = 2;
-    /// The daemon could not be reached (EX_UNAVAILABLE).
-    pub const UNAVAILABLE: u8 = 69;
-    /// The configuration is invalid (EX_CONFIG). systemd units use
-    /// `RestartPreventExitStatus=78` so a broken config does not restart-loop.
-    pub const CONFIG: u8 = 78;
-}
+pub mod client;
+pub mod exit;
+pub mod login;
 
 const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),

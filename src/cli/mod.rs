@@ -13,6 +13,7 @@ use login_cmd::LoginMode;
 pub mod client;
 mod daemon;
 pub mod exit;
+mod http1;
 pub mod login;
 mod login_cmd;
 mod remote;

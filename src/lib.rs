@@ -36,7 +36,6 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod discovery;
-pub mod fake_provider;
 pub mod http;
 pub mod listen;
 pub mod metrics;
@@ -50,6 +49,8 @@ pub mod sinks;
 pub mod store;
 pub mod token_cell;
 
-// The old paths of modules that moved under `cli`, kept while other branches use them.
+// The old paths of modules that moved under `cli` and `demo`, kept while other branches
+// use them.
 pub use cli::client;
 pub use cli::login;
+pub use demo::fake_provider;

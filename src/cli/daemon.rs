@@ -29,6 +29,7 @@ pub async fn run(path: PathBuf, once: bool) -> u8 {
 }
 
 /// `tokend demo`: the daemon against the embedded provider, logging as text.
+#[cfg(feature = "demo")]
 pub async fn demo() -> u8 {
     init_tracing(LogFormat::Text);
     daemon_exit(crate::demo::run().await)

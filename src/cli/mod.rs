@@ -57,6 +57,7 @@ pub enum Command {
         config: ConfigArg,
     },
     /// Run the daemon against an embedded provider, to try tokend without credentials.
+    #[cfg(feature = "demo")]
     Demo,
     /// Print an account's current access token, fetched from the running daemon.
     Token {
@@ -200,6 +201,7 @@ pub fn dispatch(cli: Cli) -> u8 {
             remote::finish(remote::refresh(&client.target(), &account))
         }
         Command::Run { config, once } => block_on(daemon::run(config.path(), once)),
+        #[cfg(feature = "demo")]
         Command::Demo => block_on(daemon::demo()),
         Command::Login {
             account,

@@ -3,7 +3,7 @@
 //! code pasted by hand, the device authorization grant (RFC 8628), a token read from
 //! stdin, and logout with revocation (RFC 7009). The result is handed to the account's
 //! state through `store::deliver_handoff` (and SIGHUP when a daemon holds it). It runs
-//! in the CLI, never in the daemon; printing and exit codes are `cli`'s.
+//! in the CLI, never in the daemon; the terminal side is `login_cmd`'s.
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -124,7 +124,7 @@ fn describe(description: &Option<String>) -> String {
 impl LoginError {
     /// The exit code (see `cli::exit`): usage errors 2, config problems 78, else 1.
     pub fn exit_code(&self) -> u8 {
-        use crate::cli::exit;
+        use super::exit;
         match self {
             LoginError::UnknownAccount(_)
             | LoginError::NotRefreshToken(_)

@@ -13,10 +13,12 @@ use tokio_util::task::TaskTracker;
 use crate::app::{self, Daemon, RunError};
 use crate::clock::Clock;
 use crate::config::{Config, DEFAULT_LISTEN, SystemEnvironment};
-use crate::fake_provider::{ClientSpec, FakeProvider};
 use crate::listen;
 use crate::provider::Provider;
 use crate::store::{FileStore, StoreError};
+use fake_provider::{ClientSpec, FakeProvider};
+
+pub mod fake_provider;
 
 /// Lifetime of the embedded provider's access tokens.
 pub const DEMO_TOKEN_LIFETIME: Duration = Duration::from_secs(30);

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::access::Access;
-use crate::clock::Clock;
+use crate::clock::{Clock, rfc3339};
 use crate::config::{AccountConfig, AccountName, Config, ConfigError};
 use crate::http::{ApiState, router};
 use crate::listen::{self, ListenError};
@@ -428,7 +428,7 @@ pub async fn run_once(config: Config) -> Result<bool, RunError> {
         let snap = account.snapshot();
         match snap.valid_token(now, Duration::ZERO) {
             Some(t) => {
-                info!(account = %name, expires_at = %crate::token_cell::rfc3339(t.expires_at), "token obtained")
+                info!(account = %name, expires_at = %rfc3339(t.expires_at), "token obtained")
             }
             None => {
                 ok = false;

@@ -23,10 +23,9 @@ use serde_json::{Value, json};
 use tower::{Layer, Service};
 
 use crate::access::{Access, AccessError, Caller};
-use crate::clock::Clock;
+use crate::clock::{Clock, rfc3339};
 use crate::listen::Peer;
 use crate::metrics::HttpRoute;
-use crate::refresher::rfc3339;
 use crate::token_cell::{AccountHandle, DemandError, Registry, Served, Status};
 
 /// The header every token request must carry. A forged request (SSRF through a consumer

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::clock::Clock;
+use crate::clock::{Clock, rfc3339};
 use crate::config::{AccountConfig, Grant};
 use crate::provider::{ErrorClass, Provider, TokenGrant, jwt_exp};
 use crate::schedule;
@@ -785,8 +785,6 @@ async fn apply_handoff(
     }
     Ok((next, logout))
 }
-
-pub use crate::token_cell::rfc3339;
 
 #[cfg(test)]
 mod tests {

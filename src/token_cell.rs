@@ -15,6 +15,7 @@ use http::{HeaderName, HeaderValue};
 use tokio::sync::{Notify, oneshot, watch};
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::clock::rfc3339;
 use crate::config::{AccountConfig, AccountName};
 use crate::secret::Secret;
 use crate::store::AccessToken;
@@ -267,11 +268,6 @@ fn zeroize_json(v: &mut serde_json::Value) {
         serde_json::Value::Object(o) => o.values_mut().for_each(zeroize_json),
         _ => {}
     }
-}
-
-/// RFC 3339 in UTC, second precision.
-pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// A duration in whole seconds, as people read it ("4m 10s").

@@ -412,13 +412,13 @@ pub async fn run_once(config: Config) -> Result<bool, RunError> {
     // A carried-over token near its end is no use to the process started after us:
     // each account must hold one valid for at least its refresh margin.
     for account in daemon.registry.all().values() {
-        let fresh_enough = account.config.refresh.margin;
+        let fresh_enough = account.config().refresh.margin;
         if account
             .snapshot()
             .valid_token(clock.now(), Duration::ZERO)
             .is_some()
         {
-            let wait = account.config.limits.timeout + Duration::from_secs(5);
+            let wait = account.config().limits.timeout + Duration::from_secs(5);
             let _ = account.demand(fresh_enough, false, wait).await;
         }
     }

@@ -21,7 +21,7 @@ use crate::schedule;
 use crate::sinks;
 use crate::store::{AccessToken, Handoff, State, Store, StoreError};
 use crate::token_cell::{
-    AccountHandle, Demand, DemandError, DemandReceiver, Demands, Served, Snapshot, Status,
+    AccountHandle, Demand, DemandError, DemandReceiver, Served, Snapshot, Status,
 };
 
 /// Everything a refresher needs from outside.
@@ -43,7 +43,6 @@ pub struct Deps {
 
 /// The per-account task's state.
 pub struct Refresher {
-    config: Arc<AccountConfig>,
     handle: Arc<AccountHandle>,
     deps: Deps,
     demands: DemandReceiver,
@@ -89,13 +88,7 @@ impl Refresher {
         config: Arc<AccountConfig>,
         deps: Deps,
     ) -> (Refresher, Arc<AccountHandle>) {
-        let handle = Arc::new(AccountHandle {
-            config: config.clone(),
-            cell: arc_swap::ArcSwap::from_pointee(Snapshot::pending()),
-            demands: Demands::default(),
-            changes: deps.changes.clone(),
-            reads: crate::metrics::token_reads(config.name.as_str(), "-"),
-        });
+        let handle = Arc::new(AccountHandle::new(config.clone(), deps.changes.clone()));
         let name = &config.name;
         let mut load_error = None;
         let mut unreadable = None;
@@ -132,7 +125,6 @@ impl Refresher {
             loaded
         };
         let mut r = Refresher {
-            config: config.clone(),
             handle: handle.clone(),
             deps,
             demands: DemandReceiver::new(handle.clone()),
@@ -194,10 +186,15 @@ impl Refresher {
         (r, handle)
     }
 
+    /// The account's config, discovered endpoints included.
+    fn config(&self) -> Arc<AccountConfig> {
+        Arc::clone(&self.handle.config())
+    }
+
     /// The config's seed refresh token is used when nothing is stored, or when it differs
     /// from the seed the stored token descends from (the operator re-seeded).
     fn adopt_seed(&mut self, now: SystemTime) {
-        let Grant::RefreshToken { seed } = &self.config.grant else {
+        let Grant::RefreshToken { seed } = &self.config().grant else {
             return;
         };
         if let Some(seed) = seed {
@@ -205,7 +202,7 @@ impl Refresher {
             let fresh_seed = self.state.seed_fingerprint.as_deref() != Some(fingerprint.as_str());
             if self.state.refresh_token.is_none() || fresh_seed {
                 if self.state.refresh_token.is_some() {
-                    info!(account = %self.config.name, "the configured refresh token changed; it replaces the stored one");
+                    info!(account = %self.config().name, "the configured refresh token changed; it replaces the stored one");
                 }
                 self.state.refresh_token = Some(seed.clone());
                 self.state.seed_fingerprint = Some(fingerprint);
@@ -219,7 +216,7 @@ impl Refresher {
         if self.state.refresh_token.is_none() {
             let reason = format!(
                 "no refresh token: run `tokend login {0}` (or `tokend import {0}`), or set accounts.{0}.refresh_token in the config",
-                self.config.name
+                self.config().name
             );
             self.needs_reauth = Some(reason.clone());
             self.last_error = Some(reason);
@@ -233,7 +230,7 @@ impl Refresher {
             .expires_at
             .duration_since(access.issued_at)
             .unwrap_or(Duration::ZERO);
-        let policy = &self.config.refresh;
+        let policy = &self.config().refresh;
         let delay = if on_schedule {
             schedule::refresh_delay(lifetime, policy, rand::random())
         } else {
@@ -302,9 +299,9 @@ impl Refresher {
                     .keep_sinks
                     .load(std::sync::atomic::Ordering::SeqCst)
             {
-                sinks::remove(&self.config);
+                sinks::remove(&self.config());
             }
-            debug!(account = %self.config.name, "refresher stopped");
+            debug!(account = %self.config().name, "refresher stopped");
             // Readers waiting on this refresher get a clear answer (`Gone`), not a timeout.
             drop(self.demands);
         }
@@ -369,7 +366,7 @@ impl Refresher {
         }
         // Forced or not, one account calls the provider at most once per min_interval:
         // neither a reader nor an operator script can turn into a refresh storm.
-        let min_interval = self.config.refresh.min_interval;
+        let min_interval = self.config().refresh.min_interval;
         if let Some(ago) = self
             .last_call
             .map(|t| t.elapsed())
@@ -429,28 +426,29 @@ impl Refresher {
     /// A refresh still waiting for its turn at the provider when `cancel` fires is
     /// abandoned: nothing has been sent, so nothing can be lost.
     async fn refresh(&mut self, on_schedule: bool, cancel: &CancellationToken) -> bool {
-        let name = self.config.name.clone();
-        let rotating = matches!(self.config.grant, Grant::RefreshToken { .. });
+        let name = self.config().name.clone();
+        let rotating = matches!(self.config().grant, Grant::RefreshToken { .. });
         let refresh_token = self.state.refresh_token.clone();
-        let grant = match (&self.config.grant, &refresh_token) {
+        let grant = match (&self.config().grant, &refresh_token) {
             (Grant::ClientCredentials, _) => TokenGrant::ClientCredentials,
             (Grant::RefreshToken { .. }, Some(rt)) => TokenGrant::RefreshToken(rt),
             (Grant::RefreshToken { .. }, None) => return false,
         };
         self.refreshing = true;
         self.publish();
-        if self.config.token_url.is_none() && !self.discover().await {
+        if self.config().token_url.is_none() && !self.discover().await {
             self.refreshing = false;
             self.publish();
             return false;
         }
+        let config = self.config();
 
         // Queued behind the provider host's limits (after a cold start or an outage, with
         // thousands of accounts due) until a slot and a start time are free.
         let turn = tokio::select! {
             biased;
             _ = cancel.cancelled() => None,
-            turn = self.deps.provider.token_turn(&self.config) => Some(turn),
+            turn = self.deps.provider.token_turn(&config) => Some(turn),
         };
         let Some(turn) = turn else {
             self.refreshing = false;
@@ -469,13 +467,13 @@ impl Refresher {
 
         let started = Instant::now();
         self.last_call = Some(started);
-        let url = self.config.token_url.as_ref().map(|u| u.as_str());
+        let url = config.token_url.as_ref().map(|u| u.as_str());
         debug!(account = %name, grant = grant.as_str(), url = url.unwrap_or("-"), "requesting a token");
         let result = match turn {
             Ok(turn) => {
                 self.deps
                     .provider
-                    .request_token_in(turn, &self.config, grant)
+                    .request_token_in(turn, &config, grant)
                     .await
             }
             Err(e) => Err(e),
@@ -490,7 +488,7 @@ impl Refresher {
                     response.expires_in,
                     jwt_exp(response.access_token.expose()),
                     now,
-                    &self.config.refresh,
+                    &config.refresh,
                 );
                 let rotated = response
                     .refresh_token
@@ -509,7 +507,7 @@ impl Refresher {
                     token_type: response.token_type,
                     expires_at: now + lifetime,
                     // RFC 6749 §5.1: an omitted scope is the scope requested.
-                    scope: response.scope.or_else(|| self.config.scope.clone()),
+                    scope: response.scope.or_else(|| config.scope.clone()),
                     issued_at: now,
                 };
                 self.refresh_at = Some(self.plan_refresh(&access, on_schedule));
@@ -530,11 +528,7 @@ impl Refresher {
                 self.save().await;
                 let access = self.state.access.as_ref().expect("just set");
                 let expires_at = access.expires_at;
-                self.served = Some(Arc::new(Served::new(
-                    &self.config.name,
-                    access,
-                    &self.config.headers,
-                )));
+                self.served = Some(Arc::new(Served::new(&config.name, access, &config.headers)));
                 self.write_sinks().await;
                 self.spawn_hook();
                 let warning = self.snapshot_warning(now);
@@ -608,7 +602,7 @@ impl Refresher {
         let Some(served) = self.served.clone() else {
             return;
         };
-        match sinks::write(&self.config, &served, self.deps.clock.now()).await {
+        match sinks::write(&self.config(), &served, self.deps.clock.now()).await {
             Ok(()) => self.sink_error = None,
             Err(e) => self.sink_error = Some(e),
         }
@@ -617,10 +611,10 @@ impl Refresher {
     /// The rotation hook runs beside the refresher (never delaying the next refresh), one
     /// run at a time per account, on the daemon's tracker so shutdown waits for it.
     fn spawn_hook(&self) {
-        let Some(hook) = self.config.on_refresh.clone() else {
+        let Some(hook) = self.config().on_refresh.clone() else {
             return;
         };
-        let config = self.config.clone();
+        let config = self.config().clone();
         let running = self.hook_running.clone();
         self.deps.tracker.spawn(async move {
             let _one_at_a_time = running.lock().await;
@@ -646,9 +640,9 @@ impl Refresher {
         hint: &str,
         elapsed: Duration,
     ) {
-        let name = self.config.name.clone();
+        let name = self.config().name.clone();
         let now = self.deps.clock.now();
-        let policy = &self.config.refresh;
+        let policy = &self.config().refresh;
         if class == ErrorClass::Transient {
             let delay = schedule::backoff(self.attempt - 1, policy, rand::random(), retry_after);
             crate::metrics::record_refresh(name.as_str(), "transient_error", elapsed);
@@ -670,10 +664,11 @@ impl Refresher {
     /// serving nothing new and retries like a failed refresh.
     async fn discover(&mut self) -> bool {
         let started = Instant::now();
-        match crate::discovery::discover(&self.deps.provider, &self.config).await {
+        match crate::discovery::discover(&self.deps.provider, &self.config()).await {
             Ok(resolved) => {
-                info!(account = %self.config.name, token_url = resolved.token_url.as_ref().map(|u| u.as_str()).unwrap_or("-"), "discovered the provider's endpoints");
-                self.config = Arc::new(resolved);
+                info!(account = %self.config().name, token_url = resolved.token_url.as_ref().map(|u| u.as_str()).unwrap_or("-"), "discovered the provider's endpoints");
+                // Published where readers (`GET /v1/accounts`) look, not kept aside.
+                self.handle.set_config(Arc::new(resolved));
                 true
             }
             Err(e) => {
@@ -686,10 +681,10 @@ impl Refresher {
     }
 
     async fn save(&mut self) {
-        match self.deps.store.save(&self.config.name, &self.state).await {
+        match self.deps.store.save(&self.config().name, &self.state).await {
             Ok(()) => {
                 if self.save_error.take().is_some() {
-                    info!(account = %self.config.name, "state saved again after earlier failures");
+                    info!(account = %self.config().name, "state saved again after earlier failures");
                 }
                 self.unsaved = false;
                 self.save_attempt = 0;
@@ -700,11 +695,11 @@ impl Refresher {
     }
 
     fn on_save_error(&mut self, e: StoreError) {
-        crate::metrics::record_persist_failure(self.config.name.as_str());
-        let delay = schedule::backoff(self.save_attempt, &self.config.refresh, 1.0, None)
+        crate::metrics::record_persist_failure(self.config().name.as_str());
+        let delay = schedule::backoff(self.save_attempt, &self.config().refresh, 1.0, None)
             .max(Duration::from_secs(1));
         self.save_attempt = self.save_attempt.saturating_add(1);
-        error!(account = %self.config.name, error = %e, retry_in_s = delay.as_secs(), "cannot persist the account state; keeping it in memory and retrying");
+        error!(account = %self.config().name, error = %e, retry_in_s = delay.as_secs(), "cannot persist the account state; keeping it in memory and retrying");
         self.save_error = Some(e.to_string());
         self.save_retry_at = Some(self.deps.clock.now() + delay);
     }

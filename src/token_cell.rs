@@ -279,7 +279,10 @@ fn secs(d: Duration) -> humantime::FormattedDuration {
 /// way to reach its refresher.
 #[derive(Debug)]
 pub struct AccountHandle {
-    pub config: Arc<AccountConfig>,
+    /// The account's settings as its refresher uses them: as configured, with the
+    /// endpoints discovery filled in once it has (the one copy; only the refresher
+    /// swaps it).
+    config: ArcSwap<AccountConfig>,
     pub cell: ArcSwap<Snapshot>,
     pub demands: Demands,
     /// Bumped on every publish, so start-up can wait for accounts to settle.
@@ -289,6 +292,26 @@ pub struct AccountHandle {
 }
 
 impl AccountHandle {
+    /// A pending account with no reader waiting; `changes` is shared by every account.
+    pub fn new(config: Arc<AccountConfig>, changes: watch::Sender<u64>) -> AccountHandle {
+        AccountHandle {
+            reads: crate::metrics::token_reads(config.name.as_str(), "-"),
+            config: ArcSwap::new(config),
+            cell: ArcSwap::from_pointee(Snapshot::pending()),
+            demands: Demands::default(),
+            changes,
+        }
+    }
+
+    pub fn config(&self) -> arc_swap::Guard<Arc<AccountConfig>> {
+        self.config.load()
+    }
+
+    /// The config with the endpoints discovery found (see [`crate::discovery`]).
+    pub fn set_config(&self, config: Arc<AccountConfig>) {
+        self.config.store(config);
+    }
+
     pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.cell.load()
     }

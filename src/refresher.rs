@@ -34,11 +34,6 @@ pub struct Deps {
     pub changes: watch::Sender<u64>,
     /// Where rotation hooks run, so shutdown waits for them.
     pub tracker: TaskTracker,
-    /// Cancelled when the whole daemon stops (not when one account restarts on reload):
-    /// only then are sinks removed.
-    pub daemon_stopping: CancellationToken,
-    /// `run --once`: sinks stay for the process that needs them.
-    pub keep_sinks: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The per-account task's state.
@@ -292,14 +287,6 @@ impl Refresher {
             }
             if self.unsaved {
                 Box::pin(self.save()).await;
-            }
-            if self.deps.daemon_stopping.is_cancelled()
-                && !self
-                    .deps
-                    .keep_sinks
-                    .load(std::sync::atomic::Ordering::SeqCst)
-            {
-                sinks::remove(&self.config());
             }
             debug!(account = %self.config().name, "refresher stopped");
             // Readers waiting on this refresher get a clear answer (`Gone`), not a timeout.
@@ -806,8 +793,6 @@ mod tests {
             jumps: watch::Sender::new(0).subscribe(),
             changes: watch::Sender::new(0),
             tracker: TaskTracker::new(),
-            daemon_stopping: CancellationToken::new(),
-            keep_sinks: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         Refresher::prepare(account, deps).await
     }

@@ -1,7 +1,7 @@
-//! What each account publishes to readers: a snapshot (status, current token, last
-//! error) in an `ArcSwap`, so an HTTP handler reads it with one atomic load and never
-//! waits on a refresh; and the queue through which readers ask the account's refresher
-//! for a fresher token.
+//! What each account publishes to readers: its config (discovered endpoints included) and
+//! a snapshot (status, current token, last error), each in an `ArcSwap`, so an HTTP
+//! handler reads them with an atomic load and never waits on a refresh; and the queue
+//! through which readers ask the account's refresher for a fresher token.
 
 use std::collections::BTreeMap;
 use std::collections::VecDeque;

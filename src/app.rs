@@ -1,12 +1,11 @@
-//! Wiring: from a validated config to running refreshers and listeners. Owns the one
-//! shutdown token and the task tracker every task is spawned on, and applies reloads
-//! (added accounts start, removed ones stop, changed ones and those with a pending
-//! handoff from `tokend login`/`import`/`logout` restart).
+//! Wiring: from a validated config to running refreshers and listeners. The `Daemon` owns
+//! the one stop signal and the task tracker every task is spawned on, stops them all in
+//! `shutdown`, and applies reloads (added accounts start, removed ones stop, changed ones
+//! and those with a pending handoff from `tokend login`/`import`/`logout` restart).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -21,13 +20,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::access::Access;
-use crate::clock::Clock;
+use crate::clock::{Clock, rfc3339};
 use crate::config::{AccountConfig, AccountName, Config, ConfigError};
 use crate::http::{ApiState, router};
-use crate::listen::{self, ListenError};
+use crate::listen::{self, Limits, ListenError, Listener};
 use crate::notify;
 use crate::provider::{Provider, ProviderError};
 use crate::refresher::{Deps, Refresher};
+use crate::sinks;
 use crate::store::{FileStore, Store, StoreError};
 use crate::token_cell::{AccountHandle, Registry, Status};
 
@@ -53,7 +53,9 @@ struct Running {
     done: JoinHandle<()>,
 }
 
-/// The set of running accounts and what they share.
+/// The set of running accounts and what they share. Every task of the daemon (refreshers,
+/// rotation hooks, listeners and their connections, the clock-jump detector) runs on its
+/// `tracker` and stops on `stopping`: [`Daemon::shutdown`] ends them all.
 pub struct Daemon {
     config: Config,
     store: Arc<dyn Store>,
@@ -63,10 +65,17 @@ pub struct Daemon {
     registry: Arc<Registry>,
     running: BTreeMap<AccountName, Running>,
     tracker: TaskTracker,
-    cancel: CancellationToken,
+    stopping: CancellationToken,
     changes: watch::Sender<u64>,
     access: Arc<ArcSwap<Access>>,
-    keep_sinks: Arc<AtomicBool>,
+}
+
+/// What stopping the daemon does with the token files whose `on_shutdown` is `remove`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SinksOnStop {
+    Remove,
+    /// `run --once`: the files are its product, for the process started after it.
+    Keep,
 }
 
 /// How long start-up waits for accounts to settle before telling systemd it is ready
@@ -88,16 +97,16 @@ pub struct ReloadReport {
 
 impl Daemon {
     /// Loads every account's persisted state, publishes still-valid tokens at once (no
-    /// provider call) and starts one refresher per account on `tracker`.
+    /// provider call) and starts one refresher per account.
     pub async fn start(
         config: Config,
         store: Arc<dyn Store>,
         provider: Provider,
         clock: Clock,
-        tracker: TaskTracker,
-        cancel: CancellationToken,
     ) -> Daemon {
-        let jumps = clock.spawn_jump_detector(&tracker, cancel.clone());
+        let tracker = TaskTracker::new();
+        let stopping = CancellationToken::new();
+        let jumps = clock.spawn_jump_detector(&tracker, stopping.clone());
         let mut daemon = Daemon {
             config: config.clone(),
             store,
@@ -107,10 +116,9 @@ impl Daemon {
             registry: Arc::new(Registry::default()),
             running: BTreeMap::new(),
             tracker,
-            cancel,
+            stopping,
             changes: watch::Sender::new(0),
             access: Arc::new(ArcSwap::from_pointee(Access::new(config.consumers.clone()))),
-            keep_sinks: Arc::new(AtomicBool::new(false)),
         };
         // State files are read concurrently: with thousands of accounts a sequential
         // start would keep still-valid tokens from being served for seconds.
@@ -131,7 +139,7 @@ impl Daemon {
     }
 
     async fn start_account(&self, config: Arc<AccountConfig>) -> Running {
-        let cancel = self.cancel.child_token();
+        let cancel = self.stopping.child_token();
         let deps = Deps {
             store: self.store.clone(),
             provider: self.provider.clone(),
@@ -139,8 +147,6 @@ impl Daemon {
             jumps: self.jumps.clone(),
             changes: self.changes.clone(),
             tracker: self.tracker.clone(),
-            daemon_stopping: self.cancel.clone(),
-            keep_sinks: self.keep_sinks.clone(),
         };
         let (refresher, handle) = Refresher::prepare(config.clone(), deps).await;
         let done = self.tracker.spawn(refresher.run(cancel.clone()));
@@ -175,6 +181,12 @@ impl Daemon {
 
     pub fn router(&self) -> Router {
         router(self.api_state())
+    }
+
+    /// Serves `router` on `listeners` until the daemon stops; [`Daemon::shutdown`] drains
+    /// their open connections.
+    pub fn serve(&self, listeners: Vec<Listener>, router: Router, limits: Limits) {
+        listen::serve_with(listeners, router, &self.tracker, &self.stopping, limits);
     }
 
     pub fn config(&self) -> &Config {
@@ -300,11 +312,6 @@ impl Daemon {
         report
     }
 
-    /// Token files stay when this daemon stops (`run --once`: they are its product).
-    pub fn keep_sinks_on_exit(&self) {
-        self.keep_sinks.store(true, Ordering::SeqCst);
-    }
-
     async fn accounts_with_handoffs(&self) -> Vec<AccountName> {
         let mut out = Vec::new();
         for name in self.running.keys() {
@@ -334,12 +341,28 @@ impl Daemon {
         handed
     }
 
-    /// Stops every refresher (each finishes its in-flight refresh and save) and waits.
+    /// Stops the daemon: every refresher finishes its in-flight refresh and save, then the
+    /// token files with `on_shutdown = "remove"` go (tokend is stopping, not reloading),
+    /// and rotation hooks, listeners and their connections are waited for.
     pub async fn shutdown(self) {
-        self.cancel.cancel();
+        self.stop(SinksOnStop::Remove).await;
+    }
+
+    async fn stop(self, on_stop: SinksOnStop) {
+        self.stopping.cancel();
+        let mut stopped = Vec::with_capacity(self.running.len());
         for (_, running) in self.running {
             let _ = running.done.await;
+            stopped.push(running.config);
         }
+        // Once no refresher can write them again.
+        if on_stop == SinksOnStop::Remove {
+            for account in &stopped {
+                sinks::remove(account);
+            }
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
     }
 }
 
@@ -360,20 +383,9 @@ impl Backends {
         })
     }
 
-    /// Starts every account on the system clock, with a fresh shutdown signal.
-    async fn start(self, config: Config) -> (Daemon, TaskTracker, CancellationToken) {
-        let tracker = TaskTracker::new();
-        let cancel = CancellationToken::new();
-        let daemon = Daemon::start(
-            config,
-            self.store,
-            self.provider,
-            Clock::system(),
-            tracker.clone(),
-            cancel.clone(),
-        )
-        .await;
-        (daemon, tracker, cancel)
+    /// Starts every account on the system clock.
+    async fn start(self, config: Config) -> Daemon {
+        Daemon::start(config, self.store, self.provider, Clock::system()).await
     }
 }
 
@@ -388,37 +400,36 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), RunError> {
     for warning in &config.warnings {
         warn!("{warning}");
     }
-    let (daemon, tracker, cancel) = backends.start(config).await;
-    listen::serve(listeners, daemon.router(), &tracker, &cancel);
+    let daemon = backends.start(config).await;
+    daemon.serve(listeners, daemon.router(), Limits::default());
     info!(
         listen = %addrs.join(","),
         accounts = daemon.running.len(),
         version = env!("CARGO_PKG_VERSION"),
         "tokend started"
     );
-    supervise(daemon, signals, Some(&config_path), tracker, cancel).await
+    supervise(daemon, signals, Some(&config_path)).await
 }
 
 /// `tokend run --once`: every account gets a token (or settles without one), sinks are
 /// written and hooks run, then the daemon stops, leaving the sinks. True when every
 /// account holds a valid token.
 pub async fn run_once(config: Config) -> Result<bool, RunError> {
-    let (daemon, tracker, _cancel) = Backends::open(&config)?.start(config).await;
+    let daemon = Backends::open(&config)?.start(config).await;
     let clock = daemon.clock.clone();
-    daemon.keep_sinks_on_exit();
     daemon
         .wait_settled(tokio::time::Instant::now() + START_TIMEOUT)
         .await;
     // A carried-over token near its end is no use to the process started after us:
     // each account must hold one valid for at least its refresh margin.
     for account in daemon.registry.all().values() {
-        let fresh_enough = account.config.refresh.margin;
+        let fresh_enough = account.config().refresh.margin;
         if account
             .snapshot()
             .valid_token(clock.now(), Duration::ZERO)
             .is_some()
         {
-            let wait = account.config.limits.timeout + Duration::from_secs(5);
+            let wait = account.config().limits.timeout + Duration::from_secs(5);
             let _ = account.demand(fresh_enough, false, wait).await;
         }
     }
@@ -428,7 +439,7 @@ pub async fn run_once(config: Config) -> Result<bool, RunError> {
         let snap = account.snapshot();
         match snap.valid_token(now, Duration::ZERO) {
             Some(t) => {
-                info!(account = %name, expires_at = %crate::token_cell::rfc3339(t.expires_at), "token obtained")
+                info!(account = %name, expires_at = %rfc3339(t.expires_at), "token obtained")
             }
             None => {
                 ok = false;
@@ -436,9 +447,7 @@ pub async fn run_once(config: Config) -> Result<bool, RunError> {
             }
         }
     }
-    daemon.shutdown().await;
-    tracker.close();
-    tracker.wait().await;
+    daemon.stop(SinksOnStop::Keep).await;
     Ok(ok)
 }
 
@@ -453,8 +462,6 @@ pub async fn supervise(
     mut daemon: Daemon,
     mut signals: Signals,
     config_path: Option<&Path>,
-    tracker: TaskTracker,
-    cancel: CancellationToken,
 ) -> Result<(), RunError> {
     let signals_handle = signals.handle();
     let housekeeping = notify::watchdog_interval().unwrap_or(HOUSEKEEPING_INTERVAL);
@@ -464,7 +471,6 @@ pub async fn supervise(
     let ready_deadline = tokio::time::Instant::now() + START_TIMEOUT;
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => break,
             _ = daemon.wait_settled(ready_deadline), if !ready_sent => {
                 ready_sent = true;
                 let summary = daemon.summary();
@@ -506,10 +512,7 @@ pub async fn supervise(
     }
     notify::stopping();
     signals_handle.close();
-    cancel.cancel();
     daemon.shutdown().await;
-    tracker.close();
-    tracker.wait().await;
     info!("tokend stopped");
     Ok(())
 }

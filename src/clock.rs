@@ -115,6 +115,12 @@ impl Clock {
     }
 }
 
+/// A wall-clock time as RFC 3339 in UTC, second precision: how tokend shows times in its
+/// answers, sinks and logs.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,10 +23,9 @@ use serde_json::{Value, json};
 use tower::{Layer, Service};
 
 use crate::access::{Access, AccessError, Caller};
-use crate::clock::Clock;
+use crate::clock::{Clock, rfc3339};
 use crate::listen::Peer;
 use crate::metrics::HttpRoute;
-use crate::refresher::rfc3339;
 use crate::token_cell::{AccountHandle, DemandError, Registry, Served, Status};
 
 /// The header every token request must carry. A forged request (SSRF through a consumer
@@ -347,7 +346,7 @@ async fn current_token(
         served(&handle, caller);
         return Ok((handle.clone(), token.clone()));
     }
-    let wait = handle.config.limits.timeout + Duration::from_secs(5);
+    let wait = handle.config().limits.timeout + Duration::from_secs(5);
     match handle
         .demand(min_valid.unwrap_or_default(), false, wait)
         .await
@@ -380,7 +379,7 @@ fn permitted(
 ) -> Result<Arc<AccountHandle>, ApiError> {
     let handle = state.registry.get(account);
     match (&handle, caller) {
-        (Some(h), c) if c.may_read(&h.config.name) => Ok(h.clone()),
+        (Some(h), c) if c.may_read(&h.config().name) => Ok(h.clone()),
         (
             _,
             Caller::Consumer {
@@ -396,10 +395,10 @@ fn served(handle: &AccountHandle, caller: &Caller) {
     match caller {
         Caller::Anyone => handle.reads.increment(1),
         Caller::Consumer { name, .. } => {
-            crate::metrics::token_reads(handle.config.name.as_str(), name).increment(1)
+            crate::metrics::token_reads(handle.config().name.as_str(), name).increment(1)
         }
     }
-    tracing::debug!(account = %handle.config.name, consumer = caller.label(), "token served");
+    tracing::debug!(account = %handle.config().name, consumer = caller.label(), "token served");
 }
 
 fn no_store(mut response: Response) -> Response {
@@ -478,16 +477,17 @@ async fn accounts(State(state): State<ApiState>, request: Request) -> Response {
         .registry
         .all()
         .values()
-        .filter(|handle| caller.may_read(&handle.config.name))
+        .filter(|handle| caller.may_read(&handle.config().name))
         .map(|handle| {
+            let config = handle.config();
             let snap = handle.snapshot();
             let token = snap.token.as_ref();
             json!({
-                "account": handle.config.name.as_str(),
+                "account": config.name.as_str(),
                 "state": snap.status_at(now).as_str(),
-                "grant": handle.config.grant.as_str(),
-                "token_url": handle.config.token_url.as_ref().map(|u| u.as_str()),
-                "issuer": handle.config.endpoints.issuer.as_deref(),
+                "grant": config.grant.as_str(),
+                "token_url": config.token_url.as_ref().map(|u| u.as_str()),
+                "issuer": config.endpoints.issuer.as_deref(),
                 "expires_at": time_field(token.map(|t| t.expires_at)),
                 "expires_in": token.map(|t| t.valid_for(now).as_secs()),
                 "last_refresh": time_field(snap.last_refresh),
@@ -512,13 +512,13 @@ async fn force_refresh(
 ) -> Result<Response, ApiError> {
     let Path(account) = account.map_err(bad_request)?;
     let handle = permitted(&state, &caller, &account)?;
-    let wait = handle.config.limits.timeout + Duration::from_secs(5);
+    let wait = handle.config().limits.timeout + Duration::from_secs(5);
     let result = handle.demand(Duration::ZERO, true, wait).await;
     let now = state.clock.now();
     match result {
         Ok(token) => Ok(no_store(
             Json(json!({
-                "account": handle.config.name.as_str(),
+                "account": handle.config().name.as_str(),
                 "state": handle.snapshot().status_at(now).as_str(),
                 "expires_at": rfc3339(token.expires_at),
                 "expires_in": token.valid_for(now).as_secs(),
@@ -563,7 +563,7 @@ async fn readyz(State(state): State<ApiState>) -> Response {
             match snap.valid_token(now, Duration::ZERO) {
                 Some(_) => None,
                 None => Some(json!({
-                    "account": handle.config.name.as_str(),
+                    "account": handle.config().name.as_str(),
                     "state": snap.status_at(now).as_str(),
                     "last_error": snap.last_error,
                 })),

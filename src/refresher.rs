@@ -14,14 +14,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::clock::Clock;
-use crate::config::{AccountConfig, Grant};
-use crate::provider::{ErrorClass, Provider, TokenGrant, jwt_exp};
+use crate::clock::{Clock, rfc3339};
+use crate::config::{AccountConfig, Grant, RefreshPolicy};
+use crate::provider::{ErrorClass, Provider, ProviderError, TokenGrant, TokenResponse, jwt_exp};
 use crate::schedule;
 use crate::sinks;
 use crate::store::{AccessToken, Handoff, State, Store, StoreError};
 use crate::token_cell::{
-    AccountHandle, Demand, DemandError, DemandReceiver, Demands, Served, Snapshot, Status,
+    AccountHandle, Demand, DemandError, DemandReceiver, Served, Snapshot, Status,
 };
 
 /// Everything a refresher needs from outside.
@@ -34,45 +34,23 @@ pub struct Deps {
     pub changes: watch::Sender<u64>,
     /// Where rotation hooks run, so shutdown waits for them.
     pub tracker: TaskTracker,
-    /// Cancelled when the whole daemon stops (not when one account restarts on reload):
-    /// only then are sinks removed.
-    pub daemon_stopping: CancellationToken,
-    /// `run --once`: sinks stay for the process that needs them.
-    pub keep_sinks: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The per-account task's state.
 pub struct Refresher {
-    config: Arc<AccountConfig>,
     handle: Arc<AccountHandle>,
     deps: Deps,
     demands: DemandReceiver,
     /// What is (or must become) durable.
     state: State,
-    /// `state` differs from what the store holds: a save failed and is retried.
-    unsaved: bool,
-    save_error: Option<String>,
-    save_attempt: u32,
-    save_retry_at: Option<SystemTime>,
+    saving: SaveRetry,
     served: Option<Arc<Served>>,
-    /// Planned refresh of a healthy token.
-    refresh_at: Option<SystemTime>,
-    /// `refresh_at` continues the account's schedule: it was planned from a token that a
-    /// planned refresh obtained, or loaded with its plan still ahead. A refresh that does
-    /// not (the first token, a re-seed, a crash recovery, a retry, a reader's demand, a
-    /// plan overdue after a restart or a clock jump) plans its successor over the whole
-    /// period instead, so accounts that refreshed together do not stay in step.
-    planned: bool,
-    /// Retry after a failed refresh; replaces `refresh_at` while set.
-    retry_at: Option<SystemTime>,
-    attempt: u32,
+    plan: Plan,
+    backoff: Backoff,
     last_error: Option<String>,
+    /// Refreshing stops until a human acts and the account restarts (reload or handoff).
     needs_reauth: Option<String>,
-    /// The state was found with a rotation in flight: the process died mid-refresh.
-    recovering_crash: bool,
-    /// A rotating request ended without a definitive answer (timeout, lost response):
-    /// the provider may have rotated the refresh token without us seeing the new one.
-    rotation_uncertain: bool,
+    doubt: RotationDoubt,
     /// When the provider was last called, for the `min_interval` guard on demands.
     last_call: Option<Instant>,
     refreshing: bool,
@@ -82,6 +60,80 @@ pub struct Refresher {
     hook_running: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// The planned refresh of a healthy token.
+#[derive(Debug, Default)]
+struct Plan {
+    at: Option<SystemTime>,
+    /// `at` continues the account's schedule: it was planned from a token that a planned
+    /// refresh obtained, or loaded with its plan still ahead. A refresh that does not (the
+    /// first token, a re-seed, a crash recovery, a retry, a reader's demand, a plan overdue
+    /// after a restart or a clock jump) plans its successor over the whole period instead,
+    /// so accounts that refreshed together do not stay in step.
+    on_schedule: bool,
+}
+
+/// Retrying after failed refreshes (or discoveries).
+#[derive(Debug, Default)]
+struct Backoff {
+    /// Replaces the plan while set.
+    retry_at: Option<SystemTime>,
+    /// Failures in a row.
+    attempt: u32,
+}
+
+/// Whether the store is behind `state`, and the retry of a failed save: it is retried with
+/// backoff until it lands.
+#[derive(Debug, Default)]
+struct SaveRetry {
+    /// `state` differs from what the store holds.
+    unsaved: bool,
+    /// Why the last save failed; cleared when one lands.
+    error: Option<String>,
+    attempt: u32,
+    at: Option<SystemTime>,
+}
+
+impl SaveRetry {
+    /// When the next save is due, if one is.
+    fn due_at(&self) -> Option<SystemTime> {
+        self.unsaved.then_some(self.at).flatten()
+    }
+
+    /// A save landed; true when it ends a run of failures.
+    fn landed(&mut self) -> bool {
+        std::mem::take(self).error.is_some()
+    }
+
+    /// A save failed: the next one is due after a delay that grows with each failure.
+    fn failed(&mut self, error: String, policy: &RefreshPolicy, now: SystemTime) -> Duration {
+        let delay = schedule::backoff(self.attempt, policy, 1.0, None).max(Duration::from_secs(1));
+        self.attempt = self.attempt.saturating_add(1);
+        self.error = Some(error);
+        self.at = Some(now + delay);
+        delay
+    }
+}
+
+/// Why the provider may have rotated the refresh token without this process seeing the
+/// new one: said when it then rejects the stored one.
+#[derive(Debug, Default)]
+struct RotationDoubt {
+    /// The state was found with a rotation in flight: the process died mid-refresh.
+    crashed: bool,
+    /// A rotating request ended without a definitive answer (timeout, lost response).
+    lost_response: bool,
+}
+
+impl RotationDoubt {
+    fn any(&self) -> bool {
+        self.crashed || self.lost_response
+    }
+}
+
+/// What a refresh got from the provider, and how long the call took. `None` when nothing
+/// was asked (discovery failed, or the refresher was stopped while waiting for a turn).
+type Called = Option<(Result<TokenResponse, ProviderError>, Duration)>;
+
 impl Refresher {
     /// Builds the refresher from the stored state (and the config's seed), publishes the
     /// initial snapshot, and returns the handle readers use.
@@ -89,115 +141,78 @@ impl Refresher {
         config: Arc<AccountConfig>,
         deps: Deps,
     ) -> (Refresher, Arc<AccountHandle>) {
-        let handle = Arc::new(AccountHandle {
-            config: config.clone(),
-            cell: arc_swap::ArcSwap::from_pointee(Snapshot::pending()),
-            demands: Demands::default(),
-            changes: deps.changes.clone(),
-            reads: crate::metrics::token_reads(config.name.as_str(), "-"),
-        });
-        let name = &config.name;
-        let mut load_error = None;
-        let mut unreadable = None;
-        let loaded = match deps.store.load(name).await {
-            Ok(state) => state,
-            // The bad file was moved aside: starting from the seed loses nothing.
-            Err(e @ StoreError::Corrupt { .. }) => {
-                error!(account = %name, error = %e, "cannot load the persisted state; starting from the configured seed");
-                load_error = Some(e.to_string());
-                None
-            }
-            // The file may be fine and hold the only valid refresh token (a permission
-            // or I/O problem): never overwrite it; wait for a human and a reload.
-            Err(e) => {
-                error!(account = %name, error = %e, "cannot read the persisted state; the account is held until this is fixed and tokend is reloaded");
-                unreadable = Some(format!("{e}; fix it and reload (SIGHUP)"));
-                None
-            }
-        };
+        let handle = Arc::new(AccountHandle::new(config.clone(), deps.changes.clone()));
+        let read = read_state(&config, deps.store.as_ref()).await;
         let now = deps.clock.now();
-        let mut logged_out = false;
-        let loaded = if unreadable.is_none() {
-            match apply_handoff(&config, deps.store.as_ref(), loaded, now).await {
-                Ok((state, out)) => {
-                    logged_out = out;
-                    state
-                }
-                Err((state, e)) => {
-                    load_error = Some(e);
-                    state
+        let (loaded, load_error, logged_out) = match read {
+            Ok((loaded, load_error)) => {
+                match apply_handoff(&config, deps.store.as_ref(), loaded, now).await {
+                    Ok((state, logged_out)) => (state, load_error, logged_out),
+                    Err((state, e)) => (state, Some(e), false),
                 }
             }
-        } else {
-            loaded
+            Err(unreadable) => {
+                let mut r = Refresher::new(handle.clone(), deps, State::default());
+                r.hold(unreadable);
+                r.publish();
+                return (r, handle);
+            }
         };
-        let mut r = Refresher {
-            config: config.clone(),
-            handle: handle.clone(),
-            deps,
+        let mut r = Refresher::new(handle.clone(), deps, loaded.unwrap_or_default());
+        r.last_error = load_error;
+        r.adopt_seed(now);
+        if logged_out && r.state.refresh_token.is_none() {
+            r.hold(format!(
+                "logged out (tokend logout): run `tokend login {}` to authorize the account again",
+                config.name
+            ));
+        }
+        if r.state.refresh_in_flight_since.is_some() {
+            warn!(account = %config.name, "the last run stopped with a refresh in flight; retrying at once with the stored refresh token");
+            r.doubt.crashed = true;
+            r.plan.at = Some(now);
+        }
+        r.serve_stored(now);
+        r.publish();
+        (r, handle)
+    }
+
+    fn new(handle: Arc<AccountHandle>, deps: Deps, state: State) -> Refresher {
+        Refresher {
             demands: DemandReceiver::new(handle.clone()),
-            state: loaded.unwrap_or_default(),
-            unsaved: false,
-            save_error: None,
-            save_attempt: 0,
-            save_retry_at: None,
+            handle,
+            deps,
+            state,
+            saving: SaveRetry::default(),
             served: None,
-            refresh_at: None,
-            planned: false,
-            retry_at: None,
-            attempt: 0,
-            last_error: load_error,
+            plan: Plan::default(),
+            backoff: Backoff::default(),
+            last_error: None,
             needs_reauth: None,
-            recovering_crash: false,
-            rotation_uncertain: false,
+            doubt: RotationDoubt::default(),
             last_call: None,
             refreshing: false,
             sink_error: None,
             hook_running: Arc::new(tokio::sync::Mutex::new(())),
-        };
-        if let Some(reason) = unreadable {
-            r.needs_reauth = Some(reason.clone());
-            r.last_error = Some(reason);
-            r.publish();
-            return (r, handle);
         }
-        r.adopt_seed(now);
-        if logged_out && r.state.refresh_token.is_none() {
-            let reason = format!(
-                "logged out (tokend logout): run `tokend login {}` to authorize the account again",
-                config.name
-            );
-            r.needs_reauth = Some(reason.clone());
-            r.last_error = Some(reason);
-        }
-        if r.state.refresh_in_flight_since.is_some() {
-            warn!(account = %name, "the last run stopped with a refresh in flight; retrying at once with the stored refresh token");
-            r.recovering_crash = true;
-            r.refresh_at = Some(now);
-        }
-        if let Some(access) = &r.state.access {
-            r.served = Some(Arc::new(Served::new(&config.name, access, &config.headers)));
-            if r.refresh_at.is_none() {
-                // The normal plan from the token's own issue time: persisted tokens were
-                // issued at whatever phases the last run left (spread, if it ran long
-                // enough), and a restart does not bunch them. A spread draw from the issue
-                // time would land in the past for some and refresh them all at start.
-                let at = r.plan_refresh(access, true);
-                // An overdue plan is refreshed at once, alongside every other overdue
-                // account: that refresh is not on schedule.
-                r.planned = at > now;
-                r.refresh_at = Some(at);
-            }
-            info!(account = %name, expires_at = %rfc3339(access.expires_at), "loaded a persisted access token");
-        }
-        r.publish();
-        (r, handle)
+    }
+
+    /// The account's config, discovered endpoints included.
+    fn config(&self) -> Arc<AccountConfig> {
+        Arc::clone(&self.handle.config())
+    }
+
+    /// Refreshing stops until a human acts: `reason` says what to do.
+    fn hold(&mut self, reason: String) {
+        self.needs_reauth = Some(reason.clone());
+        self.last_error = Some(reason);
     }
 
     /// The config's seed refresh token is used when nothing is stored, or when it differs
     /// from the seed the stored token descends from (the operator re-seeded).
     fn adopt_seed(&mut self, now: SystemTime) {
-        let Grant::RefreshToken { seed } = &self.config.grant else {
+        let config = self.config();
+        let Grant::RefreshToken { seed } = &config.grant else {
             return;
         };
         if let Some(seed) = seed {
@@ -205,25 +220,47 @@ impl Refresher {
             let fresh_seed = self.state.seed_fingerprint.as_deref() != Some(fingerprint.as_str());
             if self.state.refresh_token.is_none() || fresh_seed {
                 if self.state.refresh_token.is_some() {
-                    info!(account = %self.config.name, "the configured refresh token changed; it replaces the stored one");
+                    info!(account = %config.name, "the configured refresh token changed; it replaces the stored one");
                 }
                 self.state.refresh_token = Some(seed.clone());
                 self.state.seed_fingerprint = Some(fingerprint);
                 self.state.refresh_token_issued_at = Some(now);
                 self.state.refresh_in_flight_since = None;
-                self.unsaved = true;
+                self.saving.unsaved = true;
                 // Tokens of the old chain may belong to another user or scope.
-                self.refresh_at = Some(now);
+                self.plan.at = Some(now);
             }
         }
         if self.state.refresh_token.is_none() {
-            let reason = format!(
+            self.hold(format!(
                 "no refresh token: run `tokend login {0}` (or `tokend import {0}`), or set accounts.{0}.refresh_token in the config",
-                self.config.name
-            );
-            self.needs_reauth = Some(reason.clone());
-            self.last_error = Some(reason);
+                config.name
+            ));
         }
+    }
+
+    /// Serves the stored access token, if any, and plans its refresh unless one is due
+    /// already (a re-seed, a crash recovery).
+    fn serve_stored(&mut self, now: SystemTime) {
+        let config = self.config();
+        let Some(access) = &self.state.access else {
+            return;
+        };
+        self.served = Some(Arc::new(Served::new(&config.name, access, &config.headers)));
+        if self.plan.at.is_none() {
+            // The normal plan from the token's own issue time: persisted tokens were
+            // issued at whatever phases the last run left (spread, if it ran long
+            // enough), and a restart does not bunch them. A spread draw from the issue
+            // time would land in the past for some and refresh them all at start.
+            let at = self.plan_refresh(access, true);
+            // An overdue plan is refreshed at once, alongside every other overdue
+            // account: that refresh is not on schedule.
+            self.plan = Plan {
+                at: Some(at),
+                on_schedule: at > now,
+            };
+        }
+        info!(account = %config.name, expires_at = %rfc3339(access.expires_at), "loaded a persisted access token");
     }
 
     /// When to refresh `access`: by the normal plan when it was obtained on schedule,
@@ -233,7 +270,7 @@ impl Refresher {
             .expires_at
             .duration_since(access.issued_at)
             .unwrap_or(Duration::ZERO);
-        let policy = &self.config.refresh;
+        let policy = &self.config().refresh;
         let delay = if on_schedule {
             schedule::refresh_delay(lifetime, policy, rand::random())
         } else {
@@ -255,7 +292,7 @@ impl Refresher {
         // An `async` block over `self`, not an `async fn`: an async fn moves its arguments
         // into locals and its state keeps room for both copies (rust-lang/rust#62958).
         async move {
-            if self.unsaved {
+            if self.saving.unsaved {
                 Box::pin(self.save()).await;
             }
             // A token carried over from the last run goes to the sinks too (no hook: this is
@@ -286,25 +323,17 @@ impl Refresher {
                         // forward makes every account's plan due at once: not on schedule.
                         if changed.is_err() {
                             watch_jumps = false;
-                        } else if self.refresh_at.is_some_and(|t| t <= self.deps.clock.now()) {
-                            self.planned = false;
+                        } else if self.plan.at.is_some_and(|t| t <= self.deps.clock.now()) {
+                            self.plan.on_schedule = false;
                         }
                     }
                     _ = sleep => Box::pin(self.on_timer(&cancel)).await,
                 }
             }
-            if self.unsaved {
+            if self.saving.unsaved {
                 Box::pin(self.save()).await;
             }
-            if self.deps.daemon_stopping.is_cancelled()
-                && !self
-                    .deps
-                    .keep_sinks
-                    .load(std::sync::atomic::Ordering::SeqCst)
-            {
-                sinks::remove(&self.config);
-            }
-            debug!(account = %self.config.name, "refresher stopped");
+            debug!(account = %self.config().name, "refresher stopped");
             // Readers waiting on this refresher get a clear answer (`Gone`), not a timeout.
             drop(self.demands);
         }
@@ -313,15 +342,14 @@ impl Refresher {
     fn next_wake(&self) -> Option<SystemTime> {
         let refresh = if self.needs_reauth.is_some() {
             None
-        } else if self.retry_at.is_some() {
-            self.retry_at
+        } else if self.backoff.retry_at.is_some() {
+            self.backoff.retry_at
         } else if self.served.is_none() {
             Some(self.deps.clock.now())
         } else {
-            self.refresh_at
+            self.plan.at
         };
-        let save = self.unsaved.then_some(self.save_retry_at).flatten();
-        match (refresh, save) {
+        match (refresh, self.saving.due_at()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -329,14 +357,15 @@ impl Refresher {
 
     async fn on_timer(&mut self, cancel: &CancellationToken) {
         let now = self.deps.clock.now();
-        if self.unsaved && self.save_retry_at.is_some_and(|t| t <= now) {
+        if self.saving.due_at().is_some_and(|t| t <= now) {
             self.save().await;
             self.publish();
         }
         if self.next_wake().is_some_and(|t| t <= self.deps.clock.now())
             && self.needs_reauth.is_none()
         {
-            let on_schedule = self.planned && self.retry_at.is_none() && self.served.is_some();
+            let on_schedule =
+                self.plan.on_schedule && self.backoff.retry_at.is_none() && self.served.is_some();
             self.refresh(on_schedule, cancel).await;
         }
     }
@@ -359,7 +388,7 @@ impl Refresher {
             return;
         }
         if !demand.force
-            && let Some(retry_at) = self.retry_at.filter(|t| *t > now)
+            && let Some(retry_at) = self.backoff.retry_at.filter(|t| *t > now)
         {
             let _ = demand.reply.send(Err(DemandError::Failing {
                 error: self.last_error.clone().unwrap_or_default(),
@@ -369,7 +398,7 @@ impl Refresher {
         }
         // Forced or not, one account calls the provider at most once per min_interval:
         // neither a reader nor an operator script can turn into a refresh storm.
-        let min_interval = self.config.refresh.min_interval;
+        let min_interval = self.config().refresh.min_interval;
         if let Some(ago) = self
             .last_call
             .map(|t| t.elapsed())
@@ -397,218 +426,234 @@ impl Refresher {
         }
         let now = self.deps.clock.now();
         for d in waiting {
-            if !refreshed && cancel.is_cancelled() {
+            let answer = if !refreshed && cancel.is_cancelled() {
                 // Stopped while waiting for a turn at the provider: nothing was asked.
-                let _ = d.reply.send(Err(DemandError::Gone));
-                continue;
-            }
-            let failing = || DemandError::Failing {
-                error: self.last_error.clone().unwrap_or_default(),
-                retry_in: self
-                    .retry_at
-                    .and_then(|t| t.duration_since(now).ok())
-                    .unwrap_or_default(),
-            };
-            let answer = match (&self.served, &self.needs_reauth) {
-                (_, Some(reason)) => Err(DemandError::NeedsReauth(reason.clone())),
-                // Whoever forced a refresh learns that it failed, valid old token or not.
-                _ if d.force && !refreshed => Err(failing()),
-                (Some(t), _) if t.satisfies(now, d.min_valid) => Ok(t.clone()),
-                _ if !refreshed => Err(failing()),
-                (t, _) => Err(DemandError::TooShort {
-                    valid_for: t.as_ref().map_or(Duration::ZERO, |t| t.valid_for(now)),
-                    min_valid: d.min_valid,
-                }),
+                Err(DemandError::Gone)
+            } else {
+                self.answer(&d, refreshed, now)
             };
             let _ = d.reply.send(answer);
         }
     }
 
+    /// What a reader who demanded a token gets after the refresh it waited for.
+    fn answer(
+        &self,
+        demand: &Demand,
+        refreshed: bool,
+        now: SystemTime,
+    ) -> Result<Arc<Served>, DemandError> {
+        let failing = || DemandError::Failing {
+            error: self.last_error.clone().unwrap_or_default(),
+            retry_in: self
+                .backoff
+                .retry_at
+                .and_then(|t| t.duration_since(now).ok())
+                .unwrap_or_default(),
+        };
+        match (&self.served, &self.needs_reauth) {
+            (_, Some(reason)) => Err(DemandError::NeedsReauth(reason.clone())),
+            // Whoever forced a refresh learns that it failed, valid old token or not.
+            _ if demand.force && !refreshed => Err(failing()),
+            (Some(t), _) if t.satisfies(now, demand.min_valid) => Ok(t.clone()),
+            _ if !refreshed => Err(failing()),
+            (t, _) => Err(DemandError::TooShort {
+                valid_for: t.as_ref().map_or(Duration::ZERO, |t| t.valid_for(now)),
+                min_valid: demand.min_valid,
+            }),
+        }
+    }
+
     /// One refresh: mark → call → persist → publish. True when a new token was obtained.
-    /// `on_schedule`: this is the planned refresh of the current token (see `planned`).
+    /// `on_schedule`: this is the planned refresh of the current token (see [`Plan`]).
     /// A refresh still waiting for its turn at the provider when `cancel` fires is
     /// abandoned: nothing has been sent, so nothing can be lost.
     async fn refresh(&mut self, on_schedule: bool, cancel: &CancellationToken) -> bool {
-        let name = self.config.name.clone();
-        let rotating = matches!(self.config.grant, Grant::RefreshToken { .. });
         let refresh_token = self.state.refresh_token.clone();
-        let grant = match (&self.config.grant, &refresh_token) {
+        let grant = match (&self.config().grant, &refresh_token) {
             (Grant::ClientCredentials, _) => TokenGrant::ClientCredentials,
             (Grant::RefreshToken { .. }, Some(rt)) => TokenGrant::RefreshToken(rt),
             (Grant::RefreshToken { .. }, None) => return false,
         };
         self.refreshing = true;
         self.publish();
-        if self.config.token_url.is_none() && !self.discover().await {
-            self.refreshing = false;
-            self.publish();
-            return false;
-        }
+        let called = self.call_provider(grant, cancel).await;
+        self.refreshing = false;
+        let ok = match called {
+            None => false,
+            Some((Ok(response), elapsed)) => {
+                self.adopt(response, on_schedule, elapsed).await;
+                true
+            }
+            Some((Err(e), elapsed)) => {
+                self.on_refresh_error(e, elapsed).await;
+                false
+            }
+        };
+        self.publish();
+        ok
+    }
 
+    /// Discovers the token endpoint if need be, waits for a turn at the provider, marks
+    /// a rotation in flight, and asks for a token.
+    async fn call_provider(&mut self, grant: TokenGrant<'_>, cancel: &CancellationToken) -> Called {
+        if self.config().token_url.is_none() && !self.discover().await {
+            return None;
+        }
+        let config = self.config();
         // Queued behind the provider host's limits (after a cold start or an outage, with
         // thousands of accounts due) until a slot and a start time are free.
         let turn = tokio::select! {
             biased;
             _ = cancel.cancelled() => None,
-            turn = self.deps.provider.token_turn(&self.config) => Some(turn),
-        };
-        let Some(turn) = turn else {
-            self.refreshing = false;
-            self.publish();
-            return false;
-        };
+            turn = self.deps.provider.token_turn(&config) => Some(turn),
+        }?;
 
         // A crash between the provider rotating the refresh token and our save would lose
         // it; the mark lets the next start know to retry at once, inside the provider's
         // reuse window.
+        let rotating = matches!(config.grant, Grant::RefreshToken { .. });
         if rotating && turn.is_ok() && self.state.refresh_in_flight_since.is_none() {
             self.state.refresh_in_flight_since = Some(self.deps.clock.now());
-            self.unsaved = true;
             self.save().await;
         }
 
         let started = Instant::now();
         self.last_call = Some(started);
-        let url = self.config.token_url.as_ref().map(|u| u.as_str());
-        debug!(account = %name, grant = grant.as_str(), url = url.unwrap_or("-"), "requesting a token");
+        let url = config.token_url.as_ref().map(|u| u.as_str());
+        debug!(account = %config.name, grant = grant.as_str(), url = url.unwrap_or("-"), "requesting a token");
         let result = match turn {
             Ok(turn) => {
                 self.deps
                     .provider
-                    .request_token_in(turn, &self.config, grant)
+                    .request_token_in(turn, &config, grant)
                     .await
             }
             Err(e) => Err(e),
         };
-        let elapsed = started.elapsed();
-        self.refreshing = false;
+        Some((result, started.elapsed()))
+    }
+
+    /// Takes the provider's answer: persisted (a rotated refresh token is durable before
+    /// the access token is served), served, written to the sinks, and the next refresh
+    /// planned.
+    async fn adopt(&mut self, response: TokenResponse, on_schedule: bool, elapsed: Duration) {
+        let config = self.config();
         let now = self.deps.clock.now();
-        let ok = result.is_ok();
-        match result {
-            Ok(response) => {
-                let lifetime = schedule::lifetime(
-                    response.expires_in,
-                    jwt_exp(response.access_token.expose()),
-                    now,
-                    &self.config.refresh,
-                );
-                let rotated = response
-                    .refresh_token
-                    .as_ref()
-                    .is_some_and(|new| Some(new) != self.state.refresh_token.as_ref());
-                if rotated {
-                    self.state.refresh_token = response.refresh_token.clone();
-                    self.state.refresh_token_issued_at = Some(now);
-                    self.state.refresh_token_expires_at = None;
-                }
-                if let Some(rt_life) = response.refresh_token_expires_in {
-                    self.state.refresh_token_expires_at = Some(now + rt_life);
-                }
-                let access = AccessToken {
-                    token: response.access_token,
-                    token_type: response.token_type,
-                    expires_at: now + lifetime,
-                    // RFC 6749 §5.1: an omitted scope is the scope requested.
-                    scope: response.scope.or_else(|| self.config.scope.clone()),
-                    issued_at: now,
+        let lifetime = schedule::lifetime(
+            response.expires_in,
+            jwt_exp(response.access_token.expose()),
+            now,
+            &config.refresh,
+        );
+        let rotated = response
+            .refresh_token
+            .as_ref()
+            .is_some_and(|new| Some(new) != self.state.refresh_token.as_ref());
+        if rotated {
+            self.state.refresh_token = response.refresh_token.clone();
+            self.state.refresh_token_issued_at = Some(now);
+            self.state.refresh_token_expires_at = None;
+        }
+        if let Some(rt_life) = response.refresh_token_expires_in {
+            self.state.refresh_token_expires_at = Some(now + rt_life);
+        }
+        let access = AccessToken {
+            token: response.access_token,
+            token_type: response.token_type,
+            expires_at: now + lifetime,
+            // RFC 6749 §5.1: an omitted scope is the scope requested.
+            scope: response.scope.or_else(|| config.scope.clone()),
+            issued_at: now,
+        };
+        self.plan = Plan {
+            at: Some(self.plan_refresh(&access, on_schedule)),
+            on_schedule: true,
+        };
+        let expires_at = access.expires_at;
+        self.state.access = Some(access);
+        self.state.refresh_in_flight_since = None;
+        self.state.last_refresh = Some(now);
+        self.backoff = Backoff::default();
+        self.last_error = None;
+        self.doubt = RotationDoubt::default();
+        // Durable before served: a rotated refresh token is on disk before anyone can act
+        // on the new access token. If the disk refuses, the token is served from memory
+        // all the same (the old refresh token is dead anyway) and the save is retried; the
+        // account shows `degraded` until it lands.
+        self.save().await;
+        let access = self.state.access.as_ref().expect("just set");
+        self.served = Some(Arc::new(Served::new(&config.name, access, &config.headers)));
+        self.write_sinks().await;
+        self.spawn_hook();
+        if let Some(w) = self.snapshot_warning(now) {
+            warn!(account = %config.name, "{w}");
+        }
+        crate::metrics::record_refresh(config.name.as_str(), "ok", elapsed);
+        info!(
+            account = %config.name,
+            outcome = "ok",
+            expires_at = %rfc3339(expires_at),
+            lifetime_s = lifetime.as_secs(),
+            rotated,
+            took_ms = elapsed.as_millis() as u64,
+            "refreshed"
+        );
+    }
+
+    /// A refresh failed: a rejected refresh token holds the account for re-authorization;
+    /// anything else is retried (see [`Refresher::retry_later`]).
+    async fn on_refresh_error(&mut self, e: ProviderError, elapsed: Duration) {
+        let config = self.config();
+        let name = &config.name;
+        let rotating = matches!(config.grant, Grant::RefreshToken { .. });
+        self.backoff.attempt = self.backoff.attempt.saturating_add(1);
+        let retry_after = e
+            .retry_after()
+            .map(|ra| ra.delay_from(self.deps.clock.now()));
+        let message = e.to_string();
+        match e.class() {
+            ErrorClass::InvalidGrant if rotating => {
+                let reason = if self.doubt.any() {
+                    format!(
+                        "the provider rejected the refresh token ({message}) after a refresh was interrupted (crash or lost response): the rotated refresh token was lost; re-authorize the account (tokend login {name})"
+                    )
+                } else {
+                    format!(
+                        "the provider rejected the refresh token ({message}); re-authorize the account (tokend login {name})"
+                    )
                 };
-                self.refresh_at = Some(self.plan_refresh(&access, on_schedule));
-                self.planned = true;
-                self.state.access = Some(access);
-                self.state.refresh_in_flight_since = None;
-                self.state.last_refresh = Some(now);
-                self.retry_at = None;
-                self.attempt = 0;
-                self.last_error = None;
-                self.recovering_crash = false;
-                self.rotation_uncertain = false;
-                // Durable before served: a rotated refresh token is on disk before anyone
-                // can act on the new access token. If the disk refuses, the token is
-                // served from memory all the same (the old refresh token is dead anyway)
-                // and the save is retried; the account shows `degraded` until it lands.
-                self.unsaved = true;
-                self.save().await;
-                let access = self.state.access.as_ref().expect("just set");
-                let expires_at = access.expires_at;
-                self.served = Some(Arc::new(Served::new(
-                    &self.config.name,
-                    access,
-                    &self.config.headers,
-                )));
-                self.write_sinks().await;
-                self.spawn_hook();
-                let warning = self.snapshot_warning(now);
-                if let Some(w) = &warning {
-                    warn!(account = %name, "{w}");
-                }
-                crate::metrics::record_refresh(name.as_str(), "ok", elapsed);
-                info!(
-                    account = %name,
-                    outcome = "ok",
-                    expires_at = %rfc3339(expires_at),
-                    lifetime_s = lifetime.as_secs(),
-                    rotated,
-                    took_ms = elapsed.as_millis() as u64,
-                    "refreshed"
-                );
+                crate::metrics::record_refresh(name.as_str(), "needs_reauth", elapsed);
+                error!(account = %name, outcome = "needs_reauth", error = %message, "refresh token rejected; refreshing stops until the config or state changes");
+                self.hold(reason);
+                self.backoff.retry_at = None;
             }
-            Err(e) => {
-                self.attempt = self.attempt.saturating_add(1);
-                let retry_after = e.retry_after().map(|ra| ra.delay_from(now));
-                let message = e.to_string();
-                match e.class() {
-                    ErrorClass::InvalidGrant if rotating => {
-                        let reason = if self.recovering_crash || self.rotation_uncertain {
-                            format!(
-                                "the provider rejected the refresh token ({message}) after a refresh was interrupted (crash or lost response): the rotated refresh token was lost; re-authorize the account (tokend login {name})"
-                            )
-                        } else {
-                            format!(
-                                "the provider rejected the refresh token ({message}); re-authorize the account (tokend login {name})"
-                            )
-                        };
-                        crate::metrics::record_refresh(name.as_str(), "needs_reauth", elapsed);
-                        error!(account = %name, outcome = "needs_reauth", error = %message, "refresh token rejected; refreshing stops until the config or state changes");
-                        self.needs_reauth = Some(reason.clone());
-                        self.last_error = Some(reason);
-                        self.retry_at = None;
-                    }
-                    class => {
-                        // Only an OAuth error is a definitive "not done"; after anything
-                        // else the provider may have rotated the token.
-                        if class == ErrorClass::Transient {
-                            self.rotation_uncertain |= rotating && e.oauth_error().is_none();
-                        }
-                        let hint = match e.oauth_error() {
-                            Some("invalid_client") => {
-                                " (check client_id, client_secret and client_auth)"
-                            }
-                            _ => "",
-                        };
-                        self.retry_later(class, retry_after, message, hint, elapsed);
-                    }
+            class => {
+                // Only an OAuth error is a definitive "not done"; after anything else the
+                // provider may have rotated the token.
+                if class == ErrorClass::Transient {
+                    self.doubt.lost_response |= rotating && e.oauth_error().is_none();
                 }
-                // An OAuth error answer means the provider did not rotate anything: the
-                // in-flight mark can go, so a restart does not mistake this for a crash.
-                if rotating
-                    && e.oauth_error().is_some()
-                    && self.state.refresh_in_flight_since.is_some()
-                {
-                    self.state.refresh_in_flight_since = None;
-                    self.unsaved = true;
-                    self.save().await;
-                }
+                let hint = match e.oauth_error() {
+                    Some("invalid_client") => " (check client_id, client_secret and client_auth)",
+                    _ => "",
+                };
+                self.retry_later(class, retry_after, message, hint, elapsed);
             }
         }
-        self.publish();
-        ok
+        // An OAuth error answer means the provider did not rotate anything: the in-flight
+        // mark can go, so a restart does not mistake this for a crash.
+        if rotating && e.oauth_error().is_some() && self.state.refresh_in_flight_since.is_some() {
+            self.state.refresh_in_flight_since = None;
+            self.save().await;
+        }
     }
 
     async fn write_sinks(&mut self) {
         let Some(served) = self.served.clone() else {
             return;
         };
-        match sinks::write(&self.config, &served, self.deps.clock.now()).await {
+        match sinks::write(&self.config(), &served, self.deps.clock.now()).await {
             Ok(()) => self.sink_error = None,
             Err(e) => self.sink_error = Some(e),
         }
@@ -617,10 +662,10 @@ impl Refresher {
     /// The rotation hook runs beside the refresher (never delaying the next refresh), one
     /// run at a time per account, on the daemon's tracker so shutdown waits for it.
     fn spawn_hook(&self) {
-        let Some(hook) = self.config.on_refresh.clone() else {
+        let config = self.config();
+        let Some(hook) = config.on_refresh.clone() else {
             return;
         };
-        let config = self.config.clone();
         let running = self.hook_running.clone();
         self.deps.tracker.spawn(async move {
             let _one_at_a_time = running.lock().await;
@@ -646,38 +691,43 @@ impl Refresher {
         hint: &str,
         elapsed: Duration,
     ) {
-        let name = self.config.name.clone();
+        let config = self.config();
+        let name = &config.name;
         let now = self.deps.clock.now();
-        let policy = &self.config.refresh;
+        let policy = &config.refresh;
+        let attempt = self.backoff.attempt;
         if class == ErrorClass::Transient {
-            let delay = schedule::backoff(self.attempt - 1, policy, rand::random(), retry_after);
+            let delay = schedule::backoff(attempt - 1, policy, rand::random(), retry_after);
             crate::metrics::record_refresh(name.as_str(), "transient_error", elapsed);
-            warn!(account = %name, outcome = "transient_error", error = %message, attempt = self.attempt, retry_in_ms = delay.as_millis() as u64, "refresh failed; retrying");
-            self.retry_at = Some(now + delay);
+            warn!(account = %name, outcome = "transient_error", error = %message, attempt, retry_in_ms = delay.as_millis() as u64, "refresh failed; retrying");
+            self.backoff.retry_at = Some(now + delay);
             self.last_error = Some(message);
         } else {
-            let delay = schedule::backoff(self.attempt - 1, policy, rand::random(), retry_after)
+            let delay = schedule::backoff(attempt - 1, policy, rand::random(), retry_after)
                 // Jittered so accounts failing together do not retry together.
                 .max(policy.slow_retry.mul_f64(1.0 + 0.1 * rand::random::<f64>()));
             crate::metrics::record_refresh(name.as_str(), "permanent_error", elapsed);
             error!(account = %name, outcome = "permanent_error", error = %message, retry_in_s = delay.as_secs(), "refresh rejected{hint}; retrying slowly");
-            self.retry_at = Some(now + delay);
+            self.backoff.retry_at = Some(now + delay);
             self.last_error = Some(format!("{message}{hint}"));
         }
     }
 
-    /// Fills the token endpoint from the issuer's metadata. On failure the account keeps
-    /// serving nothing new and retries like a failed refresh.
+    /// Fills the token endpoint from the issuer's metadata and publishes it with the
+    /// account's config. On failure the account keeps serving nothing new and retries
+    /// like a failed refresh.
     async fn discover(&mut self) -> bool {
         let started = Instant::now();
-        match crate::discovery::discover(&self.deps.provider, &self.config).await {
+        let config = self.config();
+        match crate::discovery::discover(&self.deps.provider, &config).await {
             Ok(resolved) => {
-                info!(account = %self.config.name, token_url = resolved.token_url.as_ref().map(|u| u.as_str()).unwrap_or("-"), "discovered the provider's endpoints");
-                self.config = Arc::new(resolved);
+                info!(account = %config.name, token_url = resolved.token_url.as_ref().map(|u| u.as_str()).unwrap_or("-"), "discovered the provider's endpoints");
+                // Where readers (`GET /v1/accounts`) look too: one copy.
+                self.handle.set_config(Arc::new(resolved));
                 true
             }
             Err(e) => {
-                self.attempt = self.attempt.saturating_add(1);
+                self.backoff.attempt = self.backoff.attempt.saturating_add(1);
                 let message = format!("discovery failed: {e}");
                 self.retry_later(e.class(), None, message, "", started.elapsed());
                 false
@@ -685,28 +735,24 @@ impl Refresher {
         }
     }
 
+    /// Persists `state`; on failure it stays in memory and the save is retried.
     async fn save(&mut self) {
-        match self.deps.store.save(&self.config.name, &self.state).await {
+        self.saving.unsaved = true;
+        let config = self.config();
+        let name = &config.name;
+        match self.deps.store.save(name, &self.state).await {
             Ok(()) => {
-                if self.save_error.take().is_some() {
-                    info!(account = %self.config.name, "state saved again after earlier failures");
+                if self.saving.landed() {
+                    info!(account = %name, "state saved again after earlier failures");
                 }
-                self.unsaved = false;
-                self.save_attempt = 0;
-                self.save_retry_at = None;
             }
-            Err(e) => self.on_save_error(e),
+            Err(e) => {
+                crate::metrics::record_persist_failure(name.as_str());
+                let now = self.deps.clock.now();
+                let delay = self.saving.failed(e.to_string(), &config.refresh, now);
+                error!(account = %name, error = %e, retry_in_s = delay.as_secs(), "cannot persist the account state; keeping it in memory and retrying");
+            }
         }
-    }
-
-    fn on_save_error(&mut self, e: StoreError) {
-        crate::metrics::record_persist_failure(self.config.name.as_str());
-        let delay = schedule::backoff(self.save_attempt, &self.config.refresh, 1.0, None)
-            .max(Duration::from_secs(1));
-        self.save_attempt = self.save_attempt.saturating_add(1);
-        error!(account = %self.config.name, error = %e, retry_in_s = delay.as_secs(), "cannot persist the account state; keeping it in memory and retrying");
-        self.save_error = Some(e.to_string());
-        self.save_retry_at = Some(self.deps.clock.now() + delay);
     }
 
     fn publish(&self) {
@@ -717,7 +763,7 @@ impl Refresher {
         } else if self.served.is_none() {
             Status::Pending
         } else if self.last_error.is_some()
-            || self.save_error.is_some()
+            || self.saving.error.is_some()
             || self.sink_error.is_some()
         {
             Status::Degraded
@@ -727,7 +773,7 @@ impl Refresher {
         let last_error = self
             .last_error
             .clone()
-            .or_else(|| self.save_error.clone())
+            .or_else(|| self.saving.error.clone())
             .or_else(|| self.sink_error.clone());
         self.handle.publish(Snapshot {
             status,
@@ -738,6 +784,29 @@ impl Refresher {
             refresh_token_issued_at: self.state.refresh_token_issued_at,
             refresh_token_expires_at: self.state.refresh_token_expires_at,
         });
+    }
+}
+
+/// The account's stored state, and the error to show when a corrupt one was set aside.
+/// `Err` when it cannot be read at all: the file may be fine and hold the only valid
+/// refresh token (a permission or I/O problem), so it is never overwritten and the
+/// account waits for a human and a reload.
+async fn read_state(
+    config: &AccountConfig,
+    store: &dyn Store,
+) -> Result<(Option<State>, Option<String>), String> {
+    let name = &config.name;
+    match store.load(name).await {
+        Ok(state) => Ok((state, None)),
+        // The bad file was moved aside: starting from the seed loses nothing.
+        Err(e @ StoreError::Corrupt { .. }) => {
+            error!(account = %name, error = %e, "cannot load the persisted state; starting from the configured seed");
+            Ok((None, Some(e.to_string())))
+        }
+        Err(e) => {
+            error!(account = %name, error = %e, "cannot read the persisted state; the account is held until this is fixed and tokend is reloaded");
+            Err(format!("{e}; fix it and reload (SIGHUP)"))
+        }
     }
 }
 
@@ -786,8 +855,6 @@ async fn apply_handoff(
     Ok((next, logout))
 }
 
-pub use crate::token_cell::rfc3339;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -813,8 +880,6 @@ mod tests {
             jumps: watch::Sender::new(0).subscribe(),
             changes: watch::Sender::new(0),
             tracker: TaskTracker::new(),
-            daemon_stopping: CancellationToken::new(),
-            keep_sinks: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         Refresher::prepare(account, deps).await
     }

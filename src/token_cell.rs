@@ -1,7 +1,7 @@
-//! What each account publishes to readers: a snapshot (status, current token, last
-//! error) in an `ArcSwap`, so an HTTP handler reads it with one atomic load and never
-//! waits on a refresh; and the queue through which readers ask the account's refresher
-//! for a fresher token.
+//! What each account publishes to readers: its config (discovered endpoints included) and
+//! a snapshot (status, current token, last error), each in an `ArcSwap`, so an HTTP
+//! handler reads them with an atomic load and never waits on a refresh; and the queue
+//! through which readers ask the account's refresher for a fresher token.
 
 use std::collections::BTreeMap;
 use std::collections::VecDeque;
@@ -15,6 +15,7 @@ use http::{HeaderName, HeaderValue};
 use tokio::sync::{Notify, oneshot, watch};
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::clock::rfc3339;
 use crate::config::{AccountConfig, AccountName};
 use crate::secret::Secret;
 use crate::store::AccessToken;
@@ -269,11 +270,6 @@ fn zeroize_json(v: &mut serde_json::Value) {
     }
 }
 
-/// RFC 3339 in UTC, second precision.
-pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
 /// A duration in whole seconds, as people read it ("4m 10s").
 fn secs(d: Duration) -> humantime::FormattedDuration {
     humantime::format_duration(Duration::from_secs(d.as_secs()))
@@ -283,7 +279,10 @@ fn secs(d: Duration) -> humantime::FormattedDuration {
 /// way to reach its refresher.
 #[derive(Debug)]
 pub struct AccountHandle {
-    pub config: Arc<AccountConfig>,
+    /// The account's settings as its refresher uses them: as configured, with the
+    /// endpoints discovery filled in once it has (the one copy; only the refresher
+    /// swaps it).
+    config: ArcSwap<AccountConfig>,
     pub cell: ArcSwap<Snapshot>,
     pub demands: Demands,
     /// Bumped on every publish, so start-up can wait for accounts to settle.
@@ -293,6 +292,26 @@ pub struct AccountHandle {
 }
 
 impl AccountHandle {
+    /// A pending account with no reader waiting; `changes` is shared by every account.
+    pub fn new(config: Arc<AccountConfig>, changes: watch::Sender<u64>) -> AccountHandle {
+        AccountHandle {
+            reads: crate::metrics::token_reads(config.name.as_str(), "-"),
+            config: ArcSwap::new(config),
+            cell: ArcSwap::from_pointee(Snapshot::pending()),
+            demands: Demands::default(),
+            changes,
+        }
+    }
+
+    pub fn config(&self) -> arc_swap::Guard<Arc<AccountConfig>> {
+        self.config.load()
+    }
+
+    /// The config with the endpoints discovery found (see [`crate::discovery`]).
+    pub fn set_config(&self, config: Arc<AccountConfig>) {
+        self.config.store(config);
+    }
+
     pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.cell.load()
     }

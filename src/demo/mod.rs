@@ -7,13 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
 use crate::app::{self, Daemon, RunError};
 use crate::clock::Clock;
 use crate::config::{Config, DEFAULT_LISTEN, SystemEnvironment};
-use crate::listen;
+use crate::listen::{self, Limits};
 use crate::provider::Provider;
 use crate::store::{FileStore, StoreError};
 use fake_provider::{ClientSpec, FakeProvider};
@@ -74,13 +71,10 @@ pub async fn run() -> Result<(), RunError> {
     ));
     let seed = fake.grant_refresh_token("demo-client", Some("offline_access demo:read"));
 
-    let tracker = TaskTracker::new();
-    let cancel = CancellationToken::new();
     let provider_listener = listen::bind_tcp(loopback(0)).await?;
     let provider_addr = provider_listener
         .local_tcp_addr()
         .expect("a TCP listener has an address");
-    listen::serve(vec![provider_listener], fake.router(), &tracker, &cancel);
 
     // The usual port when it is free, so `tokend token` finds the demo without flags.
     let listener = match listen::bind_tcp(DEFAULT_LISTEN.parse().expect("literal address")).await {
@@ -109,16 +103,11 @@ pub async fn run() -> Result<(), RunError> {
     let config = Config::from_str_at(&text, Path::new("demo.toml"), &SystemEnvironment)?;
     let store = FileStore::open(state_dir.path())?;
     let provider = Provider::http(config.provider.connect_timeout)?;
-    let daemon = Daemon::start(
-        config,
-        store as Arc<_>,
-        provider,
-        clock,
-        tracker.clone(),
-        cancel.clone(),
-    )
-    .await;
-    listen::serve(vec![listener], daemon.router(), &tracker, &cancel);
+    let daemon = Daemon::start(config, store as Arc<_>, provider, clock).await;
+    // The provider runs on the daemon's tasks and stops with it. Its socket is already
+    // listening: the first refreshes wait in its backlog until this starts accepting.
+    daemon.serve(vec![provider_listener], fake.router(), Limits::default());
+    daemon.serve(vec![listener], daemon.router(), Limits::default());
 
     println!("tokend demo: an embedded OAuth provider is running at http://{provider_addr}/token");
     println!(
@@ -140,7 +129,7 @@ pub async fn run() -> Result<(), RunError> {
     println!();
     println!("Press Ctrl-C to stop.");
 
-    let result = app::supervise(daemon, signals, None, tracker, cancel).await;
+    let result = app::supervise(daemon, signals, None).await;
     drop(state_dir);
     result
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokend::clock::Clock;
 use tokend::config::{Config, SystemEnvironment};
 
-use crate::harness::{Harness, parse_config, provider, zywave_account};
+use crate::harness::{Harness, client_credentials_account, parse_config, provider, zywave_account};
 
 async fn until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
@@ -112,6 +112,45 @@ async fn sinks_follow_every_refresh_atomically_and_hooks_fire_once_each() {
     );
     assert!(!raw_sink.exists(), "on_shutdown = remove (the default)");
     assert!(json_sink.exists(), "on_shutdown = keep");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sinks_stay_through_reloads_and_go_when_the_daemon_stops() {
+    let clock = Clock::system();
+    let fake = provider(&clock, Duration::from_secs(3600));
+    let seed = fake.grant_refresh_token("zy-client", None);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = dir.path().join("cc.token");
+    let text = |with_cc: bool| {
+        let cc = format!(
+            "{}[[accounts.cc.sinks]]\npath = \"{}\"\n",
+            client_credentials_account("cc"),
+            sink.display()
+        );
+        format!(
+            "[state]\ndir = \"{}\"\n{}{}",
+            dir.path().join("state").display(),
+            zywave_account("zy", &seed),
+            if with_cc { cc.as_str() } else { "" },
+        )
+    };
+    let (with_cc, without_cc) = (parse_config(&text(true)), parse_config(&text(false)));
+    let mut h = Harness::builder(fake, clock, dir)
+        .start(with_cc.clone())
+        .await;
+    until(Duration::from_secs(10), "the sink", || sink.exists()).await;
+
+    // Stopping an account on reload is not stopping tokend: nothing rewrites the file
+    // once the account is gone, and it stays.
+    let report = h.daemon.as_mut().unwrap().reload(without_cc).await;
+    assert_eq!(report.removed.len(), 1, "{report:?}");
+    assert!(sink.exists(), "a reload leaves the token files");
+
+    let report = h.daemon.as_mut().unwrap().reload(with_cc).await;
+    assert_eq!(report.added.len(), 1, "{report:?}");
+    h.settle(Duration::from_secs(10)).await;
+    h.shutdown().await;
+    assert!(!sink.exists(), "on_shutdown = remove (the default)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,11 +18,9 @@ use tokend::app::Daemon;
 use tokend::clock::Clock;
 use tokend::config::{AccountName, Config, SystemEnvironment};
 use tokend::fake_provider::{ClientSpec, FakeProvider};
-use tokend::listen::{self, Limits, Listener};
+use tokend::listen::{Limits, Listener};
 use tokend::provider::{Provider, Transport};
 use tokend::store::{FileStore, State, Store, StoreFuture, state_path};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 /// Wall-clock start of every test: fixed, so failures reproduce.
@@ -122,8 +120,6 @@ pub struct Harness {
     pub daemon: Option<Daemon>,
     pub api: Router,
     state_dir: PathBuf,
-    tracker: TaskTracker,
-    cancel: CancellationToken,
 }
 
 /// How a daemon starts: the fake provider, the clocks and the temp dir the harness keeps;
@@ -169,17 +165,7 @@ impl Builder {
         };
         let provider =
             Provider::new(Transport::InProcess(routes)).with_host_limits(config.per_host);
-        let tracker = TaskTracker::new();
-        let cancel = CancellationToken::new();
-        let daemon = Daemon::start(
-            config,
-            store,
-            provider,
-            self.clock.clone(),
-            tracker.clone(),
-            cancel.clone(),
-        )
-        .await;
+        let daemon = Daemon::start(config, store, provider, self.clock.clone()).await;
         let api = daemon.router();
         Harness {
             fake: self.fake,
@@ -188,8 +174,6 @@ impl Builder {
             daemon: Some(daemon),
             api,
             state_dir,
-            tracker,
-            cancel,
         }
     }
 }
@@ -227,13 +211,8 @@ impl Harness {
 
     /// Serves the API on real `listeners` too, until the daemon stops.
     pub fn serve(&self, listeners: Vec<Listener>, limits: Limits) {
-        listen::serve_with(
-            listeners,
-            self.api.clone(),
-            &self.tracker,
-            &self.cancel,
-            limits,
-        );
+        let daemon = self.daemon.as_ref().expect("the daemon runs");
+        daemon.serve(listeners, self.api.clone(), limits);
     }
 
     /// Waits at most `limit` for every account to settle.
@@ -254,9 +233,6 @@ impl Harness {
         if let Some(d) = self.daemon.take() {
             d.shutdown().await;
         }
-        self.cancel.cancel();
-        self.tracker.close();
-        self.tracker.wait().await;
     }
 
     /// Lets the daemon's tasks run for `d` of virtual time.

@@ -736,3 +736,19 @@ async fn the_daemon_starts_while_discovery_fails_and_serves_once_it_succeeds() {
     assert!(h.fake.is_valid_access_token(&token));
     assert_eq!(h.account_state("d").await["state"], "ok");
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_accounts_list_shows_the_discovered_token_endpoint() {
+    let clock = Clock::manual(epoch());
+    let fake = harness::provider(&clock, Duration::from_secs(3600));
+    fake.set_base_url("http://127.0.0.1");
+    let seed = fake.grant_refresh_token("zy-client", None);
+    let block = issuer_account("http://127.0.0.1", &format!("refresh_token = \"{seed}\""));
+    let h = Harness::start(fake, clock, &block).await;
+    h.token("d").await;
+
+    // What docs/openapi.yaml promises: `null` only until discovery has filled it in.
+    let state = h.account_state("d").await;
+    assert_eq!(state["token_url"], "http://127.0.0.1/token", "{state}");
+    assert_eq!(state["issuer"], "http://127.0.0.1", "{state}");
+}

@@ -537,7 +537,7 @@ async fn force_refresh(
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
-    let body = crate::metrics::render(&state.registry, state.clock.now());
+    let body = crate::metrics::render(state.registry.gauges(state.clock.now()));
     (
         [(
             header::CONTENT_TYPE,

@@ -12,8 +12,6 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
 
-use crate::token_cell::{Registry, Status};
-
 pub const REFRESH_ATTEMPTS: &str = "tokend_refresh_attempts_total";
 pub const REFRESH_DURATION: &str = "tokend_refresh_duration_seconds";
 pub const TOKEN_EXPIRES_IN: &str = "tokend_token_expires_in_seconds";
@@ -23,15 +21,6 @@ pub const TOKEN_READS: &str = "tokend_token_reads_total";
 pub const PERSIST_FAILURES: &str = "tokend_persist_failures_total";
 pub const HTTP_REQUESTS: &str = "tokend_http_requests_total";
 pub const ACCOUNT_STATE: &str = "tokend_account_state";
-
-const ALL_STATES: [Status; 6] = [
-    Status::Pending,
-    Status::Ok,
-    Status::Refreshing,
-    Status::Degraded,
-    Status::Expired,
-    Status::NeedsReauth,
-];
 
 /// The process-wide recorder, installed on first use. Several daemons in one process (the
 /// tests) share it; their accounts are told apart by the `account` label.
@@ -189,28 +178,34 @@ fn http_counter(route: &str, status: u16) -> Counter {
     counter!(HTTP_REQUESTS, "route" => route.to_string(), "status" => status.to_string())
 }
 
+/// One account's time-dependent gauges, computed at scrape time by whoever holds the
+/// accounts (metrics knows names, not accounts).
+pub struct AccountGauges {
+    pub account: String,
+    pub expires_in: Duration,
+    pub last_refresh: Option<SystemTime>,
+    pub refresh_token_age: Option<Duration>,
+    /// Every state the account can be in, and the one it is in: each gets a 0/1 series,
+    /// so a state the account left drops to 0 instead of lingering.
+    pub states: &'static [&'static str],
+    pub state: &'static str,
+}
+
 /// Renders every metric, after bringing the time-dependent gauges up to date.
-pub fn render(registry: &Registry, now: SystemTime) -> String {
+pub fn render(accounts: impl IntoIterator<Item = AccountGauges>) -> String {
     let handle = handle();
-    for (name, account) in registry.all().iter() {
-        let snap = account.snapshot();
-        let name = name.to_string();
-        let expires_in = snap
-            .token
-            .as_ref()
-            .map_or(Duration::ZERO, |t| t.valid_for(now));
-        gauge!(TOKEN_EXPIRES_IN, "account" => name.clone()).set(expires_in.as_secs_f64());
-        if let Some(t) = snap.last_refresh {
+    for a in accounts {
+        let name = a.account;
+        gauge!(TOKEN_EXPIRES_IN, "account" => name.clone()).set(a.expires_in.as_secs_f64());
+        if let Some(t) = a.last_refresh {
             gauge!(LAST_REFRESH, "account" => name.clone()).set(unix(t));
         }
-        if let Some(t) = snap.refresh_token_issued_at {
-            let age = now.duration_since(t).unwrap_or_default();
+        if let Some(age) = a.refresh_token_age {
             gauge!(REFRESH_TOKEN_AGE, "account" => name.clone()).set(age.as_secs_f64());
         }
-        let current = snap.status_at(now);
-        for state in ALL_STATES {
-            let value = if state == current { 1.0 } else { 0.0 };
-            gauge!(ACCOUNT_STATE, "account" => name.clone(), "state" => state.as_str()).set(value);
+        for &state in a.states {
+            let value = if state == a.state { 1.0 } else { 0.0 };
+            gauge!(ACCOUNT_STATE, "account" => name.clone(), "state" => state).set(value);
         }
     }
     handle.render()

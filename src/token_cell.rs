@@ -37,6 +37,16 @@ pub enum Status {
 }
 
 impl Status {
+    /// Every state's name, in the order `as_str` gives them.
+    pub const NAMES: [&'static str; 6] = [
+        "pending",
+        "ok",
+        "refreshing",
+        "degraded",
+        "expired",
+        "needs_reauth",
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Pending => "pending",
@@ -307,7 +317,7 @@ impl AccountHandle {
         self.config.load()
     }
 
-    /// The config with the endpoints discovery found (see [`crate::discovery`]).
+    /// The config with the endpoints discovery found (see [`crate::provider::discovery`]).
     pub fn set_config(&self, config: Arc<AccountConfig>) {
         self.config.store(config);
     }
@@ -466,6 +476,29 @@ impl Registry {
         self.accounts.load().get(name).cloned()
     }
 
+    /// Every account's time-dependent gauges at `now`, for a `/metrics` scrape.
+    pub fn gauges(&self, now: SystemTime) -> Vec<crate::metrics::AccountGauges> {
+        self.all()
+            .iter()
+            .map(|(name, account)| {
+                let snap = account.snapshot();
+                crate::metrics::AccountGauges {
+                    account: name.to_string(),
+                    expires_in: snap
+                        .token
+                        .as_ref()
+                        .map_or(Duration::ZERO, |t| t.valid_for(now)),
+                    last_refresh: snap.last_refresh,
+                    refresh_token_age: snap
+                        .refresh_token_issued_at
+                        .map(|t| now.duration_since(t).unwrap_or_default()),
+                    states: &Status::NAMES,
+                    state: snap.status_at(now).as_str(),
+                }
+            })
+            .collect()
+    }
+
     pub fn all(&self) -> Arc<BTreeMap<AccountName, Arc<AccountHandle>>> {
         self.accounts.load_full()
     }
@@ -480,6 +513,30 @@ mod tests {
     use super::*;
 
     type Answer = oneshot::Receiver<Result<Arc<Served>, DemandError>>;
+
+    #[test]
+    fn the_state_names_are_exactly_the_states() {
+        let all = [
+            Status::Pending,
+            Status::Ok,
+            Status::Refreshing,
+            Status::Degraded,
+            Status::Expired,
+            Status::NeedsReauth,
+        ];
+        // A state missing from NAMES would never get its 0/1 series in /metrics.
+        assert_eq!(all.map(Status::as_str), Status::NAMES);
+        for status in all {
+            match status {
+                Status::Pending
+                | Status::Ok
+                | Status::Refreshing
+                | Status::Degraded
+                | Status::Expired
+                | Status::NeedsReauth => {}
+            }
+        }
+    }
 
     fn demand(min_valid: u64) -> (Demand, Answer) {
         let (reply, answer) = oneshot::channel();

@@ -293,7 +293,7 @@ pub struct AccountConfig {
     pub name: AccountName,
     pub grant: Grant,
     /// The token endpoint. `None` only when `issuer` is set and discovery is to fill it
-    /// (see [`crate::discovery`]); validation guarantees one of the two.
+    /// (see `provider::discovery`); validation guarantees one of the two.
     pub token_url: Option<Url>,
     pub endpoints: Endpoints,
     pub client_id: String,

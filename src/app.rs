@@ -186,7 +186,7 @@ impl Daemon {
     /// Serves `router` on `listeners` until the daemon stops; [`Daemon::shutdown`] drains
     /// their open connections.
     pub fn serve(&self, listeners: Vec<Listener>, router: Router, limits: Limits) {
-        listen::serve_with(listeners, router, &self.tracker, &self.stopping, limits);
+        listen::serve(listeners, router, &self.tracker, &self.stopping, limits);
     }
 
     pub fn config(&self) -> &Config {

@@ -179,15 +179,6 @@ pub fn serve(
     router: Router,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
-) {
-    serve_with(listeners, router, tracker, cancel, Limits::default());
-}
-
-pub fn serve_with(
-    listeners: Vec<Listener>,
-    router: Router,
-    tracker: &TaskTracker,
-    cancel: &CancellationToken,
     limits: Limits,
 ) {
     for listener in listeners {

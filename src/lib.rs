@@ -31,6 +31,8 @@
 //! - [`demo`] (the default-on `demo` feature): `tokend demo` and its embedded OAuth
 //!   provider, [`demo::fake_provider`], which the tests also run against.
 
+#![forbid(unsafe_code)]
+
 pub mod access;
 pub mod app;
 pub mod cli;
@@ -50,10 +52,3 @@ pub mod secret;
 pub mod sinks;
 pub mod store;
 pub mod token_cell;
-
-// The old paths of modules that moved, kept while other branches use them.
-pub use cli::client;
-pub use cli::login;
-#[cfg(feature = "demo")]
-pub use demo::fake_provider;
-pub use provider::discovery;

@@ -1,6 +1,8 @@
 //! The `tokend` binary: parse the command line, run, map the outcome to a documented
 //! exit code (see `tokend::cli::exit`).
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

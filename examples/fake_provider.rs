@@ -1,4 +1,4 @@
-//! The benchmark's OAuth provider: `tokend::fake_provider::FakeProvider` served on loopback
+//! The benchmark's OAuth provider: `tokend::demo::fake_provider::FakeProvider` served on loopback
 //! as a standalone process, with N registered clients (one per account, `acct-00000` …),
 //! a tokend config for those N accounts, and counters the benchmark reads.
 //!
@@ -39,7 +39,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokend::clock::Clock;
 use tokend::config::AccountName;
-use tokend::fake_provider::{ClientSpec, FakeProvider};
+use tokend::demo::fake_provider::{ClientSpec, FakeProvider};
 use tokend::secret::Secret;
 use tokend::store::{AccessToken, FileStore, State as StoredState, Store};
 use tokio::net::TcpListener;

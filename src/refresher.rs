@@ -19,7 +19,7 @@ use crate::config::{AccountConfig, Grant, RefreshPolicy};
 use crate::provider::{ErrorClass, Provider, ProviderError, TokenGrant, TokenResponse, jwt_exp};
 use crate::schedule;
 use crate::sinks;
-use crate::store::{AccessToken, Handoff, State, Store, StoreError};
+use crate::store::{self, AccessToken, State, Store, StoreError};
 use crate::token_cell::{
     AccountHandle, Demand, DemandError, DemandReceiver, Served, Snapshot, Status,
 };
@@ -146,7 +146,7 @@ impl Refresher {
         let now = deps.clock.now();
         let (loaded, load_error, logged_out) = match read {
             Ok((loaded, load_error)) => {
-                match apply_handoff(&config, deps.store.as_ref(), loaded, now).await {
+                match store::apply_pending(&config, deps.store.as_ref(), loaded, now).await {
                     Ok((state, logged_out)) => (state, load_error, logged_out),
                     Err((state, e)) => (state, Some(e), false),
                 }
@@ -719,7 +719,7 @@ impl Refresher {
     async fn discover(&mut self) -> bool {
         let started = Instant::now();
         let config = self.config();
-        match crate::discovery::discover(&self.deps.provider, &config).await {
+        match crate::provider::discovery::discover(&self.deps.provider, &config).await {
             Ok(resolved) => {
                 info!(account = %config.name, token_url = resolved.token_url.as_ref().map(|u| u.as_str()).unwrap_or("-"), "discovered the provider's endpoints");
                 // Where readers (`GET /v1/accounts`) look too: one copy.
@@ -810,52 +810,7 @@ async fn read_state(
     }
 }
 
-/// Applies the account's pending handoff, if any, to the `loaded` state: the new state is
-/// saved (or the record removed) before the handoff is cleared, so a crash in between
-/// applies it again rather than losing it. Returns the state to start from and whether
-/// the handoff was a logout; on failure, the state as it was and the error to show.
-async fn apply_handoff(
-    config: &AccountConfig,
-    store: &dyn Store,
-    loaded: Option<State>,
-    now: SystemTime,
-) -> Result<(Option<State>, bool), (Option<State>, String)> {
-    let name = &config.name;
-    let handoff = match store.load_handoff(name).await {
-        Ok(Some(h)) => h,
-        Ok(None) => return Ok((loaded, false)),
-        Err(e) => {
-            error!(account = %name, error = %e, "cannot read the handoff from tokend login/import/logout");
-            return Err((loaded, e.to_string()));
-        }
-    };
-    let seed_fingerprint = match &config.grant {
-        Grant::RefreshToken { seed: Some(seed) } => Some(seed.fingerprint()),
-        _ => None,
-    };
-    let next = handoff.apply(loaded.as_ref(), seed_fingerprint, now);
-    let written = match &next {
-        Some(state) => store.save(name, state).await,
-        None => store.remove(name).await,
-    };
-    if let Err(e) = written {
-        error!(account = %name, error = %e, "cannot apply the handoff from tokend login/import/logout; it stays pending");
-        return Err((loaded, e.to_string()));
-    }
-    if let Err(e) = store.clear_handoff(name).await {
-        // Applied, but it would be applied again at the next start or reload: say so.
-        error!(account = %name, error = %e, "applied the handoff but cannot delete it; delete it by hand before the next reload");
-    }
-    let logout = handoff == Handoff::Logout;
-    if logout {
-        info!(account = %name, "logged out: the stored refresh token was dropped");
-    } else {
-        info!(account = %name, "adopted the refresh token handed over by tokend login/import");
-    }
-    Ok((next, logout))
-}
-
-#[cfg(test)]
+#[cfg(all(test, feature = "demo"))]
 mod tests {
     use super::*;
     use crate::config::{Config, SystemEnvironment};
@@ -872,7 +827,8 @@ mod tests {
                 .unwrap();
         let account = config.accounts.values().next().unwrap().clone();
         let clock = Clock::system();
-        let fake = crate::fake_provider::FakeProvider::new(Duration::from_secs(60), clock.clone());
+        let fake =
+            crate::demo::fake_provider::FakeProvider::new(Duration::from_secs(60), clock.clone());
         let deps = Deps {
             store: FileStore::open(dir.path()).unwrap(),
             provider: Provider::new(Transport::InProcess(fake.router())),

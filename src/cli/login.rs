@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::{AccountConfig, Config, Grant, is_loopback_host};
-use crate::discovery::DiscoveryError;
+use crate::provider::discovery::DiscoveryError;
 use crate::provider::{Provider, ProviderError, TokenGrant};
 use crate::secret::Secret;
 use crate::store::{self, Delivery, Handoff, StoreError};

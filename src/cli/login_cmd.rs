@@ -65,7 +65,7 @@ async fn discovered(
     if account.endpoints.issuer.is_none() {
         return Ok(account.clone());
     }
-    match crate::discovery::discover(provider, account).await {
+    match crate::provider::discovery::discover(provider, account).await {
         Ok(a) => Ok(a),
         Err(e) if needed(account) => {
             eprintln!(

@@ -1,13 +1,16 @@
-//! The handoff protocol's store end: how `tokend login`, `import` and `logout` give an
+//! The handoff protocol, both ends: how `tokend login`, `import` and `logout` give an
 //! account its new refresh token (or none), straight into the state when no daemon runs,
-//! else as a handoff the daemon applies. The handoff files themselves are `file`'s.
+//! else as a handoff the daemon applies when the account (re)starts. The handoff files
+//! themselves are `file`'s.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use super::file::{FileStore, leave_handoff};
 use super::{Handoff, State, Store, StoreError};
-use crate::config::AccountName;
+use tracing::{error, info};
+
+use crate::config::{AccountConfig, AccountName, Grant};
 use crate::seal::Keyring;
 
 /// What became of a handoff given to [`deliver_handoff`].
@@ -57,6 +60,51 @@ pub async fn deliver_handoff(
         }
         Err(e) => Err(e),
     }
+}
+
+/// Applies the account's pending handoff, if any, to the `loaded` state: the new state is
+/// saved (or the record removed) before the handoff is cleared, so a crash in between
+/// applies it again rather than losing it. Returns the state to start from and whether
+/// the handoff was a logout; on failure, the state as it was and the error to show.
+pub async fn apply_pending(
+    config: &AccountConfig,
+    store: &dyn Store,
+    loaded: Option<State>,
+    now: SystemTime,
+) -> Result<(Option<State>, bool), (Option<State>, String)> {
+    let name = &config.name;
+    let handoff = match store.load_handoff(name).await {
+        Ok(Some(h)) => h,
+        Ok(None) => return Ok((loaded, false)),
+        Err(e) => {
+            error!(account = %name, error = %e, "cannot read the handoff from tokend login/import/logout");
+            return Err((loaded, e.to_string()));
+        }
+    };
+    let seed_fingerprint = match &config.grant {
+        Grant::RefreshToken { seed: Some(seed) } => Some(seed.fingerprint()),
+        _ => None,
+    };
+    let next = handoff.apply(loaded.as_ref(), seed_fingerprint, now);
+    let written = match &next {
+        Some(state) => store.save(name, state).await,
+        None => store.remove(name).await,
+    };
+    if let Err(e) = written {
+        error!(account = %name, error = %e, "cannot apply the handoff from tokend login/import/logout; it stays pending");
+        return Err((loaded, e.to_string()));
+    }
+    if let Err(e) = store.clear_handoff(name).await {
+        // Applied, but it would be applied again at the next start or reload: say so.
+        error!(account = %name, error = %e, "applied the handoff but cannot delete it; delete it by hand before the next reload");
+    }
+    let logout = handoff == Handoff::Logout;
+    if logout {
+        info!(account = %name, "logged out: the stored refresh token was dropped");
+    } else {
+        info!(account = %name, "adopted the refresh token handed over by tokend login/import");
+    }
+    Ok((next, logout))
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ mod wire;
 
 pub(crate) use atomic::write_atomically;
 pub use file::{FileStore, handoff_path, peek_state, state_path};
-pub use handoff::{Delivery, deliver_handoff};
+pub use handoff::{Delivery, apply_pending, deliver_handoff};
 pub use wire::FORMAT_VERSION;
 
 /// What survives a restart for one account.

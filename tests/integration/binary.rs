@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokend::fake_provider::ClientSpec;
+use tokend::demo::fake_provider::ClientSpec;
 
 use crate::process::*;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use tokend::clock::Clock;
-use tokend::fake_provider::{ClientSpec, FakeProvider};
+use tokend::demo::fake_provider::{ClientSpec, FakeProvider};
 
 use crate::process::*;
 

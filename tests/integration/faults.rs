@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use tokend::clock::{Clock, JUMP_CHECK_INTERVAL};
-use tokend::fake_provider::Fault;
+use tokend::demo::fake_provider::Fault;
 use tokend::store::{FileStore, Store};
 
 use crate::harness::*;
@@ -20,7 +20,7 @@ const S: fn(u64) -> Duration = Duration::from_secs;
 /// planned refresh, so the next one comes between 225 s and 240 s (80% minus up to 5%
 /// jitter, and the 60 s margin). Returns the seed so a restart can use the same config.
 async fn healthy(
-    fake_setup: impl FnOnce(&tokend::fake_provider::FakeProvider),
+    fake_setup: impl FnOnce(&tokend::demo::fake_provider::FakeProvider),
 ) -> (Harness, String) {
     let clock = Clock::manual(epoch());
     let fake = provider(&clock, S(300));

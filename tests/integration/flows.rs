@@ -298,9 +298,12 @@ async fn each_seed_provider_style_is_spoken() {
 async fn a_jwt_without_expires_in_is_scheduled_from_its_exp_claim() {
     let clock = Clock::manual(epoch());
     let fake = provider(&clock, Duration::from_secs(900));
-    fake.register(tokend::fake_provider::ClientSpec {
+    fake.register(tokend::demo::fake_provider::ClientSpec {
         jwt_without_expires_in: true,
-        ..tokend::fake_provider::ClientSpec::generic_client_credentials("cc-client", "cc-secret")
+        ..tokend::demo::fake_provider::ClientSpec::generic_client_credentials(
+            "cc-client",
+            "cc-secret",
+        )
     });
     let h = Harness::start(fake, clock, &client_credentials_account("cc")).await;
     h.advance(Duration::from_millis(10)).await;
@@ -439,7 +442,9 @@ async fn shutdown_waits_for_an_in_flight_refresh_and_its_save() {
     let fake = provider(&clock, Duration::from_secs(3600));
     let seed = fake.grant_refresh_token("zy-client", None);
     // The first answer takes 5 s; shutdown is asked for in the middle of it.
-    fake.push_faults([tokend::fake_provider::Fault::Hang(Duration::from_secs(5))]);
+    fake.push_faults([tokend::demo::fake_provider::Fault::Hang(
+        Duration::from_secs(5),
+    )]);
     let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
     h.advance(Duration::from_secs(1)).await;
     let (fake, _clock, dir) = h.stop().await;
@@ -565,7 +570,7 @@ async fn forced_refreshes_report_failure_and_respect_the_minimum_interval() {
         )
     };
     h.fake
-        .push_faults([tokend::fake_provider::Fault::Status(503)]);
+        .push_faults([tokend::demo::fake_provider::Fault::Status(503)]);
     let (status, body) = force().await;
     assert_eq!(
         status,

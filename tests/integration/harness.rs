@@ -17,7 +17,7 @@ use tempfile::TempDir;
 use tokend::app::Daemon;
 use tokend::clock::Clock;
 use tokend::config::{AccountName, Config, SystemEnvironment};
-use tokend::fake_provider::{ClientSpec, FakeProvider};
+use tokend::demo::fake_provider::{ClientSpec, FakeProvider};
 use tokend::listen::{Limits, Listener};
 use tokend::provider::{Provider, Transport};
 use tokend::store::{FileStore, State, Store, StoreFuture, state_path};

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tempfile::TempDir;
+use tokend::cli::login::{self, LoginError};
 use tokend::clock::Clock;
 use tokend::config::{AccountConfig, AccountName};
-use tokend::discovery::{self, DiscoveryError};
-use tokend::fake_provider::{ClientSpec, DevicePoll, FakeProvider};
-use tokend::login::{self, LoginError};
+use tokend::demo::fake_provider::{ClientSpec, DevicePoll, FakeProvider};
+use tokend::provider::discovery::{self, DiscoveryError};
 use tokend::provider::{Provider, Transport};
 
 use crate::harness::{self, Harness, epoch};

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tokend::clock::Clock;
-use tokend::fake_provider::{ClientSpec, FakeProvider};
+use tokend::demo::fake_provider::{ClientSpec, FakeProvider};
 
 use crate::process::*;
 

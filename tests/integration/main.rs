@@ -7,6 +7,7 @@ mod flows;
 mod handoff;
 mod hardening;
 mod harness;
+mod layout;
 mod login;
 mod logs;
 mod openapi;

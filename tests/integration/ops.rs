@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, Uri};
 use axum::response::IntoResponse;
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokend::fake_provider::FakeProvider;
+use tokend::demo::fake_provider::FakeProvider;
 use tokio::sync::mpsc;
 
 use crate::process::*;

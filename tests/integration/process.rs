@@ -15,7 +15,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use tempfile::TempDir;
 use tokend::clock::Clock;
-use tokend::fake_provider::{ClientSpec, FakeProvider};
+use tokend::demo::fake_provider::{ClientSpec, FakeProvider};
 use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokend");

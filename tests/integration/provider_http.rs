@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokend::clock::Clock;
 use tokend::config::{AccountConfig, Config, SystemEnvironment};
-use tokend::fake_provider::{ClientSpec, FakeProvider};
+use tokend::demo::fake_provider::{ClientSpec, FakeProvider};
 use tokend::provider::{ErrorClass, Provider, ProviderError, TokenGrant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -851,7 +851,7 @@ async fn scale_report(
 }
 
 /// Two durable replacements of a ~1 KB file per sample, as the store saves a state
-/// (`src/store.rs`: write_atomic); prints the distribution of the pair's wall time.
+/// (`src/store/atomic.rs`: write_atomically); prints the distribution of the pair's wall time.
 fn disk(dir: &std::path::Path, count: usize) {
     use std::io::Write as _;
     let target = dir.join("bench-disk.json");

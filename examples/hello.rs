@@ -1,6 +1,6 @@
 //! The baseline for the token-read benchmark: a minimal axum 0.8 server on the same
 //! runtime `tokend` builds (`tokio::runtime::Builder::new_multi_thread().enable_all()`,
-//! as in `src/cli.rs`), with one route shaped like tokend's token route that answers a
+//! as in `src/cli/mod.rs`), with one route shaped like tokend's token route that answers a
 //! fixed JSON body of about the same size as tokend's token answer.
 //!
 //! ```text

@@ -1,11 +1,12 @@
 //! Durable per-account state behind a narrow [`Store`] interface, and the handoffs
 //! through which `tokend login`, `import` and `logout` give an account a new refresh
 //! token (or none). The interface is what a second backend (a shared, distributed store)
-//! must provide; nothing outside this module knows that the state lives in files.
+//! must provide. Outside it, only the operator commands name a state file (to say where
+//! it is) and the sinks borrow its durable write.
 //!
 //! Inside: `file` is the file-backed store (one JSON file per account in a locked,
-//! private directory), `wire` its on-disk format, `atomic` its durable writes (also used
-//! by the token sinks), `handoff` the handoff protocol, and [`seal`] encryption at rest.
+//! private directory), `wire` its on-disk format (sealed with [`crate::seal`] when a key
+//! is set), `atomic` its durable writes, and `handoff` the handoff protocol.
 
 use std::future::Future;
 use std::io;

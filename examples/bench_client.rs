@@ -292,7 +292,10 @@ struct RateResult {
     errors: u64,
 }
 
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one open-loop load task's knobs, passed once from the command line"
+)]
 async fn rate_task(
     c: usize,
     conns: usize,
@@ -450,7 +453,14 @@ async fn once(addr: SocketAddr, path: String, n: usize) {
 
 // The daemon is left running on purpose (the forced-refresh test uses it next); the
 // harness stops it by the pid printed first.
-#[allow(clippy::too_many_arguments, clippy::zombie_processes)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the daemon's start knobs, passed once from the command line"
+)]
+#[expect(
+    clippy::zombie_processes,
+    reason = "the harness stops the daemon by the pid printed first"
+)]
 async fn start(
     daemon: PathBuf,
     config: PathBuf,
@@ -716,7 +726,6 @@ async fn poll(addr: SocketAddr, control: SocketAddr, accounts: u32, rate: f64, d
 // ---------------------------------------------------------------------------------------
 // scale-report
 
-#[allow(clippy::too_many_arguments)]
 async fn scale_report(
     control: SocketAddr,
     accounts: u32,

@@ -17,7 +17,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use tokend::demo::fake_provider::ClientSpec;
 
-use crate::process::*;
+use crate::support::*;
 
 /// 1-based line of the first line of `text` containing `needle`.
 fn line_of(text: &str, needle: &str) -> usize {

@@ -9,7 +9,7 @@ use rand::Rng;
 use tokend::clock::Clock;
 use tokend::demo::fake_provider::{ClientSpec, FakeProvider};
 
-use crate::process::*;
+use crate::support::*;
 
 const ACCOUNTS: usize = 6;
 const KILLS: usize = 16;

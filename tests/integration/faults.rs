@@ -12,7 +12,7 @@ use tokend::clock::{Clock, JUMP_CHECK_INTERVAL};
 use tokend::demo::fake_provider::Fault;
 use tokend::store::{FileStore, Store};
 
-use crate::harness::*;
+use crate::support::*;
 
 const S: fn(u64) -> Duration = Duration::from_secs;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::StatusCode;
 use tokend::clock::Clock;
 
-use crate::harness::*;
+use crate::support::*;
 
 #[tokio::test(start_paused = true)]
 async fn tokens_are_refreshed_before_expiry_and_never_served_expired() {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokend::clock::Clock;
 use tokend::config::{Config, SystemEnvironment};
 
-use crate::harness::{Harness, client_credentials_account, parse_config, provider, zywave_account};
+use crate::support::{Harness, client_credentials_account, parse_config, provider, zywave_account};
 
 async fn until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
@@ -209,12 +209,12 @@ fn profile_values_are_validated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_once_writes_sinks_and_exits_by_outcome() {
     let fake = provider(&Clock::system(), Duration::from_secs(3600));
-    let (addr, _stop) = crate::process::serve_fake(&fake).await;
+    let (addr, _stop) = crate::support::serve_fake(&fake).await;
     let seed = fake.grant_refresh_token("zy-client", None);
     let dir = tempfile::tempdir().unwrap();
     let sink = dir.path().join("zy.token");
     let account = zywave_account("zy", &seed)
-        .replace(crate::harness::TOKEN_URL, &format!("http://{addr}/token"));
+        .replace(crate::support::TOKEN_URL, &format!("http://{addr}/token"));
     let write = |extra: &str| {
         let text = format!(
             "[state]\ndir = \"{}\"\n{account}[[accounts.zy.sinks]]\npath = \"{}\"\n{extra}",
@@ -226,9 +226,9 @@ async fn run_once_writes_sinks_and_exits_by_outcome() {
         path
     };
     let run = |config: std::path::PathBuf| async move {
-        let mut cmd = crate::process::tokend();
+        let mut cmd = crate::support::tokend();
         cmd.args(["run", "--once", "--config"]).arg(&config);
-        crate::process::run_cmd(&mut cmd, Duration::from_secs(60)).await
+        crate::support::run_cmd(&mut cmd, Duration::from_secs(60)).await
     };
     let out = run(write("")).await;
     assert_eq!(

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokend::clock::Clock;
 use tokend::demo::fake_provider::{ClientSpec, FakeProvider};
 
-use crate::process::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_the_logs_at_trace_level() {

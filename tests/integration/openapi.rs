@@ -20,7 +20,7 @@ use tokend::clock::Clock;
 use tokend::listen::Peer;
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::harness::{
+use crate::support::{
     Harness, MARK, call, client_credentials_account, epoch, provider, request, zywave_account,
 };
 

@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokend::demo::fake_provider::FakeProvider;
 use tokio::sync::mpsc;
 
-use crate::process::*;
+use crate::support::*;
 
 /// A seed the fake provider never issued: refreshing with it gets `invalid_grant`, and
 /// the account needs re-authorization.

@@ -10,7 +10,7 @@ use tokend::demo::fake_provider::{ClientSpec, FakeProvider};
 use tokend::provider::{ErrorClass, Provider, ProviderError, TokenGrant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::process::{free_port, serve_fake, token_url};
+use crate::support::{free_port, serve_fake, token_url};
 
 fn account(token_url: &str) -> AccountConfig {
     let text = format!(

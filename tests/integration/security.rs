@@ -15,7 +15,7 @@ use tokend::listen::{self, Limits};
 use tokend::store::{FileStore, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{Harness, MARK, parse_config, provider, request, zywave_account};
+use crate::support::{Harness, MARK, parse_config, provider, request, zywave_account};
 
 /// A daemon (library) behind the real listener code, with a fake provider in-process.
 struct Served {

@@ -1,12 +1,12 @@
 //! Helpers for tests that run the real `tokend` binary against the fake provider served
 //! over real loopback TCP (127.0.0.1 only): commands with an environment that cannot leak
 //! in from the caller's shell, child processes that are always killed and reaped when the
-//! test ends (also while unwinding from a panic), configs, and bounded polling for
-//! conditions — never a sleep standing in for one.
+//! test ends (also while unwinding from a panic), their configs and setups, and bounded
+//! polling for conditions — never a sleep standing in for one. The provider itself is
+//! started by `provider`.
 
 use std::fs::{self, OpenOptions};
 use std::io::Read;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tempfile::TempDir;
-use tokend::clock::Clock;
-use tokend::demo::fake_provider::{ClientSpec, FakeProvider};
-use tokio_util::sync::CancellationToken;
+use tokend::demo::fake_provider::FakeProvider;
+
+use super::provider::start_provider_with_clients;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokend");
 /// How often a condition is polled.
@@ -25,10 +25,6 @@ pub const POLL: Duration = Duration::from_millis(50);
 pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// The longest wait for a process to exit after a signal.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The fake provider's access-token lifetime in `start_provider`: long enough that no
-/// refresh is due while a test runs, so every token request the provider sees is one the
-/// test caused.
-pub const LIFETIME: Duration = Duration::from_secs(3600);
 /// The header a token request must carry.
 pub const REQUEST_HEADER: &str = "Tokend-Request";
 /// A config section that lets accounts refresh as often as every second.
@@ -185,55 +181,6 @@ pub fn http_client() -> reqwest::Client {
         .timeout(Duration::from_secs(5))
         .build()
         .expect("build the HTTP client")
-}
-
-// ---------------------------------------------------------------------------------------
-// The fake provider.
-
-/// Serves `fake` on 127.0.0.1 until the returned token is cancelled (or the test's runtime
-/// ends); returns its address.
-pub async fn serve_fake(fake: &FakeProvider) -> (SocketAddr, CancellationToken) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the fake provider");
-    let addr = listener.local_addr().expect("provider address");
-    let stop = CancellationToken::new();
-    let router = fake.router();
-    let until = stop.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(until.cancelled_owned())
-            .await
-            .expect("the fake provider serves");
-    });
-    (addr, stop)
-}
-
-/// The token endpoint of a fake provider served at `addr`.
-pub fn token_url(addr: SocketAddr) -> String {
-    format!("http://{addr}/token")
-}
-
-/// A fresh fake provider issuing `LIFETIME` tokens, served on 127.0.0.1; returns it and
-/// its token endpoint URL.
-pub async fn start_provider() -> (FakeProvider, String) {
-    let fake = FakeProvider::new(LIFETIME, Clock::system());
-    let (addr, _) = serve_fake(&fake).await;
-    (fake, token_url(addr))
-}
-
-/// `start_provider` with a Zywave-style client `zy-client` and a client_credentials client
-/// `svc-client` registered; returns the provider, its token URL and a live refresh token
-/// for `zy-client`, for the accounts of `zy_and_svc`.
-pub async fn start_provider_with_clients() -> (FakeProvider, String, String) {
-    let (fake, url) = start_provider().await;
-    fake.register(ClientSpec::zywave("zy-client", "zy-secret-literal"));
-    fake.register(ClientSpec::generic_client_credentials(
-        "svc-client",
-        "svc-secret-literal",
-    ));
-    let seed = fake.grant_refresh_token("zy-client", Some("offline_access api:read"));
-    (fake, url, seed)
 }
 
 // ---------------------------------------------------------------------------------------

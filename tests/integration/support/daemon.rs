@@ -2,11 +2,12 @@
 //! in-process transport, with a real file store in a temp dir; every test that runs the
 //! daemon as a library starts it here (`Harness::builder`). Flow and fault tests use
 //! tokio's paused clock and a manual wall clock. HTTP requests go through the real router,
-//! built by `request` and sent by `call`.
+//! built by `request` and sent by `call`. Also the stores tests put in the file store's
+//! place (`FlakyStore`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -16,75 +17,14 @@ use serde_json::Value;
 use tempfile::TempDir;
 use tokend::app::Daemon;
 use tokend::clock::Clock;
-use tokend::config::{AccountName, Config, SystemEnvironment};
-use tokend::demo::fake_provider::{ClientSpec, FakeProvider};
+use tokend::config::{AccountName, Config};
+use tokend::demo::fake_provider::FakeProvider;
 use tokend::listen::{Limits, Listener};
 use tokend::provider::{Provider, Transport};
 use tokend::store::{FileStore, State, Store, StoreFuture, state_path};
 use tower::ServiceExt;
 
-/// Wall-clock start of every test: fixed, so failures reproduce.
-pub fn epoch() -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
-}
-
-pub const TOKEN_URL: &str = "http://127.0.0.1/token";
-
-/// An account block for the config, with the fake provider's client ids.
-pub fn zywave_account(name: &str, seed: &str) -> String {
-    format!(
-        r#"
-[accounts.{name}]
-grant = "refresh_token"
-token_url = "{TOKEN_URL}"
-client_id = "zy-client"
-client_secret = "zy-secret"
-scope = "offline_access accounts:read"
-refresh_token = "{seed}"
-headers = {{ Profile = "B 1234" }}
-"#
-    )
-}
-
-pub fn client_credentials_account(name: &str) -> String {
-    format!(
-        r#"
-[accounts.{name}]
-grant = "client_credentials"
-token_url = "{TOKEN_URL}"
-client_id = "cc-client"
-client_secret = "cc-secret"
-scope = "example.com"
-"#
-    )
-}
-
-pub fn zephr_account(name: &str, seed: &str) -> String {
-    format!(
-        r#"
-[accounts.{name}]
-grant = "refresh_token"
-token_url = "{TOKEN_URL}"
-client_id = "zephr-client"
-client_secret = "zephr-secret"
-client_auth = "client_secret_basic"
-request_format = "json"
-refresh_token = "{seed}"
-"#
-    )
-}
-
-/// The provider with the three seed styles registered.
-pub fn provider(clock: &Clock, lifetime: Duration) -> FakeProvider {
-    let fake = FakeProvider::new(lifetime, clock.clone());
-    fake.register(ClientSpec::zywave("zy-client", "zy-secret"));
-    fake.register(ClientSpec::generic_client_credentials(
-        "cc-client",
-        "cc-secret",
-    ));
-    fake.register(ClientSpec::zephr("zephr-client", "zephr-secret"));
-    fake
-}
+use super::config::config;
 
 /// The guard header every token and refresh request carries.
 pub const MARK: (&str, &str) = ("Tokend-Request", "1");
@@ -281,19 +221,6 @@ impl Harness {
         let path = state_path(&self.state_dir, &AccountName::parse(account).unwrap());
         serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
     }
-}
-
-/// The harness config: state in `dir`, `min_interval` 5 s, then `accounts`.
-pub fn config(dir: &TempDir, accounts: &str) -> Config {
-    parse_config(&format!(
-        "[state]\ndir = \"{}\"\n\n[refresh]\nmin_interval = \"5s\"\n{accounts}",
-        dir.path().display()
-    ))
-}
-
-/// A whole config from its text (panics on an error).
-pub fn parse_config(text: &str) -> Config {
-    Config::from_str_at(text, Path::new("test.toml"), &SystemEnvironment).unwrap()
 }
 
 /// A store that fails its saves while `failing` is set: a full or read-only disk.

@@ -1,0 +1,17 @@
+//! What the test modules share, one file a concern; everything is re-exported here, so a
+//! test module imports from `crate::support`.
+//!
+//! - `daemon`: the in-process `Harness` (the library daemon, its router, its store).
+//! - `config`: config text for it: account blocks for the fake provider's clients.
+//! - `provider`: the fake provider, in process on a manual clock or served on loopback.
+//! - `process`: running the real `tokend` binary: commands, children, setups, polling.
+
+pub mod config;
+pub mod daemon;
+pub mod process;
+pub mod provider;
+
+pub use config::*;
+pub use daemon::*;
+pub use process::*;
+pub use provider::*;

@@ -70,10 +70,7 @@ async fn the_token_response_has_the_documented_shape() {
 
 #[tokio::test(start_paused = true)]
 async fn api_guards_and_errors() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, seed) = Harness::zywave(Duration::from_secs(3600)).await;
     h.advance(Duration::from_millis(10)).await;
 
     for uri in [
@@ -139,11 +136,7 @@ async fn readyz_waits_for_every_account() {
 
 #[tokio::test(start_paused = true)]
 async fn rotated_refresh_token_is_persisted_and_survives_a_restart() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(120));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let accounts = zywave_account("zy", &seed);
-    let h = Harness::start(fake, clock, &accounts).await;
+    let (h, seed) = Harness::zywave(Duration::from_secs(120)).await;
     h.advance(Duration::from_secs(200)).await; // initial fetch + one refresh
     assert!(h.fake.counts().refresh_grants >= 2);
 
@@ -179,6 +172,7 @@ async fn rotated_refresh_token_is_persisted_and_survives_a_restart() {
     let (fake, clock, dir) = h.stop().await;
     let before = fake.counts();
     let store = tokend::store::FileStore::open(dir.path()).unwrap();
+    let accounts = zywave_account("zy", &seed);
     let h = Harness::start_with_store(fake, clock, &accounts, dir, store).await;
     // Served at once from disk, with no provider call.
     assert_eq!(h.token("zy").await, served);
@@ -191,14 +185,11 @@ async fn rotated_refresh_token_is_persisted_and_survives_a_restart() {
 
 #[tokio::test(start_paused = true)]
 async fn concurrent_min_valid_readers_share_one_refresh() {
-    let clock = Clock::manual(epoch());
     // Two-hour tokens: the account's own next refresh, spread at random over the period,
     // is then at least 180 s away (half the 5% jitter window), so the herd's refresh is
     // the only call in this test's window even when virtual time moves on while saves
     // run on blocking threads.
-    let fake = provider(&clock, Duration::from_secs(7200));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, _) = Harness::zywave(Duration::from_secs(7200)).await;
     h.advance(Duration::from_secs(30)).await;
     let first = h.token("zy").await;
     let calls = h.fake.counts().refresh_grants;
@@ -246,10 +237,7 @@ async fn concurrent_min_valid_readers_share_one_refresh() {
 
 #[tokio::test(start_paused = true)]
 async fn min_valid_beyond_the_provider_lifetime_is_refused_without_a_loop() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(600));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, _) = Harness::zywave(Duration::from_secs(600)).await;
     h.advance(Duration::from_secs(1)).await;
     let calls = h.fake.counts().token_requests;
     for _ in 0..20 {
@@ -334,10 +322,7 @@ async fn a_jwt_without_expires_in_is_scheduled_from_its_exp_claim() {
 
 #[tokio::test(start_paused = true)]
 async fn a_new_seed_in_the_config_replaces_the_stored_refresh_token() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, seed) = Harness::zywave(Duration::from_secs(3600)).await;
     h.advance(Duration::from_secs(1)).await;
     let old_rt = h.state_file("zy")["refresh_token"]
         .as_str()
@@ -438,14 +423,13 @@ async fn reload_adds_removes_and_restarts_accounts() {
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_waits_for_an_in_flight_refresh_and_its_save() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
-    let seed = fake.grant_refresh_token("zy-client", None);
     // The first answer takes 5 s; shutdown is asked for in the middle of it.
-    fake.push_faults([tokend::demo::fake_provider::Fault::Hang(
-        Duration::from_secs(5),
-    )]);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, _) = Harness::zywave_with(Duration::from_secs(3600), |fake| {
+        fake.push_faults([tokend::demo::fake_provider::Fault::Hang(
+            Duration::from_secs(5),
+        )])
+    })
+    .await;
     h.advance(Duration::from_secs(1)).await;
     let (fake, _clock, dir) = h.stop().await;
     // The rotation completed and was saved: the stored refresh token is the live one.
@@ -458,10 +442,7 @@ async fn shutdown_waits_for_an_in_flight_refresh_and_its_save() {
 
 #[tokio::test(start_paused = true)]
 async fn a_forced_refresh_issues_a_new_token_behind_the_guard() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, _) = Harness::zywave(Duration::from_secs(3600)).await;
     h.advance(Duration::from_secs(30)).await;
     let before = h.token("zy").await;
 
@@ -547,10 +528,7 @@ async fn metrics_report_refreshes_reads_expiry_and_state() {
 
 #[tokio::test(start_paused = true)]
 async fn forced_refreshes_report_failure_and_respect_the_minimum_interval() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, _) = Harness::zywave(Duration::from_secs(3600)).await;
     h.advance(Duration::from_secs(30)).await;
     let force = || async {
         use tower::ServiceExt;
@@ -687,10 +665,7 @@ async fn shutdown_abandons_refreshes_still_waiting_for_their_turn() {
 
 #[tokio::test(start_paused = true)]
 async fn malformed_requests_get_json_errors() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, _) = Harness::zywave(Duration::from_secs(3600)).await;
     h.advance(Duration::from_secs(1)).await;
     for uri in [
         "/v1/token/zy?min_valid=1&min_valid=2",

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::StatusCode;
-use tokend::clock::{Clock, JUMP_CHECK_INTERVAL};
+use tokend::clock::JUMP_CHECK_INTERVAL;
 use tokend::demo::fake_provider::Fault;
 use tokend::store::{FileStore, Store};
 
@@ -349,8 +349,7 @@ async fn a_reader_right_after_a_jump_gets_a_fresh_token_not_an_expired_one() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failing_disk_keeps_tokens_served_and_the_last_good_file() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, S(300));
+    let (clock, fake) = manual_provider(S(300));
     let seed = fake.grant_refresh_token("zy-client", None);
     let dir = tempfile::tempdir().unwrap();
     let flaky = Arc::new(FlakyStore {
@@ -410,8 +409,7 @@ async fn a_failing_disk_keeps_tokens_served_and_the_last_good_file() {
 
 #[tokio::test(start_paused = true)]
 async fn a_corrupt_state_file_is_kept_aside_and_the_seed_used() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, S(300));
+    let (clock, fake) = manual_provider(S(300));
     let seed = fake.grant_refresh_token("zy-client", None);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("zy.json"), b"{\"version\":1,\"acc").unwrap();
@@ -457,8 +455,7 @@ async fn a_reload_retries_an_account_waiting_for_reauth_once() {
 
 #[tokio::test(start_paused = true)]
 async fn an_unreadable_state_file_is_never_overwritten() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, S(300));
+    let (clock, fake) = manual_provider(S(300));
     let seed = fake.grant_refresh_token("zy-client", None);
     let dir = tempfile::tempdir().unwrap();
     // Reading fails with an I/O error (here: a directory where the file should be), not

@@ -522,8 +522,7 @@ scope = "offline_access accounts:read"
 
 #[tokio::test(start_paused = true)]
 async fn the_device_flow_keeps_polling_while_pending_and_slows_down_when_told() {
-    let clock = Clock::manual(epoch());
-    let fake = support::provider(&clock, Duration::from_secs(3600));
+    let (_, fake) = support::manual_provider(Duration::from_secs(3600));
     fake.push_device_polls([
         DevicePoll::Pending,
         DevicePoll::SlowDown,
@@ -565,8 +564,7 @@ async fn the_device_flow_keeps_polling_while_pending_and_slows_down_when_told() 
 
 #[tokio::test(start_paused = true)]
 async fn the_device_flow_ends_on_denial_and_on_expiry() {
-    let clock = Clock::manual(epoch());
-    let fake = support::provider(&clock, Duration::from_secs(3600));
+    let (_, fake) = support::manual_provider(Duration::from_secs(3600));
     let provider = Provider::new(Transport::InProcess(fake.router()));
     let dir = tempfile::tempdir().unwrap();
     let account = account(&dir, DEVICE_ACCOUNT, "dev");
@@ -608,8 +606,7 @@ client_secret = "zy-secret"
 
 #[tokio::test(start_paused = true)]
 async fn discovery_fills_what_is_unset_and_checks_the_issuer() {
-    let clock = Clock::manual(epoch());
-    let fake = support::provider(&clock, Duration::from_secs(3600));
+    let (_, fake) = support::manual_provider(Duration::from_secs(3600));
     fake.set_base_url("http://127.0.0.1");
     let provider = Provider::new(Transport::InProcess(fake.router()));
     let dir = tempfile::tempdir().unwrap();
@@ -707,8 +704,7 @@ async fn discovery_falls_back_to_openid_configuration_under_the_issuer_path() {
 
 #[tokio::test(start_paused = true)]
 async fn the_daemon_starts_while_discovery_fails_and_serves_once_it_succeeds() {
-    let clock = Clock::manual(epoch());
-    let fake = support::provider(&clock, Duration::from_secs(3600));
+    let (clock, fake) = support::manual_provider(Duration::from_secs(3600));
     fake.set_base_url("http://127.0.0.1");
     fake.set_metadata_available(false);
     let seed = fake.grant_refresh_token("zy-client", None);
@@ -740,8 +736,7 @@ async fn the_daemon_starts_while_discovery_fails_and_serves_once_it_succeeds() {
 
 #[tokio::test(start_paused = true)]
 async fn the_accounts_list_shows_the_discovered_token_endpoint() {
-    let clock = Clock::manual(epoch());
-    let fake = support::provider(&clock, Duration::from_secs(3600));
+    let (clock, fake) = support::manual_provider(Duration::from_secs(3600));
     fake.set_base_url("http://127.0.0.1");
     let seed = fake.grant_refresh_token("zy-client", None);
     let block = issuer_account("http://127.0.0.1", &format!("refresh_token = \"{seed}\""));

@@ -25,7 +25,7 @@ use tokend::store::{FileStore, State, Store, StoreFuture, state_path};
 use tower::ServiceExt;
 
 use super::config::{config, zywave_account};
-use super::provider::{epoch, provider};
+use super::provider::manual_provider;
 
 /// The guard header every token and refresh request carries.
 pub const MARK: (&str, &str) = ("Tokend-Request", "1");
@@ -150,8 +150,7 @@ impl Harness {
         lifetime: Duration,
         setup: impl FnOnce(&FakeProvider),
     ) -> (Harness, String) {
-        let clock = Clock::manual(epoch());
-        let fake = provider(&clock, lifetime);
+        let (clock, fake) = manual_provider(lifetime);
         setup(&fake);
         let seed = fake.grant_refresh_token("zy-client", None);
         let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;

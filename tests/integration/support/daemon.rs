@@ -1,9 +1,9 @@
 //! The in-process harness: the daemon (library) against the fake provider through the
 //! in-process transport, with a real file store in a temp dir; every test that runs the
-//! daemon as a library starts it here (`Harness::builder`). Flow and fault tests use
-//! tokio's paused clock and a manual wall clock. HTTP requests go through the real router,
-//! built by `request` and sent by `call`. Also the stores tests put in the file store's
-//! place (`FlakyStore`).
+//! daemon as a library starts it here (`Harness::builder`, or `Harness::zywave` for the
+//! usual one-account start). Flow and fault tests use tokio's paused clock and a manual
+//! wall clock. HTTP requests go through the real router, built by `request` and sent by
+//! `call`. Also the stores tests put in the file store's place (`FlakyStore`).
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::StatusCode;
-use tokend::clock::{Clock, JUMP_CHECK_INTERVAL};
+use tokend::clock::JUMP_CHECK_INTERVAL;
 use tokend::demo::fake_provider::Fault;
 use tokend::store::{FileStore, Store};
 
@@ -22,11 +22,7 @@ const S: fn(u64) -> Duration = Duration::from_secs;
 async fn healthy(
     fake_setup: impl FnOnce(&tokend::demo::fake_provider::FakeProvider),
 ) -> (Harness, String) {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, S(300));
-    fake_setup(&fake);
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, seed) = Harness::zywave_with(S(300), fake_setup).await;
     h.advance(Duration::from_millis(10)).await;
     assert_eq!(h.account_state("zy").await["state"], "ok");
     // The token fetched at start is refreshed anywhere in its period (phase spreading);
@@ -309,11 +305,8 @@ async fn a_rotation_lost_outside_the_reuse_window_asks_for_reauth_and_says_why()
 
 #[tokio::test(start_paused = true)]
 async fn a_short_lived_token_does_not_cause_a_refresh_storm() {
-    let clock = Clock::manual(epoch());
     // 3 s tokens: far shorter than the 60 s margin.
-    let fake = provider(&clock, S(3));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, _) = Harness::zywave(S(3)).await;
     h.advance(S(600)).await;
     // min_interval is 5 s in the harness config: at most one refresh per 5 s.
     let calls = h.fake.counts().refresh_grants;
@@ -356,8 +349,7 @@ async fn a_reader_right_after_a_jump_gets_a_fresh_token_not_an_expired_one() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failing_disk_keeps_tokens_served_and_the_last_good_file() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, S(300));
+    let (clock, fake) = manual_provider(S(300));
     let seed = fake.grant_refresh_token("zy-client", None);
     let dir = tempfile::tempdir().unwrap();
     let flaky = Arc::new(FlakyStore {
@@ -417,8 +409,7 @@ async fn a_failing_disk_keeps_tokens_served_and_the_last_good_file() {
 
 #[tokio::test(start_paused = true)]
 async fn a_corrupt_state_file_is_kept_aside_and_the_seed_used() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, S(300));
+    let (clock, fake) = manual_provider(S(300));
     let seed = fake.grant_refresh_token("zy-client", None);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("zy.json"), b"{\"version\":1,\"acc").unwrap();
@@ -464,8 +455,7 @@ async fn a_reload_retries_an_account_waiting_for_reauth_once() {
 
 #[tokio::test(start_paused = true)]
 async fn an_unreadable_state_file_is_never_overwritten() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, S(300));
+    let (clock, fake) = manual_provider(S(300));
     let seed = fake.grant_refresh_token("zy-client", None);
     let dir = tempfile::tempdir().unwrap();
     // Reading fails with an I/O error (here: a directory where the file should be), not

@@ -4,14 +4,12 @@
 use std::time::Duration;
 
 use http::StatusCode;
-use tokend::clock::Clock;
 
 use crate::support::*;
 
 #[tokio::test(start_paused = true)]
 async fn tokens_are_refreshed_before_expiry_and_never_served_expired() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(300));
+    let (clock, fake) = manual_provider(Duration::from_secs(300));
     let seed = fake.grant_refresh_token("zy-client", Some("offline_access accounts:read"));
     let accounts = zywave_account("zy", &seed) + &client_credentials_account("cc");
     let h = Harness::start(fake, clock, &accounts).await;
@@ -45,8 +43,7 @@ async fn tokens_are_refreshed_before_expiry_and_never_served_expired() {
 
 #[tokio::test(start_paused = true)]
 async fn the_token_response_has_the_documented_shape() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
+    let (clock, fake) = manual_provider(Duration::from_secs(3600));
     let seed = fake.grant_refresh_token("zy-client", Some("offline_access accounts:read"));
     let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
     h.advance(Duration::from_millis(10)).await;
@@ -70,10 +67,7 @@ async fn the_token_response_has_the_documented_shape() {
 
 #[tokio::test(start_paused = true)]
 async fn api_guards_and_errors() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, seed) = Harness::zywave(Duration::from_secs(3600)).await;
     h.advance(Duration::from_millis(10)).await;
 
     for uri in [
@@ -119,8 +113,7 @@ async fn api_guards_and_errors() {
 
 #[tokio::test(start_paused = true)]
 async fn readyz_waits_for_every_account() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
+    let (clock, fake) = manual_provider(Duration::from_secs(3600));
     // One account can never get a token: its refresh token is unknown to the provider.
     let good = fake.grant_refresh_token("zy-client", None);
     let accounts = zywave_account("good", &good) + &zywave_account("bad", "rt-unknown");
@@ -139,11 +132,7 @@ async fn readyz_waits_for_every_account() {
 
 #[tokio::test(start_paused = true)]
 async fn rotated_refresh_token_is_persisted_and_survives_a_restart() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(120));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let accounts = zywave_account("zy", &seed);
-    let h = Harness::start(fake, clock, &accounts).await;
+    let (h, seed) = Harness::zywave(Duration::from_secs(120)).await;
     h.advance(Duration::from_secs(200)).await; // initial fetch + one refresh
     assert!(h.fake.counts().refresh_grants >= 2);
 
@@ -179,6 +168,7 @@ async fn rotated_refresh_token_is_persisted_and_survives_a_restart() {
     let (fake, clock, dir) = h.stop().await;
     let before = fake.counts();
     let store = tokend::store::FileStore::open(dir.path()).unwrap();
+    let accounts = zywave_account("zy", &seed);
     let h = Harness::start_with_store(fake, clock, &accounts, dir, store).await;
     // Served at once from disk, with no provider call.
     assert_eq!(h.token("zy").await, served);
@@ -191,14 +181,11 @@ async fn rotated_refresh_token_is_persisted_and_survives_a_restart() {
 
 #[tokio::test(start_paused = true)]
 async fn concurrent_min_valid_readers_share_one_refresh() {
-    let clock = Clock::manual(epoch());
     // Two-hour tokens: the account's own next refresh, spread at random over the period,
     // is then at least 180 s away (half the 5% jitter window), so the herd's refresh is
     // the only call in this test's window even when virtual time moves on while saves
     // run on blocking threads.
-    let fake = provider(&clock, Duration::from_secs(7200));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, _) = Harness::zywave(Duration::from_secs(7200)).await;
     h.advance(Duration::from_secs(30)).await;
     let first = h.token("zy").await;
     let calls = h.fake.counts().refresh_grants;
@@ -246,10 +233,7 @@ async fn concurrent_min_valid_readers_share_one_refresh() {
 
 #[tokio::test(start_paused = true)]
 async fn min_valid_beyond_the_provider_lifetime_is_refused_without_a_loop() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(600));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, _) = Harness::zywave(Duration::from_secs(600)).await;
     h.advance(Duration::from_secs(1)).await;
     let calls = h.fake.counts().token_requests;
     for _ in 0..20 {
@@ -271,8 +255,7 @@ async fn min_valid_beyond_the_provider_lifetime_is_refused_without_a_loop() {
 
 #[tokio::test(start_paused = true)]
 async fn each_seed_provider_style_is_spoken() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
+    let (clock, fake) = manual_provider(Duration::from_secs(3600));
     let zy = fake.grant_refresh_token("zy-client", Some("offline_access accounts:read"));
     let zephr =
         fake.grant_refresh_token("zephr-client", Some("user.account:read user.profile:read"));
@@ -296,8 +279,7 @@ async fn each_seed_provider_style_is_spoken() {
 
 #[tokio::test(start_paused = true)]
 async fn a_jwt_without_expires_in_is_scheduled_from_its_exp_claim() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(900));
+    let (clock, fake) = manual_provider(Duration::from_secs(900));
     fake.register(tokend::demo::fake_provider::ClientSpec {
         jwt_without_expires_in: true,
         ..tokend::demo::fake_provider::ClientSpec::generic_client_credentials(
@@ -334,10 +316,7 @@ async fn a_jwt_without_expires_in_is_scheduled_from_its_exp_claim() {
 
 #[tokio::test(start_paused = true)]
 async fn a_new_seed_in_the_config_replaces_the_stored_refresh_token() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, seed) = Harness::zywave(Duration::from_secs(3600)).await;
     h.advance(Duration::from_secs(1)).await;
     let old_rt = h.state_file("zy")["refresh_token"]
         .as_str()
@@ -377,8 +356,7 @@ async fn a_new_seed_in_the_config_replaces_the_stored_refresh_token() {
 
 #[tokio::test(start_paused = true)]
 async fn reload_adds_removes_and_restarts_accounts() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
+    let (clock, fake) = manual_provider(Duration::from_secs(3600));
     let seed = fake.grant_refresh_token("zy-client", None);
     let mut h = Harness::start(
         fake,
@@ -438,14 +416,13 @@ async fn reload_adds_removes_and_restarts_accounts() {
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_waits_for_an_in_flight_refresh_and_its_save() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
-    let seed = fake.grant_refresh_token("zy-client", None);
     // The first answer takes 5 s; shutdown is asked for in the middle of it.
-    fake.push_faults([tokend::demo::fake_provider::Fault::Hang(
-        Duration::from_secs(5),
-    )]);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, _) = Harness::zywave_with(Duration::from_secs(3600), |fake| {
+        fake.push_faults([tokend::demo::fake_provider::Fault::Hang(
+            Duration::from_secs(5),
+        )])
+    })
+    .await;
     h.advance(Duration::from_secs(1)).await;
     let (fake, _clock, dir) = h.stop().await;
     // The rotation completed and was saved: the stored refresh token is the live one.
@@ -458,10 +435,7 @@ async fn shutdown_waits_for_an_in_flight_refresh_and_its_save() {
 
 #[tokio::test(start_paused = true)]
 async fn a_forced_refresh_issues_a_new_token_behind_the_guard() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, _) = Harness::zywave(Duration::from_secs(3600)).await;
     h.advance(Duration::from_secs(30)).await;
     let before = h.token("zy").await;
 
@@ -494,8 +468,7 @@ async fn a_forced_refresh_issues_a_new_token_behind_the_guard() {
 
 #[tokio::test(start_paused = true)]
 async fn metrics_report_refreshes_reads_expiry_and_state() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
+    let (clock, fake) = manual_provider(Duration::from_secs(3600));
     let seed = fake.grant_refresh_token("zy-client", None);
     let h = Harness::start(fake, clock, &zywave_account("metrics-zy", &seed)).await;
     h.advance(Duration::from_secs(60)).await;
@@ -547,10 +520,7 @@ async fn metrics_report_refreshes_reads_expiry_and_state() {
 
 #[tokio::test(start_paused = true)]
 async fn forced_refreshes_report_failure_and_respect_the_minimum_interval() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, _) = Harness::zywave(Duration::from_secs(3600)).await;
     h.advance(Duration::from_secs(30)).await;
     let force = || async {
         use tower::ServiceExt;
@@ -599,8 +569,7 @@ async fn forced_refreshes_report_failure_and_respect_the_minimum_interval() {
 
 #[tokio::test(start_paused = true)]
 async fn concurrent_refreshes_to_one_provider_are_bounded() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
+    let (clock, fake) = manual_provider(Duration::from_secs(3600));
     fake.set_latency(Duration::from_millis(500));
     let accounts: String = (0..40)
         .map(|i| client_credentials_account(&format!("cc{i}")))
@@ -623,8 +592,7 @@ async fn concurrent_refreshes_to_one_provider_are_bounded() {
 async fn a_paced_provider_host_sees_evenly_spaced_requests() {
     // A cold start of 30 accounts against a host limited to 10 requests a second: the
     // provider sees them over 3 s, never more than 10 (plus one) in any second.
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
+    let (clock, fake) = manual_provider(Duration::from_secs(3600));
     let accounts: String = "[provider]\nmax_requests_per_second = 10\n".to_string()
         + &(0..30)
             .map(|i| client_credentials_account(&format!("cc{i}")))
@@ -652,8 +620,7 @@ async fn a_paced_provider_host_sees_evenly_spaced_requests() {
 
 #[tokio::test(start_paused = true)]
 async fn per_host_limits_change_only_on_restart_and_a_reload_says_so() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
+    let (clock, fake) = manual_provider(Duration::from_secs(3600));
     let mut h = Harness::start(fake, clock, &client_credentials_account("cc")).await;
     h.advance(Duration::from_secs(1)).await;
     let paced =
@@ -669,8 +636,7 @@ async fn per_host_limits_change_only_on_restart_and_a_reload_says_so() {
 async fn shutdown_abandons_refreshes_still_waiting_for_their_turn() {
     // One request a second, 30 accounts due: stopping after 2.5 s must not wait for the
     // other 27 turns, and no request is sent after the stop.
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
+    let (clock, fake) = manual_provider(Duration::from_secs(3600));
     let accounts: String = "[provider]\nmax_requests_per_second = 1\n".to_string()
         + &(0..30)
             .map(|i| client_credentials_account(&format!("cc{i}")))
@@ -687,10 +653,7 @@ async fn shutdown_abandons_refreshes_still_waiting_for_their_turn() {
 
 #[tokio::test(start_paused = true)]
 async fn malformed_requests_get_json_errors() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+    let (h, _) = Harness::zywave(Duration::from_secs(3600)).await;
     h.advance(Duration::from_secs(1)).await;
     for uri in [
         "/v1/token/zy?min_valid=1&min_valid=2",
@@ -709,8 +672,7 @@ async fn accounts_started_together_spread_their_refreshes_over_the_period() {
     // caps 80% at 240 s). All accounts get their first token at start, at once.
     const ACCOUNTS: usize = 30;
     const LATEST: u64 = 240;
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(300));
+    let (clock, fake) = manual_provider(Duration::from_secs(300));
     let accounts: String = (0..ACCOUNTS)
         .map(|i| client_credentials_account(&format!("cc{i}")))
         .collect();

@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -20,9 +20,7 @@ use tokend::demo::fake_provider::{ClientSpec, DevicePoll, FakeProvider};
 use tokend::provider::discovery::{self, DiscoveryError};
 use tokend::provider::{Provider, Transport};
 
-use crate::support::{
-    self, ChildGuard, Daemon, Harness, epoch, free_port, http_client, serve_fake, tokend,
-};
+use crate::support::{self, Harness, Setup, epoch, http_client, serve_fake};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -166,47 +164,18 @@ async fn provider() -> (FakeProvider, String) {
     (fake, base)
 }
 
-struct World {
-    dir: TempDir,
-    port: u16,
+/// A setup whose config has `accounts`.
+fn setup(accounts: &str) -> Setup {
+    let setup = Setup::new();
+    setup.write_config(&[accounts.to_string()]);
+    setup
 }
 
-impl World {
-    fn new(accounts: &str) -> World {
-        let w = World {
-            dir: tempfile::tempdir().unwrap(),
-            port: free_port(),
-        };
-        let text = format!(
-            "[server]\nlisten = [\"127.0.0.1:{}\"]\n\n[state]\ndir = \"{}\"\n{accounts}",
-            w.port,
-            w.state_dir().display()
-        );
-        std::fs::write(w.config(), text).unwrap();
-        w
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("tokend.toml")
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    fn state_file(&self, account: &str) -> PathBuf {
-        self.state_dir().join(format!("{account}.json"))
-    }
-
-    fn stored_refresh_token(&self, account: &str) -> String {
-        let v: Value =
-            serde_json::from_slice(&std::fs::read(self.state_file(account)).unwrap()).unwrap();
-        v["refresh_token"].as_str().unwrap().to_string()
-    }
-
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
+fn stored_refresh_token(setup: &Setup, account: &str) -> String {
+    setup.state(account)["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 /// A Zywave-style account that discovers its endpoints from the fake provider; no seed.
@@ -286,8 +255,8 @@ fn query(url: &str, key: &str) -> Option<String> {
 #[tokio::test]
 async fn login_over_a_loopback_redirect_stores_a_live_refresh_token() {
     let (fake, base) = provider().await;
-    let w = World::new(&discovered_account(&base));
-    let mut cli = Cli::spawn(&["login", "zy", "--no-browser"], &w.config());
+    let w = setup(&discovered_account(&base));
+    let mut cli = Cli::spawn(&["login", "zy", "--no-browser"], &w.config_path());
     let url = cli.line_starting("http").await;
 
     // What the browser is sent to: discovery found the endpoint and offline_access.
@@ -322,7 +291,7 @@ async fn login_over_a_loopback_redirect_stores_a_live_refresh_token() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
-    let rt = w.stored_refresh_token("zy");
+    let rt = stored_refresh_token(&w, "zy");
     assert!(fake.is_live_refresh_token(&rt));
     assert!(
         !out.contains(&rt) && !err.contains(&rt),
@@ -333,8 +302,8 @@ async fn login_over_a_loopback_redirect_stores_a_live_refresh_token() {
 #[tokio::test]
 async fn a_redirect_with_another_state_is_refused_and_nothing_is_stored() {
     let (fake, base) = provider().await;
-    let w = World::new(&discovered_account(&base));
-    let mut cli = Cli::spawn(&["login", "zy", "--no-browser"], &w.config());
+    let w = setup(&discovered_account(&base));
+    let mut cli = Cli::spawn(&["login", "zy", "--no-browser"], &w.config_path());
     let url = cli.line_starting("http").await;
     let back = authorize(&url).await;
     let forged = with_state(&back, "forged-state");
@@ -352,9 +321,9 @@ async fn a_redirect_with_another_state_is_refused_and_nothing_is_stored() {
 #[tokio::test]
 async fn manual_login_takes_the_pasted_redirect_url_and_checks_its_state() {
     let (fake, base) = provider().await;
-    let w = World::new(&zephr_account(&base));
+    let w = setup(&zephr_account(&base));
 
-    let mut cli = Cli::spawn(&["login", "zephr", "--manual"], &w.config());
+    let mut cli = Cli::spawn(&["login", "zephr", "--manual"], &w.config_path());
     let url = cli.line_starting("http").await;
     assert_eq!(
         query(&url, "redirect_uri").as_deref(),
@@ -369,11 +338,11 @@ async fn manual_login_takes_the_pasted_redirect_url_and_checks_its_state() {
     cli.send_stdin(&format!("{back}\n"));
     let (status, out, err) = cli.finish().await;
     assert!(status.success(), "stdout {out}\nstderr {err}");
-    let rt = w.stored_refresh_token("zephr");
+    let rt = stored_refresh_token(&w, "zephr");
     assert!(fake.is_live_refresh_token(&rt));
     std::fs::remove_file(w.state_file("zephr")).unwrap();
 
-    let mut cli = Cli::spawn(&["login", "zephr", "--manual"], &w.config());
+    let mut cli = Cli::spawn(&["login", "zephr", "--manual"], &w.config_path());
     let url = cli.line_starting("http").await;
     let back = authorize(&url).await;
     cli.send_stdin(&format!("{}\n", with_state(&back, "tampered")));
@@ -386,26 +355,28 @@ async fn manual_login_takes_the_pasted_redirect_url_and_checks_its_state() {
 #[tokio::test]
 async fn import_and_logout_without_a_daemon_write_and_remove_the_state() {
     let (fake, base) = provider().await;
-    let w = World::new(&discovered_account(&base));
+    let w = setup(&discovered_account(&base));
     let rt = fake.grant_refresh_token("zy-client", Some("offline_access accounts:read"));
 
-    let mut cli = Cli::spawn(&["import", "zy"], &w.config());
+    let mut cli = Cli::spawn(&["import", "zy"], &w.config_path());
     cli.send_stdin(&format!("  {rt}\n"));
     let (status, out, err) = cli.finish().await;
     assert!(status.success(), "stdout {out}\nstderr {err}");
-    assert_eq!(w.stored_refresh_token("zy"), rt, "trimmed");
+    assert_eq!(stored_refresh_token(&w, "zy"), rt, "trimmed");
     let mode = std::fs::metadata(w.state_file("zy"))
         .unwrap()
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 
-    let mut cli = Cli::spawn(&["import", "zy"], &w.config());
+    let mut cli = Cli::spawn(&["import", "zy"], &w.config_path());
     cli.send_stdin("\n");
     let (status, _, err) = cli.finish().await;
     assert_eq!(status.code(), Some(1), "empty input is refused: {err}");
 
-    let (status, out, err) = Cli::spawn(&["logout", "zy"], &w.config()).finish().await;
+    let (status, out, err) = Cli::spawn(&["logout", "zy"], &w.config_path())
+        .finish()
+        .await;
     assert!(status.success(), "stdout {out}\nstderr {err}");
     assert!(out.contains("revoked"), "{out}");
     assert_eq!(fake.revoked(), vec![rt.clone()]);
@@ -416,26 +387,8 @@ async fn import_and_logout_without_a_daemon_write_and_remove_the_state() {
 #[tokio::test]
 async fn a_running_daemon_takes_import_and_logout_on_sighup() {
     let (fake, base) = provider().await;
-    let w = World::new(&discovered_account(&base));
-    let log = w.dir.path().join("tokend.log");
-    let mut daemon = {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let mut cmd = tokend();
-        cmd.arg("run")
-            .arg("--config")
-            .arg(w.config())
-            .stdout(std::process::Stdio::from(file.try_clone().unwrap()))
-            .stderr(std::process::Stdio::from(file));
-        Daemon {
-            proc: ChildGuard::spawn(&mut cmd),
-            base: w.base(),
-            log: log.clone(),
-        }
-    };
+    let w = setup(&discovered_account(&base));
+    let mut daemon = w.start();
     let client = http();
     // No refresh token yet: needs_reauth.
     let deadline = Instant::now() + LIMIT;
@@ -449,7 +402,7 @@ async fn a_running_daemon_takes_import_and_logout_on_sighup() {
     }
 
     let rt = fake.grant_refresh_token("zy-client", Some("offline_access accounts:read"));
-    let mut cli = Cli::spawn(&["import", "zy"], &w.config());
+    let mut cli = Cli::spawn(&["import", "zy"], &w.config_path());
     cli.send_stdin(&rt);
     let (status, out, err) = cli.finish().await;
     assert!(
@@ -473,9 +426,11 @@ async fn a_running_daemon_takes_import_and_logout_on_sighup() {
     assert!(fake.is_valid_access_token(&token), "{token}");
 
     // The daemon rotated the imported token; logout revokes the current one.
-    let current = w.stored_refresh_token("zy");
+    let current = stored_refresh_token(&w, "zy");
     assert_ne!(current, rt);
-    let (status, out, err) = Cli::spawn(&["logout", "zy"], &w.config()).finish().await;
+    let (status, out, err) = Cli::spawn(&["logout", "zy"], &w.config_path())
+        .finish()
+        .await;
     assert!(
         status.success(),
         "stdout {out}\nstderr {err}\nlog:\n{}",
@@ -522,8 +477,7 @@ scope = "offline_access accounts:read"
 
 #[tokio::test(start_paused = true)]
 async fn the_device_flow_keeps_polling_while_pending_and_slows_down_when_told() {
-    let clock = Clock::manual(epoch());
-    let fake = support::provider(&clock, Duration::from_secs(3600));
+    let (_, fake) = support::manual_provider(Duration::from_secs(3600));
     fake.push_device_polls([
         DevicePoll::Pending,
         DevicePoll::SlowDown,
@@ -565,8 +519,7 @@ async fn the_device_flow_keeps_polling_while_pending_and_slows_down_when_told() 
 
 #[tokio::test(start_paused = true)]
 async fn the_device_flow_ends_on_denial_and_on_expiry() {
-    let clock = Clock::manual(epoch());
-    let fake = support::provider(&clock, Duration::from_secs(3600));
+    let (_, fake) = support::manual_provider(Duration::from_secs(3600));
     let provider = Provider::new(Transport::InProcess(fake.router()));
     let dir = tempfile::tempdir().unwrap();
     let account = account(&dir, DEVICE_ACCOUNT, "dev");
@@ -608,8 +561,7 @@ client_secret = "zy-secret"
 
 #[tokio::test(start_paused = true)]
 async fn discovery_fills_what_is_unset_and_checks_the_issuer() {
-    let clock = Clock::manual(epoch());
-    let fake = support::provider(&clock, Duration::from_secs(3600));
+    let (_, fake) = support::manual_provider(Duration::from_secs(3600));
     fake.set_base_url("http://127.0.0.1");
     let provider = Provider::new(Transport::InProcess(fake.router()));
     let dir = tempfile::tempdir().unwrap();
@@ -707,8 +659,7 @@ async fn discovery_falls_back_to_openid_configuration_under_the_issuer_path() {
 
 #[tokio::test(start_paused = true)]
 async fn the_daemon_starts_while_discovery_fails_and_serves_once_it_succeeds() {
-    let clock = Clock::manual(epoch());
-    let fake = support::provider(&clock, Duration::from_secs(3600));
+    let (clock, fake) = support::manual_provider(Duration::from_secs(3600));
     fake.set_base_url("http://127.0.0.1");
     fake.set_metadata_available(false);
     let seed = fake.grant_refresh_token("zy-client", None);
@@ -740,8 +691,7 @@ async fn the_daemon_starts_while_discovery_fails_and_serves_once_it_succeeds() {
 
 #[tokio::test(start_paused = true)]
 async fn the_accounts_list_shows_the_discovered_token_endpoint() {
-    let clock = Clock::manual(epoch());
-    let fake = support::provider(&clock, Duration::from_secs(3600));
+    let (clock, fake) = support::manual_provider(Duration::from_secs(3600));
     fake.set_base_url("http://127.0.0.1");
     let seed = fake.grant_refresh_token("zy-client", None);
     let block = issuer_account("http://127.0.0.1", &format!("refresh_token = \"{seed}\""));

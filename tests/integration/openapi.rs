@@ -16,12 +16,11 @@ use axum::body::Body;
 use axum::routing::post;
 use http::{HeaderMap, HeaderValue, Method, header};
 use serde_json::{Value, json};
-use tokend::clock::Clock;
 use tokend::listen::Peer;
 use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::support::{
-    Harness, MARK, call, client_credentials_account, epoch, provider, request, zywave_account,
+    Harness, MARK, call, client_credentials_account, manual_provider, request, zywave_account,
 };
 
 const SPEC: &str = include_str!("../../docs/openapi.yaml");
@@ -699,8 +698,7 @@ accounts = ["*"]
 /// The daemon with the fake provider's `zy` (refresh token) and `cc` (client credentials)
 /// accounts plus `extra`, once every account has settled.
 async fn start_daemon(extra: &str) -> Harness {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
+    let (clock, fake) = manual_provider(Duration::from_secs(3600));
     let seed = fake.grant_refresh_token("zy-client", Some("offline_access accounts:read"));
     let accounts = zywave_account("zy", &seed) + &client_credentials_account("cc") + extra;
     let h = Harness::builder(fake, clock, tempfile::tempdir().unwrap())

@@ -1,9 +1,9 @@
 //! The in-process harness: the daemon (library) against the fake provider through the
 //! in-process transport, with a real file store in a temp dir; every test that runs the
-//! daemon as a library starts it here (`Harness::builder`). Flow and fault tests use
-//! tokio's paused clock and a manual wall clock. HTTP requests go through the real router,
-//! built by `request` and sent by `call`. Also the stores tests put in the file store's
-//! place (`FlakyStore`).
+//! daemon as a library starts it here (`Harness::builder`, or `Harness::zywave` for the
+//! usual one-account start). Flow and fault tests use tokio's paused clock and a manual
+//! wall clock. HTTP requests go through the real router, built by `request` and sent by
+//! `call`. Also the stores tests put in the file store's place (`FlakyStore`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,7 +24,8 @@ use tokend::provider::{Provider, Transport};
 use tokend::store::{FileStore, State, Store, StoreFuture, state_path};
 use tower::ServiceExt;
 
-use super::config::config;
+use super::config::{config, zywave_account};
+use super::provider::manual_provider;
 
 /// The guard header every token and refresh request carries.
 pub const MARK: (&str, &str) = ("Tokend-Request", "1");
@@ -134,6 +135,26 @@ impl Harness {
     pub async fn start(fake: FakeProvider, clock: Clock, accounts: &str) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         Harness::builder(fake, clock, dir).accounts(accounts).await
+    }
+
+    /// The usual start: the wall clock manual at `epoch()`, the fake provider issuing
+    /// `lifetime` tokens, and one Zywave-style account `zy` seeded with a fresh refresh
+    /// token (no scope), which it returns too.
+    pub async fn zywave(lifetime: Duration) -> (Harness, String) {
+        Harness::zywave_with(lifetime, |_| {}).await
+    }
+
+    /// `zywave`, with `setup` applied to the fake provider before anything else (faults,
+    /// latency, the reuse window).
+    pub async fn zywave_with(
+        lifetime: Duration,
+        setup: impl FnOnce(&FakeProvider),
+    ) -> (Harness, String) {
+        let (clock, fake) = manual_provider(lifetime);
+        setup(&fake);
+        let seed = fake.grant_refresh_token("zy-client", None);
+        let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
+        (h, seed)
     }
 
     pub async fn start_with_store(

@@ -2,7 +2,7 @@
 //! test module imports from `crate::support`.
 //!
 //! - `daemon`: the in-process `Harness` (the library daemon, its router, its store).
-//! - `config`: config text for it: account blocks for the fake provider's clients.
+//! - `config`: config text: the account-table builders, the in-process accounts.
 //! - `provider`: the fake provider, in process on a manual clock or served on loopback.
 //! - `process`: running the real `tokend` binary: commands, children, setups, polling.
 

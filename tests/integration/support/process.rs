@@ -16,6 +16,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 use tokend::demo::fake_provider::FakeProvider;
 
+use super::config::{account, refresh_token_account};
 use super::provider::start_provider_with_clients;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokend");
@@ -185,35 +186,6 @@ pub fn http_client() -> reqwest::Client {
 
 // ---------------------------------------------------------------------------------------
 // Configs.
-
-/// An `[accounts.NAME]` table with the keys every account has, then `rest` (more keys,
-/// one per line).
-fn account(
-    name: &str,
-    grant: &str,
-    token_url: &str,
-    client_id: &str,
-    secret: &str,
-    rest: &str,
-) -> String {
-    format!(
-        "\n[accounts.{name}]\ngrant = \"{grant}\"\ntoken_url = \"{token_url}\"\nclient_id = \"{client_id}\"\nclient_secret = \"{secret}\"\n{rest}"
-    )
-}
-
-/// A refresh_token account with only the keys it needs, then `extra` (more keys of the
-/// same table, one per line).
-pub fn refresh_token_account(
-    name: &str,
-    token_url: &str,
-    client_id: &str,
-    secret: &str,
-    seed: &str,
-    extra: &str,
-) -> String {
-    let rest = format!("refresh_token = \"{seed}\"\n{extra}");
-    account(name, "refresh_token", token_url, client_id, secret, &rest)
-}
 
 /// A Zywave-style account: refresh_token grant, form body, secret in the body, and a
 /// Profile header consumers must send.

@@ -26,6 +26,14 @@ pub fn provider(clock: &Clock, lifetime: Duration) -> FakeProvider {
     fake
 }
 
+/// The wall clock, manual at `epoch()`, and `provider` on it issuing `lifetime` tokens:
+/// where every paused-clock test starts.
+pub fn manual_provider(lifetime: Duration) -> (Clock, FakeProvider) {
+    let clock = Clock::manual(epoch());
+    let fake = provider(&clock, lifetime);
+    (clock, fake)
+}
+
 /// The fake provider's access-token lifetime in `start_provider`: long enough that no
 /// refresh is due while a test runs, so every token request the provider sees is one the
 /// test caused.

@@ -68,6 +68,10 @@ fn daemon_exit(result: Result<(), RunError>) -> u8 {
             eprintln!("tokend: invalid configuration:\n{e}");
             exit::CONFIG
         }
+        Err(e @ RunError::ForcedStop(_)) => {
+            eprintln!("tokend: {e}");
+            exit::FORCED_STOP
+        }
         Err(e) => {
             eprintln!("tokend: {e}");
             exit::FAILURE

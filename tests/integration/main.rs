@@ -13,4 +13,5 @@ mod openapi;
 mod ops;
 mod provider_http;
 mod security;
+mod stop;
 mod support;

@@ -79,6 +79,9 @@ struct Backoff {
     retry_at: Option<SystemTime>,
     /// Failures in a row.
     attempt: u32,
+    /// The provider's `Retry-After`, capped like the retry (at `slow_retry`): no call
+    /// before it, not even a forced one.
+    provider_not_before: Option<SystemTime>,
 }
 
 /// Whether the store is behind `state`, and the retry of a failed save: it is retried with
@@ -396,6 +399,20 @@ impl Refresher {
             }));
             return;
         }
+        // Forced or not (an operator's `tokend refresh`), no call while the provider's
+        // `Retry-After` is in force: it asked, and ignoring it invites a ban.
+        if let Some(retry_in) = self
+            .backoff
+            .provider_not_before
+            .and_then(|t| t.duration_since(now).ok())
+            .filter(|d| !d.is_zero())
+        {
+            let _ = demand.reply.send(Err(DemandError::RetryAfter {
+                error: self.last_error.clone().unwrap_or_default(),
+                retry_in,
+            }));
+            return;
+        }
         // Forced or not, one account calls the provider at most once per min_interval:
         // neither a reader nor an operator script can turn into a refresh storm.
         let min_interval = self.config().refresh.min_interval;
@@ -619,9 +636,10 @@ impl Refresher {
         let name = &config.name;
         let rotating = matches!(config.grant, Grant::RefreshToken { .. });
         self.backoff.attempt = self.backoff.attempt.saturating_add(1);
-        let retry_after = e
-            .retry_after()
-            .map(|ra| ra.delay_from(self.deps.clock.now()));
+        let now = self.deps.clock.now();
+        let retry_after = e.retry_after().map(|ra| ra.delay_from(now));
+        self.backoff.provider_not_before =
+            retry_after.map(|delay| now + delay.min(config.refresh.slow_retry));
         let message = e.to_string();
         match e.class() {
             ErrorClass::InvalidGrant if rotating => {

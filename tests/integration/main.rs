@@ -12,6 +12,7 @@ mod logs;
 mod openapi;
 mod ops;
 mod provider_http;
+mod retry_after;
 mod security;
 mod stop;
 mod support;

@@ -6,6 +6,7 @@ mod faults;
 mod flows;
 mod handoff;
 mod hardening;
+mod journal;
 mod layout;
 mod login;
 mod logs;

@@ -29,13 +29,32 @@ async fn force(h: &Harness) -> (StatusCode, Option<u64>, Value) {
     (status, retry_after, serde_json::from_slice(&body).unwrap())
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_forced_refresh_and_a_demand_wait_for_the_providers_retry_after() {
+/// Account `zy` (300 s tokens), 20 s after its first token.
+async fn started() -> Harness {
     let clock = Clock::manual(epoch());
     let fake = provider(&clock, S(300));
     let seed = fake.grant_refresh_token("zy-client", None);
     let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
     h.advance(S(20)).await;
+    h
+}
+
+/// No reuse, no fork, one live chain, and it is the stored one.
+fn family_intact(h: &Harness) {
+    let counts = h.fake.counts();
+    assert_eq!(counts.reuse_detected, 0, "{counts:?}");
+    assert_eq!(counts.forks, 0, "{counts:?}");
+    assert_eq!(h.fake.live_refresh_tokens("zy-client"), 1, "{counts:?}");
+    let stored = h.state_file("zy");
+    assert!(
+        h.fake
+            .is_live_refresh_token(stored["refresh_token"].as_str().unwrap())
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forced_refresh_and_a_demand_wait_for_the_providers_retry_after() {
+    let h = started().await;
     let before = h.token("zy").await;
 
     // The forced refresh reaches the provider, which asks for two minutes' peace.
@@ -82,24 +101,12 @@ async fn a_forced_refresh_and_a_demand_wait_for_the_providers_retry_after() {
     let after = h.token("zy").await;
     assert_ne!(after, before);
     assert!(h.fake.is_valid_access_token(&after));
-    let counts = h.fake.counts();
-    assert_eq!(counts.reuse_detected, 0, "{counts:?}");
-    assert_eq!(counts.forks, 0, "{counts:?}");
-    assert_eq!(h.fake.live_refresh_tokens("zy-client"), 1, "{counts:?}");
-    let stored = h.state_file("zy");
-    assert!(
-        h.fake
-            .is_live_refresh_token(stored["refresh_token"].as_str().unwrap())
-    );
+    family_intact(&h);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_refusal_for_min_interval_says_when_to_ask_again() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, S(300));
-    let seed = fake.grant_refresh_token("zy-client", None);
-    let h = Harness::start(fake, clock, &zywave_account("zy", &seed)).await;
-    h.advance(S(20)).await;
+    let h = started().await;
     let (status, _, body) = force(&h).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     h.advance(S(2)).await;
@@ -107,8 +114,5 @@ async fn a_refusal_for_min_interval_says_when_to_ask_again() {
     let (status, retry_after, body) = force(&h).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(retry_after, Some(3), "{body}");
-    let counts = h.fake.counts();
-    assert_eq!(counts.reuse_detected, 0, "{counts:?}");
-    assert_eq!(counts.forks, 0, "{counts:?}");
-    assert_eq!(h.fake.live_refresh_tokens("zy-client"), 1, "{counts:?}");
+    family_intact(&h);
 }

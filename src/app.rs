@@ -26,7 +26,7 @@ use crate::http::{ApiState, router};
 use crate::listen::{self, Limits, ListenError, Listener};
 use crate::notify;
 use crate::provider::{Provider, ProviderError};
-use crate::refresher::{Deps, Refresher};
+use crate::refresher::{Deps, Refresher, STOP_GRACE};
 use crate::sinks;
 use crate::store::{FileStore, Store, StoreError};
 use crate::token_cell::{AccountHandle, Registry, Status};
@@ -44,6 +44,11 @@ pub enum RunError {
     Listen(#[from] ListenError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// A second SIGINT or SIGTERM arrived while stopping.
+    #[error(
+        "stopped at once by a second {0}; refreshes still in flight were abandoned and keep their in-flight marks for the next start"
+    )]
+    ForcedStop(&'static str),
 }
 
 struct Running {
@@ -341,7 +346,8 @@ impl Daemon {
         handed
     }
 
-    /// Stops the daemon: every refresher finishes its in-flight refresh and save, then the
+    /// Stops the daemon: every refresher finishes its in-flight refresh and save (a token
+    /// request gets [`STOP_GRACE`] to answer, then is abandoned with its mark), then the
     /// token files with `on_shutdown = "remove"` go (tokend is stopping, not reloading),
     /// and rotation hooks, listeners and their connections are waited for.
     pub async fn shutdown(self) {
@@ -456,8 +462,9 @@ pub fn signals() -> Result<Signals, RunError> {
     Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(RunError::Signals)
 }
 
-/// Waits for signals: SIGTERM/SIGINT stop the daemon cleanly; SIGHUP reloads the config
-/// from `config_path` (a broken new config is logged and the running one kept).
+/// Waits for signals: SIGTERM/SIGINT stop the daemon cleanly (a second one while stopping
+/// gives up at once: [`RunError::ForcedStop`]); SIGHUP reloads the config from
+/// `config_path` (a broken new config is logged and the running one kept).
 pub async fn supervise(
     mut daemon: Daemon,
     mut signals: Signals,
@@ -503,7 +510,7 @@ pub async fn supervise(
                     }
                 },
                 Some(sig) => {
-                    info!(signal = sig, "stopping: finishing in-flight refreshes and saves");
+                    info!(signal = signal_name(sig), grace_s = STOP_GRACE.as_secs(), "stopping: finishing in-flight refreshes and saves (a second SIGINT or SIGTERM exits at once)");
                     break;
                 }
                 None => break,
@@ -511,10 +518,44 @@ pub async fn supervise(
         }
     }
     notify::stopping();
+    let stopped = stop_unless_forced(daemon, &mut signals).await;
     signals_handle.close();
-    daemon.shutdown().await;
+    stopped?;
     info!("tokend stopped");
     Ok(())
+}
+
+/// Shuts the daemon down; a second SIGINT or SIGTERM meanwhile gives up on it at once.
+/// What is given up loses nothing durable: saves are atomic, and a refresh whose answer
+/// never came keeps its in-flight mark for the next start.
+async fn stop_unless_forced(daemon: Daemon, signals: &mut Signals) -> Result<(), RunError> {
+    let shutdown = daemon.shutdown();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            signal = signals.next() => match signal {
+                Some(sig @ (SIGINT | SIGTERM)) => {
+                    warn!(signal = signal_name(sig), "second stop signal: exiting at once; refreshes still in flight keep their marks for the next start");
+                    return Err(RunError::ForcedStop(signal_name(sig)));
+                }
+                Some(_) => info!("SIGHUP while stopping: ignored"),
+                None => {
+                    (&mut shutdown).await;
+                    return Ok(());
+                }
+            },
+        }
+    }
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        SIGINT => "SIGINT",
+        SIGTERM => "SIGTERM",
+        SIGHUP => "SIGHUP",
+        _ => "signal",
+    }
 }
 
 /// Watchdog, status and metrics upkeep cadence when systemd sets no watchdog.

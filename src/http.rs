@@ -88,6 +88,8 @@ pub enum ApiError {
         account: String,
         state: Status,
         description: String,
+        /// When to ask again, if known: sent as `Retry-After` (whole seconds, rounded up).
+        retry_after: Option<Duration>,
     },
     NotFound,
 }
@@ -95,6 +97,10 @@ pub enum ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let challenge = matches!(self, ApiError::Unauthorized(_));
+        let retry_after = match &self {
+            ApiError::Unavailable { retry_after, .. } => *retry_after,
+            _ => None,
+        };
         let (status, error, description, state) = match self {
             ApiError::MissingRequestHeader => (
                 StatusCode::FORBIDDEN,
@@ -139,6 +145,7 @@ impl IntoResponse for ApiError {
                 account,
                 state,
                 description,
+                ..
             } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "token_unavailable",
@@ -162,6 +169,10 @@ impl IntoResponse for ApiError {
         if challenge {
             // RFC 6750 §3: a 401 names the scheme the client should use.
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(after) = retry_after {
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         response
     }
@@ -365,6 +376,7 @@ async fn current_token(
                 account: account.to_string(),
                 state: status,
                 description: e.to_string(),
+                retry_after: e.retry_after(),
             })
         }
     }
@@ -532,6 +544,7 @@ async fn force_refresh(
                 _ => handle.snapshot().status_at(now),
             },
             description: e.to_string(),
+            retry_after: e.retry_after(),
         }),
     }
 }

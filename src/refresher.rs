@@ -79,6 +79,9 @@ struct Backoff {
     retry_at: Option<SystemTime>,
     /// Failures in a row.
     attempt: u32,
+    /// The provider's `Retry-After`, capped like the retry (at `slow_retry`): no call
+    /// before it, not even a forced one.
+    provider_not_before: Option<SystemTime>,
 }
 
 /// Whether the store is behind `state`, and the retry of a failed save: it is retried with
@@ -396,6 +399,20 @@ impl Refresher {
             }));
             return;
         }
+        // Forced or not (an operator's `tokend refresh`), no call while the provider's
+        // `Retry-After` is in force: it asked, and ignoring it invites a ban.
+        if let Some(retry_in) = self
+            .backoff
+            .provider_not_before
+            .and_then(|t| t.duration_since(now).ok())
+            .filter(|d| !d.is_zero())
+        {
+            let _ = demand.reply.send(Err(DemandError::RetryAfter {
+                error: self.last_error.clone().unwrap_or_default(),
+                retry_in,
+            }));
+            return;
+        }
         // Forced or not, one account calls the provider at most once per min_interval:
         // neither a reader nor an operator script can turn into a refresh storm.
         let min_interval = self.config().refresh.min_interval;
@@ -497,8 +514,16 @@ impl Refresher {
     /// Discovers the token endpoint if need be, waits for a turn at the provider, marks
     /// a rotation in flight, and asks for a token.
     async fn call_provider(&mut self, grant: TokenGrant<'_>, cancel: &CancellationToken) -> Called {
-        if self.config().token_url.is_none() && !self.discover().await {
-            return None;
+        if self.config().token_url.is_none() {
+            // Discovery rotates nothing: a stop abandons it at once.
+            let discovered = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return None,
+                found = self.discover() => found,
+            };
+            if !discovered {
+                return None;
+            }
         }
         let config = self.config();
         // Queued behind the provider host's limits (after a cold start or an outage, with
@@ -524,10 +549,13 @@ impl Refresher {
         debug!(account = %config.name, grant = grant.as_str(), url = url.unwrap_or("-"), "requesting a token");
         let result = match turn {
             Ok(turn) => {
-                self.deps
-                    .provider
-                    .request_token_in(turn, &config, grant)
-                    .await
+                let request = self.deps.provider.request_token_in(turn, &config, grant);
+                until_stopped(request, cancel).await.or_else(|| {
+                    // The provider may have rotated: the in-flight mark stays on disk, and
+                    // the next start recovers as it does after a crash.
+                    warn!(account = %config.name, grace_s = STOP_GRACE.as_secs(), "stopping: abandoned a token request that did not finish within the grace; the next start retries it");
+                    None
+                })?
             }
             Err(e) => Err(e),
         };
@@ -608,9 +636,10 @@ impl Refresher {
         let name = &config.name;
         let rotating = matches!(config.grant, Grant::RefreshToken { .. });
         self.backoff.attempt = self.backoff.attempt.saturating_add(1);
-        let retry_after = e
-            .retry_after()
-            .map(|ra| ra.delay_from(self.deps.clock.now()));
+        let now = self.deps.clock.now();
+        let retry_after = e.retry_after().map(|ra| ra.delay_from(now));
+        self.backoff.provider_not_before =
+            retry_after.map(|delay| now + delay.min(config.refresh.slow_retry));
         let message = e.to_string();
         match e.class() {
             ErrorClass::InvalidGrant if rotating => {
@@ -784,6 +813,24 @@ impl Refresher {
             refresh_token_issued_at: self.state.refresh_token_issued_at,
             refresh_token_expires_at: self.state.refresh_token_expires_at,
         });
+    }
+}
+
+/// How long a stop waits for a token request already sent: an answer within it is saved
+/// (the rotated refresh token is kept); a provider that hangs longer is abandoned, so a
+/// stop never waits for the whole request timeout.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// `request`'s output, unless `cancel` fires and it then takes longer than [`STOP_GRACE`].
+async fn until_stopped<T>(
+    request: impl Future<Output = T>,
+    cancel: &CancellationToken,
+) -> Option<T> {
+    let mut request = std::pin::pin!(request);
+    tokio::select! {
+        biased;
+        done = &mut request => Some(done),
+        _ = cancel.cancelled() => tokio::time::timeout(STOP_GRACE, request).await.ok(),
     }
 }
 

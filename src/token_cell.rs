@@ -250,10 +250,26 @@ pub enum DemandError {
         ago: Duration,
         min_interval: Duration,
     },
+    #[error("the provider asked for no request for another {} (Retry-After) after its last answer: {error}", secs(*retry_in))]
+    RetryAfter { error: String, retry_in: Duration },
     #[error("the account is shutting down or being reloaded")]
     Gone,
     #[error("{waiting} requests already wait for this account's refresh; try again shortly")]
     Busy { waiting: usize },
+}
+
+impl DemandError {
+    /// When asking again may succeed, for a `Retry-After` in the answer; `None` when only
+    /// a change (a login, a config) can help, or nobody knows.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            DemandError::Failing { retry_in, .. } | DemandError::RetryAfter { retry_in, .. } => {
+                Some(*retry_in).filter(|d| !d.is_zero())
+            }
+            DemandError::TooSoon { ago, min_interval } => Some(min_interval.saturating_sub(*ago)),
+            _ => None,
+        }
+    }
 }
 
 /// `profile` → `Profile`, `x-api-key` → `X-Api-Key`: how consumers expect to see them.

@@ -185,7 +185,13 @@ log "2. sandbox: uid $uid (dynamic), private user namespace, seccomp, no capabil
 # ---- 3. logs fit the journal ----------------------------------------------------------
 if journal_has $'\e\['; then fail "ANSI escapes in the journal"; fi
 if journal_has '^[0-9]{4}-[0-9]{2}-[0-9]{2}T'; then fail "timestamps in the journal lines"; fi
-log "3. journal lines have no ANSI colours and no second timestamp"
+if journal_has '^<[0-7]>'; then fail "priority prefixes left in the journal messages"; fi
+# Priorities: journald took each line's <N> prefix as its severity.
+warnings=$(IN journalctl -u tokend --no-pager -o cat -p warning)
+if grep -Eq 'INFO ' <<<"$warnings"; then fail "INFO lines at warning priority: $warnings"; fi
+infos=$(IN journalctl -u tokend --no-pager -o cat -p info)
+grep -Eq 'INFO .*ready' <<<"$infos" || fail "no INFO ready line at info priority"
+log "3. journal lines have no ANSI colours, no second timestamp, and their own priorities"
 
 # ---- 4. reload: a new account serves tokens -------------------------------------------
 write_config svc svc2

@@ -1,11 +1,10 @@
 //! The commands that start the daemon or vet what it would run: `run` (and `run --once`),
-//! `demo`, `check`; the logging set-up they share, and how a daemon's end maps to an exit
-//! code. The daemon itself is `app`'s.
+//! `demo`, `check`; how a daemon's end maps to an exit code. The daemon itself is `app`'s,
+//! the logging set-up `logging`'s.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use super::exit;
+use super::{exit, logging};
 use crate::app::{self, RunError};
 use crate::config::{Config, LogFormat};
 use crate::store::state_path;
@@ -17,7 +16,9 @@ pub async fn run(path: PathBuf, once: bool) -> u8 {
         Ok(c) => c,
         Err(e) => return daemon_exit(Err(RunError::Config(e))),
     };
-    init_tracing(config.log.format);
+    if let Err(code) = init_tracing(config.log.format) {
+        return code;
+    }
     if once {
         return match app::run_once(config).await {
             Ok(true) => exit::OK,
@@ -31,34 +32,18 @@ pub async fn run(path: PathBuf, once: bool) -> u8 {
 /// `tokend demo`: the daemon against the embedded provider, logging as text.
 #[cfg(feature = "demo")]
 pub async fn demo() -> u8 {
-    init_tracing(LogFormat::Text);
+    if let Err(code) = init_tracing(LogFormat::Text) {
+        return code;
+    }
     daemon_exit(crate::demo::run().await)
 }
 
-/// Logs go to stderr: human-readable (coloured only on a terminal, without the timestamp
-/// when the journal, which adds its own, is the reader) or JSON lines. `RUST_LOG`
-/// filters (default info); `TOKEND_LOG_FORMAT` overrides the config's `log.format`.
-pub fn init_tracing(format: LogFormat) {
-    let format = match std::env::var("TOKEND_LOG_FORMAT").as_deref() {
-        Ok("json") => LogFormat::Json,
-        Ok("text") => LogFormat::Text,
-        _ => format,
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let result = match (format, journald) {
-        (LogFormat::Json, _) => builder.json().flatten_event(true).try_init(),
-        (LogFormat::Text, true) => builder.with_ansi(false).without_time().try_init(),
-        (LogFormat::Text, false) => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
-    };
-    // Already initialized (tests embedding the CLI): keep the existing subscriber.
-    let _ = result;
+/// Sets up logging (see [`logging::init`]); a bad `TOKEND_LOG_FORMAT` is a config error.
+fn init_tracing(format: LogFormat) -> Result<(), u8> {
+    logging::init(format).map_err(|e| {
+        eprintln!("tokend: invalid configuration: {e}");
+        exit::CONFIG
+    })
 }
 
 fn daemon_exit(result: Result<(), RunError>) -> u8 {
@@ -67,6 +52,10 @@ fn daemon_exit(result: Result<(), RunError>) -> u8 {
         Err(RunError::Config(e)) => {
             eprintln!("tokend: invalid configuration:\n{e}");
             exit::CONFIG
+        }
+        Err(e @ RunError::ForcedStop(_)) => {
+            eprintln!("tokend: {e}");
+            exit::FORCED_STOP
         }
         Err(e) => {
             eprintln!("tokend: {e}");

@@ -12,3 +12,6 @@ pub const UNAVAILABLE: u8 = 69;
 /// The configuration is invalid (EX_CONFIG). systemd units use
 /// `RestartPreventExitStatus=78` so a broken config does not restart-loop.
 pub const CONFIG: u8 = 78;
+/// `run`/`demo` stopped at once by a second SIGINT or SIGTERM, without waiting for the
+/// refreshes in flight (128 + SIGINT, as shells report an interrupt).
+pub const FORCED_STOP: u8 = 130;

@@ -14,6 +14,7 @@ pub mod client;
 mod daemon;
 pub mod exit;
 mod http1;
+mod logging;
 pub mod login;
 mod login_cmd;
 mod remote;

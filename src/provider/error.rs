@@ -146,8 +146,16 @@ pub(super) fn client_error(e: &reqwest::Error) -> ProviderError {
 }
 
 /// reqwest's Display stops at the outermost layer ("error sending request"); the cause
-/// chain says what actually failed (refused, DNS, TLS). URLs carry no secrets here.
+/// chain says what actually failed (refused, DNS, TLS). A failed TLS handshake is told
+/// as one, in words, instead of rustls' internals. URLs carry no secrets here.
 pub(super) fn transport_message(e: &reqwest::Error) -> String {
+    if let Some(tls) = tls_failure(e) {
+        let place = e
+            .url()
+            .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))
+            .unwrap_or_else(|| "the provider".into());
+        return format!("TLS handshake with {place} failed: {}", tls_reason(tls));
+    }
     let mut message = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(cause) = source {
@@ -156,6 +164,51 @@ pub(super) fn transport_message(e: &reqwest::Error) -> String {
         source = cause.source();
     }
     message
+}
+
+/// The rustls error in `e`'s cause chain, directly or inside the I/O errors hyper and
+/// its connector wrap it in (their `source` skips the wrapped error, `get_ref` does not).
+fn tls_failure(e: &reqwest::Error) -> Option<&rustls::Error> {
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let mut inner: &(dyn std::error::Error + 'static) = cause;
+        while let Some(io) = inner.downcast_ref::<std::io::Error>()
+            && let Some(wrapped) = io.get_ref()
+        {
+            inner = wrapped;
+        }
+        if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        source = cause.source();
+    }
+    None
+}
+
+/// A handshake failure in an operator's words, with what to check.
+fn tls_reason(e: &rustls::Error) -> String {
+    use rustls::{CertificateError as Cert, Error};
+    match e {
+        // The answer was not a TLS record at all: most often an HTTP server.
+        Error::InvalidMessage(_) | Error::InappropriateMessage { .. } => {
+            "the answer is not TLS; the port may speak plain HTTP (check the URL's scheme and port)".into()
+        }
+        Error::InvalidCertificate(cert) => match cert {
+            Cert::UnknownIssuer => "the certificate is issued by an unknown authority (for a private CA, set the account's ca_file)".into(),
+            Cert::Expired | Cert::ExpiredContext { .. } => "the certificate has expired".into(),
+            Cert::NotValidYet | Cert::NotValidYetContext { .. } => {
+                "the certificate is not valid yet (is this host's clock right?)".into()
+            }
+            Cert::NotValidForName | Cert::NotValidForNameContext { .. } => {
+                "the certificate is not valid for this host name".into()
+            }
+            Cert::Revoked => "the certificate has been revoked".into(),
+            other => format!("the certificate is not acceptable ({other:?})"),
+        },
+        Error::AlertReceived(alert) => format!("the server refused the handshake ({alert:?})"),
+        Error::PeerIncompatible(_) => "no TLS version or cipher suite in common with the server".into(),
+        other => other.to_string(),
+    }
 }
 
 /// What an answer's body was, without a byte of it: its content type and length. A body
@@ -396,6 +449,24 @@ mod tests {
         assert!(
             text.ends_with("… (see https://idp.example/errors/invalid_grant)"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn tls_failures_are_told_in_an_operators_words() {
+        use rustls::{CertificateError as Cert, Error};
+        let reason = |e: Error| tls_reason(&e);
+        assert!(reason(Error::InvalidCertificate(Cert::UnknownIssuer)).contains("ca_file"));
+        assert_eq!(
+            reason(Error::InvalidCertificate(Cert::Expired)),
+            "the certificate has expired"
+        );
+        assert!(reason(Error::InvalidCertificate(Cert::NotValidForName)).contains("host name"));
+        assert!(
+            reason(Error::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType
+            ))
+            .contains("may speak plain HTTP")
         );
     }
 }

@@ -25,6 +25,7 @@ use crate::seal::{Keyring, SealKey};
 use crate::secret::Secret;
 
 mod account;
+mod secret_files;
 
 /// What validation made of a parsed config.
 pub(super) struct Validated {
@@ -499,10 +500,15 @@ impl Validator<'_> {
                 .ok_or_else(|| format!("environment variable {name} is not set")),
             RawSecret::File(path) => {
                 let resolved = self.secret_path(path);
-                self.env
+                let read = self
+                    .env
                     .read_file(&resolved)
                     .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
-                    .map_err(|e| format!("cannot read secret file {}: {e}", resolved.display()))
+                    .map_err(|e| format!("cannot read secret file {}: {e}", resolved.display()));
+                if read.is_ok() {
+                    self.check_secret_file(raw.span(), key, &resolved);
+                }
+                read
             }
         };
         match value {

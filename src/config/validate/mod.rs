@@ -18,8 +18,8 @@ use crate::config::raw::{
 };
 use crate::config::{
     AccountConfig, AccountName, Config, ConsumerConfig, DEFAULT_LISTEN, DEFAULT_STATE_DIR,
-    Environment, HostLimits, ListenAddr, LogConfig, ProviderLimits, RefreshPolicy, ServerConfig,
-    StateConfig,
+    Environment, HostLimits, ListenAddr, LogConfig, ProviderLimits, RefreshPolicy, SecretSource,
+    ServerConfig, StateConfig,
 };
 use crate::seal::{Keyring, SealKey};
 use crate::secret::Secret;
@@ -49,6 +49,7 @@ pub(super) fn validate(
         base_dir,
         problems: Vec::new(),
         warnings: Vec::new(),
+        secret_sources: BTreeMap::new(),
         literal_secrets: false,
     };
     let config = v.config(raw);
@@ -66,6 +67,7 @@ struct Validator<'a> {
     base_dir: PathBuf,
     problems: Vec<Problem>,
     warnings: Vec<String>,
+    secret_sources: BTreeMap<String, SecretSource>,
     /// A secret is written in the config itself.
     literal_secrets: bool,
 }
@@ -128,6 +130,7 @@ impl Validator<'_> {
             accounts,
             consumers,
             warnings: std::mem::take(&mut self.warnings),
+            secret_sources: std::mem::take(&mut self.secret_sources),
         }
     }
 
@@ -511,6 +514,10 @@ impl Validator<'_> {
                 read
             }
         };
+        if value.is_ok() {
+            self.secret_sources
+                .insert(key.to_string(), self.secret_source(raw.get_ref()));
+        }
         match value {
             Ok(v) if v.is_empty() => {
                 self.report(raw.span(), key, "the secret is empty");
@@ -521,6 +528,14 @@ impl Validator<'_> {
                 self.report(raw.span(), key, msg);
                 None
             }
+        }
+    }
+
+    fn secret_source(&self, raw: &RawSecret) -> SecretSource {
+        match raw {
+            RawSecret::Literal(_) => SecretSource::Literal,
+            RawSecret::Env(name) => SecretSource::Env(name.clone()),
+            RawSecret::File(path) => SecretSource::File(self.secret_path(path)),
         }
     }
 

@@ -148,46 +148,54 @@ async fn check_prints_every_part_of_a_plan_and_warns_about_open_secret_files() {
         )),
         "{stdout}"
     );
-    assert_eq!(
-        row(&stdout, "a", "refresh token"),
-        format!("seed from file {seed} (no state file yet)")
-    );
-    assert_eq!(
-        row(&stdout, "a", "client"),
-        "client-a (client_secret_post, secret from the config file)"
-    );
-    assert_eq!(
-        row(&stdout, "a", "extra params"),
-        "audience (values not shown)"
-    );
-    assert_eq!(row(&stdout, "a", "headers"), "profile (values not shown)");
-    assert_eq!(
-        row(&stdout, "a", "sink"),
-        format!("{} (json, mode 0640, kept on shutdown)", sink.display())
-    );
-    assert_eq!(
-        row(&stdout, "a", "hook"),
-        r#"runs ["/bin/true", "--reload"] after each refresh, within 5s"#
-    );
+    let expected = [
+        (
+            "a",
+            "refresh token",
+            format!("seed from file {seed} (no state file yet)"),
+        ),
+        (
+            "a",
+            "client",
+            "client-a (client_secret_post, secret from the config file)".into(),
+        ),
+        ("a", "extra params", "audience (values not shown)".into()),
+        ("a", "headers", "profile (values not shown)".into()),
+        (
+            "a",
+            "sink",
+            format!("{} (json, mode 0640, kept on shutdown)", sink.display()),
+        ),
+        (
+            "a",
+            "hook",
+            r#"runs ["/bin/true", "--reload"] after each refresh, within 5s"#.into(),
+        ),
+        (
+            "b",
+            "token URL",
+            "discovered from https://idp.example.com at the first refresh".into(),
+        ),
+        (
+            "b",
+            "client",
+            "client-b (client_secret_basic, secret from env B_SECRET)".into(),
+        ),
+        (
+            "b",
+            "refresh token",
+            "the state file (stored by an earlier run)".into(),
+        ),
+        ("b", "sinks", "none".into()),
+    ];
+    for (account, label, value) in expected {
+        assert_eq!(row(&stdout, account, label), value, "{account} {label}");
+    }
     let refresh = row(&stdout, "a", "refresh");
     assert!(
         refresh.contains("at least 30s apart, at most 6h apart"),
         "{refresh}"
     );
-
-    assert_eq!(
-        row(&stdout, "b", "token URL"),
-        "discovered from https://idp.example.com at the first refresh"
-    );
-    assert_eq!(
-        row(&stdout, "b", "client"),
-        "client-b (client_secret_basic, secret from env B_SECRET)"
-    );
-    assert_eq!(
-        row(&stdout, "b", "refresh token"),
-        "the state file (stored by an earlier run)"
-    );
-    assert_eq!(row(&stdout, "b", "sinks"), "none");
     for secret in [
         "rt-seed-in-a-file-42",
         "cs-literal-secret-7",

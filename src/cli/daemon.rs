@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use super::{exit, logging};
 use crate::app::{self, RunError};
 use crate::config::{Config, LogFormat};
-use crate::store::state_path;
 
 /// `tokend run`: load the config, set up logging, run the daemon until it is told to stop
 /// (with `once`: obtain every token and return, 0 when every account got one).
@@ -64,6 +63,8 @@ fn daemon_exit(result: Result<(), RunError>) -> u8 {
     }
 }
 
+/// `tokend check`: 0 and the plan (`check::report`) for a valid config, 78 and every
+/// problem for an invalid one.
 pub fn check(path: &Path) -> u8 {
     let config = match Config::load(path) {
         Ok(c) => c,
@@ -72,32 +73,7 @@ pub fn check(path: &Path) -> u8 {
             return exit::CONFIG;
         }
     };
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let _ = writeln!(out, "{}: ok", path.display());
-    for warning in &config.warnings {
-        let _ = writeln!(out, "warning: {warning}");
-    }
-    let listen: Vec<String> = config.server.listen.iter().map(|a| a.to_string()).collect();
-    let _ = writeln!(out, "listen: {}", listen.join(", "));
-    let _ = writeln!(out, "state dir: {}", config.state.dir.display());
-    let _ = writeln!(out, "accounts: {}", config.accounts.len());
-    for account in config.accounts.values() {
-        // Discovery needs the network, which `check` does not use: name the issuer.
-        let endpoint = match (&account.token_url, &account.endpoints.issuer) {
-            (Some(url), _) => url.to_string(),
-            (None, Some(issuer)) => format!("(discovered from issuer {issuer})"),
-            (None, None) => "-".into(),
-        };
-        let _ = writeln!(
-            out,
-            "  {}: grant={} endpoint={} state={}",
-            account.name,
-            account.grant.as_str(),
-            endpoint,
-            state_path(&config.state.dir, &account.name).display()
-        );
-    }
+    let out = super::check::report(path, &config);
     // `tokend check | head -1` closes the pipe early: that is not a failure to report.
     let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
     exit::OK

@@ -10,6 +10,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use crate::config::DEFAULT_CONFIG_PATH;
 use login_cmd::LoginMode;
 
+mod check;
 pub mod client;
 mod daemon;
 pub mod exit;

@@ -86,7 +86,7 @@ impl<'a> Locator<'a> {
     pub(super) fn parse_problem(&self, e: &toml::de::Error) -> Problem {
         let span = e.span().unwrap_or(0..0);
         let key = self.key_at(span.start);
-        self.problem(span, key, e.message().trim().to_string())
+        self.problem(span, key, with_suggestion(e.message().trim()))
     }
 
     fn key_at(&self, offset: usize) -> String {
@@ -129,6 +129,75 @@ impl<'a> Locator<'a> {
     }
 }
 
+/// serde's "unknown field `X`, expected one of `a`, `b`" (or "unknown variant …") with
+/// the closest allowed name instead of the whole list, when one is close enough to be
+/// the intended one; otherwise the message as it is.
+fn with_suggestion(message: &str) -> String {
+    let Some(kind) = ["unknown field", "unknown variant"]
+        .into_iter()
+        .find(|k| message.starts_with(k))
+    else {
+        return message.to_string();
+    };
+    // Backticked names: the unknown one first, then the allowed ones.
+    let mut names = message.split('`').skip(1).step_by(2);
+    let Some(unknown) = names.next() else {
+        return message.to_string();
+    };
+    match closest(unknown, names) {
+        Some(near) => format!("{kind} `{unknown}`; did you mean `{near}`?"),
+        None => message.to_string(),
+    }
+}
+
+/// The candidate nearest to `word` by edit distance (case and `-`/`_` ignored), if it is
+/// within a third of the word's length (at least one edit).
+fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let norm = |s: &str| -> Vec<char> {
+        s.chars()
+            .map(|c| {
+                if c == '-' {
+                    '_'
+                } else {
+                    c.to_ascii_lowercase()
+                }
+            })
+            .collect()
+    };
+    let w = norm(word);
+    let limit = (w.len() / 3).max(1);
+    candidates
+        .map(|c| (edit_distance(&w, &norm(c)), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Optimal string alignment distance: insertions, deletions, substitutions and swaps of
+/// two neighbours (`client_sercet`) each cost one.
+fn edit_distance(a: &[char], b: &[char]) -> usize {
+    let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in rows.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in rows[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut d = (rows[i - 1][j] + 1)
+                .min(rows[i][j - 1] + 1)
+                .min(rows[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d = d.min(rows[i - 2][j - 2] + 1);
+            }
+            rows[i][j] = d;
+        }
+    }
+    rows[a.len()][b.len()]
+}
+
 /// The leading part of `text` that can be a dotted TOML key (bare or quoted parts).
 fn key_path_prefix(text: &str) -> String {
     let text = text.trim();
@@ -166,7 +235,10 @@ mod tests {
         let p = &err.problems[0];
         assert_eq!((p.line, p.column), (6, 1), "{err}");
         assert_eq!(p.key, "accounts.a.client_sercet");
-        assert!(p.message.contains("unknown field"), "{err}");
+        assert_eq!(
+            p.message,
+            "unknown field `client_sercet`; did you mean `client_secret`?"
+        );
         assert!(
             err.to_string()
                 .starts_with("/etc/tokend/tokend.toml:6:1: key `accounts.a.client_sercet`"),
@@ -181,5 +253,57 @@ mod tests {
         let err = load(text).unwrap_err();
         assert_eq!(err.problems[0].line, 2, "{err}");
         assert_eq!(err.problems[0].key, "accounts.a.grant");
+    }
+
+    #[test]
+    fn unknown_keys_get_the_nearest_allowed_key_at_their_place() {
+        let message = |text: &str| load(text).unwrap_err().problems[0].message.clone();
+        let account = "[accounts.a]\ngrant = \"client_credentials\"\ntoken_url = \"https://x/t\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
+        // A top-level section.
+        assert_eq!(
+            message("[acounts.a]\ngrant = \"client_credentials\"\n"),
+            "unknown field `acounts`; did you mean `accounts`?"
+        );
+        // An account key, a nested table's key, a table in an array, a secret's form.
+        assert_eq!(
+            message(&format!("{account}Token_URL = \"https://y/t\"\n")),
+            "unknown field `Token_URL`; did you mean `token_url`?"
+        );
+        assert_eq!(
+            message(&format!(
+                "{account}[accounts.a.refresh]\nmin-interval = \"5s\"\n"
+            )),
+            "unknown field `min-interval`; did you mean `min_interval`?"
+        );
+        assert_eq!(
+            message(&format!(
+                "{account}[[accounts.a.sinks]]\npath = \"/t\"\nmdoe = \"0600\"\n"
+            )),
+            "unknown field `mdoe`; did you mean `mode`?"
+        );
+        assert_eq!(
+            message("[state]\nencryption_key = { fiel = \"k\" }\n"),
+            "unknown field `fiel`; did you mean `file`?"
+        );
+        // Nothing close: the list of what is allowed stays.
+        let far = message(&format!("{account}colour = \"blue\"\n"));
+        assert!(
+            far.starts_with("unknown field `colour`, expected one of `grant`"),
+            "{far}"
+        );
+    }
+
+    #[test]
+    fn edit_distance_counts_a_swap_as_one() {
+        let d = |a: &str, b: &str| {
+            edit_distance(
+                &a.chars().collect::<Vec<_>>(),
+                &b.chars().collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(d("client_sercet", "client_secret"), 1);
+        assert_eq!(d("", "abc"), 3);
+        assert_eq!(d("kitten", "sitting"), 3);
+        assert_eq!(closest("zzz", ["grant", "scope"].into_iter()), None);
     }
 }

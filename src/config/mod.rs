@@ -53,6 +53,30 @@ pub struct Config {
     /// Things that are allowed but unwise (a world-readable config holding a literal
     /// secret, a non-loopback listener): logged at start and shown by `tokend check`.
     pub warnings: Vec<String>,
+    /// Where each secret came from, by its key (`accounts.a.refresh_token`): what
+    /// `tokend check` shows instead of the value.
+    pub secret_sources: BTreeMap<String, SecretSource>,
+}
+
+/// Where a secret was read from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SecretSource {
+    /// Written in the config file itself.
+    Literal,
+    /// The environment variable of that name.
+    Env(String),
+    /// The file, as resolved (in `$CREDENTIALS_DIRECTORY` or next to the config).
+    File(PathBuf),
+}
+
+impl fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::Literal => f.write_str("the config file"),
+            SecretSource::Env(name) => write!(f, "env {name}"),
+            SecretSource::File(path) => write!(f, "file {}", path.display()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -34,19 +34,22 @@ impl RetryAfter {
     }
 }
 
-/// Why a request to the provider failed. Messages never contain a secret: bodies are
-/// scrubbed of every secret the request carried.
+/// Why a request to the provider failed. Messages never contain a secret: a body is
+/// described (type, length, where its JSON breaks), never quoted; only the OAuth error
+/// fields, which are meant for humans, are shown, bounded and scrubbed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProviderError {
     #[error("cannot reach the provider: {0}")]
     Transport(String),
     #[error("the provider did not answer within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
-    #[error("the provider answered HTTP {status} with OAuth error {error:?}{}", describe(.description))]
+    #[error("the provider answered HTTP {status} with OAuth error {error:?}{}{}", describe(.description), see(.uri))]
     OAuth {
         status: u16,
         error: String,
         description: Option<String>,
+        /// `error_uri`: a page about the error (boxed: the error stays small).
+        uri: Option<Box<str>>,
         retry_after: Option<RetryAfter>,
     },
     #[error("the provider answered HTTP {status} ({detail})")]
@@ -67,6 +70,12 @@ fn describe(description: &Option<String>) -> String {
     description
         .as_ref()
         .map(|d| format!(": {d}"))
+        .unwrap_or_default()
+}
+
+fn see(uri: &Option<Box<str>>) -> String {
+    uri.as_ref()
+        .map(|u| format!(" (see {u})"))
         .unwrap_or_default()
 }
 
@@ -137,8 +146,16 @@ pub(super) fn client_error(e: &reqwest::Error) -> ProviderError {
 }
 
 /// reqwest's Display stops at the outermost layer ("error sending request"); the cause
-/// chain says what actually failed (refused, DNS, TLS). URLs carry no secrets here.
+/// chain says what actually failed (refused, DNS, TLS). A failed TLS handshake is told
+/// as one, in words, instead of rustls' internals. URLs carry no secrets here.
 pub(super) fn transport_message(e: &reqwest::Error) -> String {
+    if let Some(tls) = tls_failure(e) {
+        let place = e
+            .url()
+            .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))
+            .unwrap_or_else(|| "the provider".into());
+        return format!("TLS handshake with {place} failed: {}", tls_reason(tls));
+    }
     let mut message = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(cause) = source {
@@ -149,23 +166,124 @@ pub(super) fn transport_message(e: &reqwest::Error) -> String {
     message
 }
 
-pub(super) fn body_summary(headers: &HeaderMap, body: &[u8], secrets: &[&Secret]) -> String {
+/// The rustls error in `e`'s cause chain, directly or inside the I/O errors hyper and
+/// its connector wrap it in (their `source` skips the wrapped error, `get_ref` does not).
+fn tls_failure(e: &reqwest::Error) -> Option<&rustls::Error> {
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let mut inner: &(dyn std::error::Error + 'static) = cause;
+        while let Some(io) = inner.downcast_ref::<std::io::Error>()
+            && let Some(wrapped) = io.get_ref()
+        {
+            inner = wrapped;
+        }
+        if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        source = cause.source();
+    }
+    None
+}
+
+/// A handshake failure in an operator's words, with what to check.
+fn tls_reason(e: &rustls::Error) -> String {
+    use rustls::{CertificateError as Cert, Error};
+    match e {
+        // The answer was not a TLS record at all: most often an HTTP server.
+        Error::InvalidMessage(_) | Error::InappropriateMessage { .. } => {
+            "the answer is not TLS; the port may speak plain HTTP (check the URL's scheme and port)".into()
+        }
+        Error::InvalidCertificate(cert) => match cert {
+            Cert::UnknownIssuer => "the certificate is issued by an unknown authority (for a private CA, set the account's ca_file)".into(),
+            Cert::Expired | Cert::ExpiredContext { .. } => "the certificate has expired".into(),
+            Cert::NotValidYet | Cert::NotValidYetContext { .. } => {
+                "the certificate is not valid yet (is this host's clock right?)".into()
+            }
+            Cert::NotValidForName | Cert::NotValidForNameContext { .. } => {
+                "the certificate is not valid for this host name".into()
+            }
+            Cert::Revoked => "the certificate has been revoked".into(),
+            other => format!("the certificate is not acceptable ({other:?})"),
+        },
+        Error::AlertReceived(alert) => format!("the server refused the handshake ({alert:?})"),
+        Error::PeerIncompatible(_) => "no TLS version or cipher suite in common with the server".into(),
+        other => other.to_string(),
+    }
+}
+
+/// What an answer's body was, without a byte of it: its content type and length. A body
+/// is never quoted, not even scrubbed: a truncated answer from a rotating provider holds
+/// the new tokens, which no scrubbing can know.
+pub(super) fn describe_body(headers: &HeaderMap, body: &[u8]) -> String {
     let content_type = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("no content type");
+        .map_or_else(|| "no content type".to_string(), |t| bounded(t, 80));
     if body.is_empty() {
-        return format!("{content_type}, empty body");
+        format!("{content_type}, empty body")
+    } else {
+        format!("{content_type}, {} bytes", body.len())
     }
-    let text = String::from_utf8_lossy(body);
-    let snippet: String = text.chars().take(160).collect();
-    let snippet = scrub(snippet.trim(), secrets).replace(['\n', '\r'], " ");
-    format!("{content_type}, {} bytes: {snippet:?}", body.len())
+}
+
+/// Why a body is not a JSON object, by position and kind only (serde_json's own message
+/// may quote a value, so it is not used).
+pub(super) fn json_problem(body: &[u8]) -> String {
+    use serde_json::error::Category;
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(value) => format!("JSON {}, not an object", json_kind(&value)),
+        Err(e) => match e.classify() {
+            Category::Eof => format!(
+                "the JSON ends early, at line {} column {} (a cut-off answer?)",
+                e.line(),
+                e.column()
+            ),
+            Category::Syntax | Category::Data | Category::Io => {
+                format!("not valid JSON at line {} column {}", e.line(), e.column())
+            }
+        },
+    }
+}
+
+/// The kind of a JSON value, never the value: what a message may say about a field.
+pub(super) fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(s) if s.is_empty() => "an empty string",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// An OAuth error field (RFC 6749 §5.2 `error`, `error_description`, `error_uri`), meant
+/// for humans and so shown: scrubbed of the request's secrets, without control
+/// characters (a log line stays one line), at most `max` characters.
+pub(super) fn oauth_field(text: &str, secrets: &[&Secret], max: usize) -> String {
+    bounded(&scrub(text, secrets), max)
+}
+
+/// `text` without control characters, cut to `max` characters with an ellipsis.
+fn bounded(text: &str, max: usize) -> String {
+    let clean: String = text
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if clean.chars().count() <= max {
+        clean
+    } else {
+        let mut cut: String = clean.chars().take(max).collect();
+        cut.push('…');
+        cut
+    }
 }
 
 /// Replaces any secret the request carried with `[redacted]`: a provider that echoes the
-/// request in its error page must not put our credentials into our logs.
-pub(super) fn scrub(text: &str, secrets: &[&Secret]) -> String {
+/// request in its error description must not put our credentials into our logs.
+fn scrub(text: &str, secrets: &[&Secret]) -> String {
     let mut out = text.to_string();
     for s in secrets {
         if s.expose().len() >= 4 {
@@ -254,17 +372,101 @@ mod tests {
         );
     }
 
+    /// A 200 cut off mid-answer, as a rotating provider's truncated body would be: the
+    /// new tokens in it are unknown to any scrubbing, so nothing of the body is quoted.
     #[test]
-    fn error_bodies_are_scrubbed_of_request_secrets() {
+    fn a_truncated_success_is_described_never_quoted() {
+        let body =
+            br#"{"access_token":"at-NEW-7f3a","refresh_token":"rt-NEW-91bc","expires_in":36"#;
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let e = parse_response(StatusCode::OK, &headers, body, &[]).unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, ProviderError::Malformed(_)), "{e}");
+        for token in ["at-NEW-7f3a", "rt-NEW-91bc", "access_token", "36"] {
+            assert!(!text.contains(token), "{token} quoted in: {text}");
+        }
+        assert!(text.contains("application/json"), "{text}");
+        assert!(text.contains(&format!("{} bytes", body.len())), "{text}");
+        assert!(
+            text.contains("ends early, at line 1 column 75"),
+            "the position: {text}"
+        );
+    }
+
+    #[test]
+    fn an_error_page_that_echoes_the_request_is_described_never_quoted() {
+        let body =
+            b"<html>bad request: grant_type=refresh_token&refresh_token=rt-unknown-to-us</html>";
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/html"));
+        let e = parse_response(StatusCode::INTERNAL_SERVER_ERROR, &headers, body, &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the provider answered HTTP 500 (text/html, {} bytes)",
+                body.len()
+            )
+        );
+        let e = parse_response(StatusCode::OK, &headers, body, &[]).unwrap_err();
+        assert!(
+            e.to_string().ends_with("not valid JSON at line 1 column 1"),
+            "{e}"
+        );
+        // JSON of another shape names its kind, not its value.
+        let e = parse_response(StatusCode::OK, &headers, br#""rt-in-a-string""#, &[]).unwrap_err();
+        assert!(
+            e.to_string().ends_with("JSON a string, not an object"),
+            "{e}"
+        );
+        let e =
+            parse_response(StatusCode::OK, &headers, br#"{"access_token":42}"#, &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the provider's answer is not usable: access_token is a number, not a non-empty string"
+        );
+    }
+
+    #[test]
+    fn oauth_error_fields_are_shown_bounded_scrubbed_and_on_one_line() {
         let rt = Secret::new("rt-super-secret");
+        let long = "x".repeat(1000);
+        let body = format!(
+            r#"{{"error":"invalid_grant","error_description":"token rt-super-secret\nrevoked\u001b[31m {long}","error_uri":"https://idp.example/errors/invalid_grant"}}"#
+        );
         let e = parse_response(
-            StatusCode::BAD_GATEWAY,
+            StatusCode::BAD_REQUEST,
             &HeaderMap::new(),
-            b"upstream failed for refresh_token=rt-super-secret",
+            body.as_bytes(),
             &[&rt],
         )
         .unwrap_err();
-        assert!(!e.to_string().contains("rt-super-secret"), "{e}");
-        assert!(e.to_string().contains("[redacted]"));
+        let text = e.to_string();
+        assert!(!text.contains("rt-super-secret"), "{text}");
+        assert!(text.contains("token [redacted] revoked"), "{text}");
+        assert!(!text.chars().any(char::is_control), "{text:?}");
+        assert!(text.len() < 700, "bounded: {} chars", text.len());
+        assert!(
+            text.ends_with("… (see https://idp.example/errors/invalid_grant)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn tls_failures_are_told_in_an_operators_words() {
+        use rustls::{CertificateError as Cert, Error};
+        let reason = |e: Error| tls_reason(&e);
+        assert!(reason(Error::InvalidCertificate(Cert::UnknownIssuer)).contains("ca_file"));
+        assert_eq!(
+            reason(Error::InvalidCertificate(Cert::Expired)),
+            "the certificate has expired"
+        );
+        assert!(reason(Error::InvalidCertificate(Cert::NotValidForName)).contains("host name"));
+        assert!(
+            reason(Error::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType
+            ))
+            .contains("may speak plain HTTP")
+        );
     }
 }

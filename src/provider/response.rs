@@ -11,7 +11,9 @@ use http::header::RETRY_AFTER;
 use http::{HeaderMap, StatusCode};
 use serde_json::Value;
 
-use super::error::{ProviderError, RetryAfter, body_summary, scrub};
+use super::error::{
+    ProviderError, RetryAfter, describe_body, json_kind, json_problem, oauth_field,
+};
 use crate::secret::Secret;
 
 /// A device authorization response (RFC 8628 §3.2).
@@ -80,20 +82,22 @@ pub(super) fn error_answer(
     if let Some(obj) = &json
         && let Some(Value::String(error)) = obj.get("error")
     {
-        let description = obj
-            .get("error_description")
-            .and_then(Value::as_str)
-            .map(|d| scrub(d, secrets));
+        let field = |key: &str, max: usize| {
+            obj.get(key)
+                .and_then(Value::as_str)
+                .map(|d| oauth_field(d, secrets, max))
+        };
         return Some(ProviderError::OAuth {
             status: status.as_u16(),
-            error: scrub(error, secrets),
-            description,
+            error: oauth_field(error, secrets, 64),
+            description: field("error_description", 300),
+            uri: field("error_uri", 200).map(String::into_boxed_str),
             retry_after,
         });
     }
     (!status.is_success()).then(|| ProviderError::Http {
         status: status.as_u16(),
-        detail: body_summary(headers, body, secrets),
+        detail: describe_body(headers, body),
         retry_after,
     })
 }
@@ -110,8 +114,9 @@ pub(super) fn success_object(
     }
     serde_json::from_slice(body).map_err(|_| {
         ProviderError::Malformed(format!(
-            "expected a JSON object, got {}",
-            body_summary(headers, body, secrets)
+            "expected a JSON object, got {}: {}",
+            describe_body(headers, body),
+            json_problem(body)
         ))
     })
 }
@@ -127,10 +132,11 @@ pub fn parse_response(
 
     let access_token = match obj.remove("access_token") {
         Some(Value::String(s)) if !s.is_empty() => Secret::new(s),
-        Some(_) => {
-            return Err(ProviderError::Malformed(
-                "access_token is not a non-empty string".into(),
-            ));
+        Some(other) => {
+            return Err(ProviderError::Malformed(format!(
+                "access_token is {}, not a non-empty string",
+                json_kind(&other)
+            )));
         }
         None => {
             return Err(ProviderError::Malformed(

@@ -109,15 +109,16 @@ async fn check_reports_file_line_and_key_and_exits_78_on_bad_configs() {
     let out = with_config("check", &setup.config_path(), EXIT_TIMEOUT).await;
     let stdout = expect_code(&out, 0).stdout;
     for (name, grant) in [("a", "refresh_token"), ("svc", "client_credentials")] {
-        let line = stdout
-            .lines()
-            .find(|l| l.trim_start().starts_with(&format!("{name}:")))
-            .unwrap_or_else(|| panic!("no line for account {name}: {stdout}"));
-        assert!(line.contains(&format!("grant={grant}")), "{line}");
-        assert!(line.contains(&format!("endpoint={url}")), "{line}");
+        let plan = stdout
+            .split(&format!("account {name}\n"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no plan for account {name}: {stdout}"));
+        assert!(plan.contains(&format!("grant:          {grant}")), "{plan}");
+        assert!(plan.contains(&format!("token URL:      {url}")), "{plan}");
+        let state = setup.state_file(name);
         assert!(
-            line.contains(&format!("state={}", setup.state_file(name).display())),
-            "{line}"
+            plan.contains(&format!("state file:     {}", state.display())),
+            "{plan}"
         );
     }
     for secret in ["zy-secret-literal", "rt-seed-literal", "svc-secret-literal"] {

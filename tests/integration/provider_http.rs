@@ -133,3 +133,26 @@ async fn redirects_are_not_followed_with_credentials() {
         "the credentials never reached the redirect target"
     );
 }
+
+/// An `https://` token URL pointed at a server that speaks plain HTTP: the message names
+/// the handshake, the host and port, and the likely cause, not rustls' internals.
+#[tokio::test]
+async fn tls_to_a_plain_http_port_says_so() {
+    let addr = raw_server(Some(
+        b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n".to_vec(),
+    ))
+    .await;
+    let err = request(&format!("https://{addr}/token")).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, ProviderError::Transport(_)), "{err}");
+    assert_eq!(err.class(), ErrorClass::Transient);
+    assert!(
+        text.contains(&format!("TLS handshake with {addr} failed")),
+        "{text}"
+    );
+    assert!(text.contains("the port may speak plain HTTP"), "{text}");
+    assert!(
+        !text.contains("InvalidContentType"),
+        "no rustls internals: {text}"
+    );
+}

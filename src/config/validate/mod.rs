@@ -18,13 +18,14 @@ use crate::config::raw::{
 };
 use crate::config::{
     AccountConfig, AccountName, Config, ConsumerConfig, DEFAULT_LISTEN, DEFAULT_STATE_DIR,
-    Environment, HostLimits, ListenAddr, LogConfig, ProviderLimits, RefreshPolicy, ServerConfig,
-    StateConfig,
+    Environment, HostLimits, ListenAddr, LogConfig, ProviderLimits, RefreshPolicy, SecretSource,
+    ServerConfig, StateConfig,
 };
 use crate::seal::{Keyring, SealKey};
 use crate::secret::Secret;
 
 mod account;
+mod secret_files;
 
 /// What validation made of a parsed config.
 pub(super) struct Validated {
@@ -48,6 +49,7 @@ pub(super) fn validate(
         base_dir,
         problems: Vec::new(),
         warnings: Vec::new(),
+        secret_sources: BTreeMap::new(),
         literal_secrets: false,
     };
     let config = v.config(raw);
@@ -65,6 +67,7 @@ struct Validator<'a> {
     base_dir: PathBuf,
     problems: Vec<Problem>,
     warnings: Vec<String>,
+    secret_sources: BTreeMap<String, SecretSource>,
     /// A secret is written in the config itself.
     literal_secrets: bool,
 }
@@ -127,6 +130,7 @@ impl Validator<'_> {
             accounts,
             consumers,
             warnings: std::mem::take(&mut self.warnings),
+            secret_sources: std::mem::take(&mut self.secret_sources),
         }
     }
 
@@ -499,12 +503,21 @@ impl Validator<'_> {
                 .ok_or_else(|| format!("environment variable {name} is not set")),
             RawSecret::File(path) => {
                 let resolved = self.secret_path(path);
-                self.env
+                let read = self
+                    .env
                     .read_file(&resolved)
                     .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
-                    .map_err(|e| format!("cannot read secret file {}: {e}", resolved.display()))
+                    .map_err(|e| format!("cannot read secret file {}: {e}", resolved.display()));
+                if read.is_ok() {
+                    self.check_secret_file(raw.span(), key, &resolved);
+                }
+                read
             }
         };
+        if value.is_ok() {
+            self.secret_sources
+                .insert(key.to_string(), self.secret_source(raw.get_ref()));
+        }
         match value {
             Ok(v) if v.is_empty() => {
                 self.report(raw.span(), key, "the secret is empty");
@@ -515,6 +528,14 @@ impl Validator<'_> {
                 self.report(raw.span(), key, msg);
                 None
             }
+        }
+    }
+
+    fn secret_source(&self, raw: &RawSecret) -> SecretSource {
+        match raw {
+            RawSecret::Literal(_) => SecretSource::Literal,
+            RawSecret::Env(name) => SecretSource::Env(name.clone()),
+            RawSecret::File(path) => SecretSource::File(self.secret_path(path)),
         }
     }
 

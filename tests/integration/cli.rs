@@ -20,13 +20,19 @@ async fn force_refresh(h: &Harness, account: &str) -> (StatusCode, Value) {
     (status, serde_json::from_slice(&body).unwrap_or_default())
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_refresh_right_after_a_failed_one_says_what_failed() {
+/// A daemon with one client_credentials account `cc` (1 h tokens), `after` its start.
+async fn cc_after(after: Duration) -> Harness {
     let clock = Clock::manual(epoch());
     let fake = provider(&clock, Duration::from_secs(3600));
     let h = Harness::start(fake, clock, &client_credentials_account("cc")).await;
+    h.advance(after).await;
+    h
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_right_after_a_failed_one_says_what_failed() {
     // Past min_interval (5 s in the harness config) since the first token.
-    h.advance(Duration::from_secs(6)).await;
+    let h = cc_after(Duration::from_secs(6)).await;
 
     h.fake.push_faults([Fault::Status(500)]);
     let (status, first) = force_refresh(&h, "cc").await;
@@ -50,34 +56,19 @@ async fn a_refresh_right_after_a_failed_one_says_what_failed() {
 
 #[tokio::test(start_paused = true)]
 async fn a_min_valid_beyond_the_lifetime_names_the_lifetime() {
-    let clock = Clock::manual(epoch());
-    let fake = provider(&clock, Duration::from_secs(3600));
-    let h = Harness::start(fake, clock, &client_credentials_account("cc")).await;
-    h.advance(Duration::from_secs(600)).await;
+    let h = cc_after(Duration::from_secs(600)).await;
 
-    // One refresh is tried (the current token has 50 min left), then refused.
-    let (status, body) = h.get("/v1/token/cc?min_valid=7200").await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // One refresh is tried (the current token has 50 min left), then refused; asked again
+    // a little later, within min_interval: still the lifetime, not the time the current
+    // token has left.
     let expected = "the provider issues tokens valid for 1h, less than the 2h asked for";
-    assert!(
-        body["error_description"]
-            .as_str()
-            .unwrap()
-            .ends_with(expected),
-        "{body}"
-    );
-    // Asked again a little later, within min_interval: still the lifetime, not the time
-    // the current token has left.
-    h.advance(Duration::from_secs(3)).await;
-    let (status, body) = h.get("/v1/token/cc?min_valid=7200").await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert!(
-        body["error_description"]
-            .as_str()
-            .unwrap()
-            .ends_with(expected),
-        "{body}"
-    );
+    for wait in [0, 3] {
+        h.advance(Duration::from_secs(wait)).await;
+        let (status, body) = h.get("/v1/token/cc?min_valid=7200").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        let described = body["error_description"].as_str().unwrap();
+        assert!(described.ends_with(expected), "after {wait}s: {described}");
+    }
 }
 
 /// The value of an unlabelled series in a `/metrics` text.

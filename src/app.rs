@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 use crate::access::Access;
 use crate::clock::{Clock, rfc3339};
 use crate::config::{AccountConfig, AccountName, Config, ConfigError};
-use crate::http::{ApiState, router};
+use crate::http::{ApiState, ReloadStatus, router};
 use crate::listen::{self, Limits, ListenError, Listener};
 use crate::notify;
 use crate::provider::{Provider, ProviderError};
@@ -73,6 +73,8 @@ pub struct Daemon {
     stopping: CancellationToken,
     changes: watch::Sender<u64>,
     access: Arc<ArcSwap<Access>>,
+    /// The outcome of the last reload, published to the API (see [`reload_from`]).
+    reloads: Arc<ArcSwap<ReloadStatus>>,
 }
 
 /// What stopping the daemon does with the token files whose `on_shutdown` is `remove`.
@@ -116,7 +118,6 @@ impl Daemon {
             config: config.clone(),
             store,
             provider,
-            clock,
             jumps,
             registry: Arc::new(Registry::default()),
             running: BTreeMap::new(),
@@ -124,6 +125,8 @@ impl Daemon {
             stopping,
             changes: watch::Sender::new(0),
             access: Arc::new(ArcSwap::from_pointee(Access::new(config.consumers.clone()))),
+            reloads: Arc::new(ArcSwap::from_pointee(ReloadStatus::started(clock.now()))),
+            clock,
         };
         // State files are read concurrently: with thousands of accounts a sequential
         // start would keep still-valid tokens from being served for seconds.
@@ -181,6 +184,7 @@ impl Daemon {
             registry: self.registry.clone(),
             clock: self.clock.clone(),
             access: self.access.clone(),
+            reload: self.reloads.clone(),
         }
     }
 
@@ -315,6 +319,39 @@ impl Daemon {
         };
         report.ignored = ignored;
         report
+    }
+
+    /// Publishes the outcome of a reload as the next generation: applied (`Ok`, what
+    /// changed) or refused (`Err`, the problems).
+    pub fn record_reload(&self, outcome: Result<&ReloadReport, &ConfigError>) {
+        let last = self.reloads.load_full();
+        let at = self.clock.now();
+        let names = |v: &[AccountName]| v.iter().map(|n| n.to_string()).collect();
+        let status = match outcome {
+            Ok(report) => ReloadStatus {
+                generation: last.generation + 1,
+                at,
+                successful: true,
+                last_success_at: at,
+                added: names(&report.added),
+                removed: names(&report.removed),
+                restarted: names(&report.restarted),
+                restart_needed: report.ignored.clone(),
+                problems: Vec::new(),
+            },
+            Err(e) => ReloadStatus {
+                generation: last.generation + 1,
+                at,
+                successful: false,
+                last_success_at: last.last_success_at,
+                added: Vec::new(),
+                removed: Vec::new(),
+                restarted: Vec::new(),
+                restart_needed: Vec::new(),
+                problems: e.problems.iter().map(|p| p.to_string()).collect(),
+            },
+        };
+        self.reloads.store(Arc::new(status));
     }
 
     async fn accounts_with_handoffs(&self) -> Vec<AccountName> {
@@ -561,6 +598,8 @@ fn signal_name(signal: i32) -> &'static str {
 /// Watchdog, status and metrics upkeep cadence when systemd sets no watchdog.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(30);
 
+/// Reloads the config at `path` and records the outcome, which `tokend reload` waits
+/// for (see [`Daemon::record_reload`]).
 async fn reload_from(daemon: &mut Daemon, path: &Path) {
     info!(config = %path.display(), "SIGHUP: reloading the config");
     match Config::load(path) {
@@ -584,9 +623,19 @@ async fn reload_from(daemon: &mut Daemon, path: &Path) {
             if !report.ignored.is_empty() {
                 warn!(settings = %report.ignored.join(","), "these settings changed but take effect only on restart");
             }
+            daemon.record_reload(Ok(&report));
         }
         Err(e) => {
-            error!("the new config is invalid; keeping the running one:\n{e}");
+            // One event, so one journald entry: the problems are one field, its line
+            // breaks escaped (`{:?}`), not lines of their own.
+            let problems: Vec<String> = e.problems.iter().map(|p| p.to_string()).collect();
+            error!(
+                config = %path.display(),
+                count = problems.len(),
+                problems = ?problems,
+                "the new config is invalid; keeping the running one"
+            );
+            daemon.record_reload(Err(&e));
             pick_up_handoffs(daemon).await;
         }
     }

@@ -39,6 +39,74 @@ pub struct ApiState {
     pub clock: Clock,
     /// The configured consumers; swapped on reload.
     pub access: Arc<ArcSwap<Access>>,
+    /// The outcome of the last reload, shown under `reload` in `/v1/accounts` and as the
+    /// `tokend_config_last_reload_*` metrics.
+    pub reload: Arc<ArcSwap<ReloadStatus>>,
+}
+
+/// The outcome of the config's last load: the one the daemon started with (generation
+/// 0), then each reload. `tokend reload` reads the generation, signals, and waits for
+/// the next one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReloadStatus {
+    pub generation: u64,
+    pub at: SystemTime,
+    pub successful: bool,
+    /// The last load that was applied (the start, if no reload was).
+    pub last_success_at: SystemTime,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub restarted: Vec<String>,
+    /// Settings that changed but take effect only on restart.
+    pub restart_needed: Vec<String>,
+    /// Why the new config was refused, one `file:line:column: key: message` each.
+    pub problems: Vec<String>,
+}
+
+impl ReloadStatus {
+    /// The config the daemon started with.
+    pub fn started(at: SystemTime) -> ReloadStatus {
+        ReloadStatus {
+            generation: 0,
+            at,
+            successful: true,
+            last_success_at: at,
+            added: Vec::new(),
+            removed: Vec::new(),
+            restarted: Vec::new(),
+            restart_needed: Vec::new(),
+            problems: Vec::new(),
+        }
+    }
+
+    /// As `caller` may see it: a consumer limited to some accounts sees only those among
+    /// the changed ones, and not the problems (they name every account's settings).
+    fn to_json(&self, caller: &Caller) -> Value {
+        let readable = |names: &[String]| -> Value {
+            names
+                .iter()
+                .filter(|n| {
+                    crate::config::AccountName::parse(n).is_ok_and(|name| caller.may_read(&name))
+                })
+                .map(|n| Value::from(n.as_str()))
+                .collect()
+        };
+        let sees_all = matches!(
+            caller,
+            Caller::Anyone | Caller::Consumer { accounts: None, .. }
+        );
+        json!({
+            "generation": self.generation,
+            "at": rfc3339(self.at),
+            "successful": self.successful,
+            "last_success_at": rfc3339(self.last_success_at),
+            "added": readable(&self.added),
+            "removed": readable(&self.removed),
+            "restarted": readable(&self.restarted),
+            "restart_needed": self.restart_needed,
+            "problems": if sees_all { self.problems.as_slice() } else { &[] },
+        })
+    }
 }
 
 /// Every route of the API.
@@ -512,7 +580,8 @@ async fn accounts(State(state): State<ApiState>, request: Request) -> Response {
             })
         })
         .collect();
-    no_store(Json(json!({ "accounts": list })).into_response())
+    let reload = state.reload.load().to_json(&caller);
+    no_store(Json(json!({ "accounts": list, "reload": reload })).into_response())
 }
 
 /// `POST /v1/accounts/{account}/refresh`: a refresh now, whatever the token's age
@@ -550,6 +619,8 @@ async fn force_refresh(
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
+    let reload = state.reload.load();
+    crate::metrics::config_reload(reload.successful, reload.last_success_at);
     let body = crate::metrics::render(state.registry.gauges(state.clock.now()));
     (
         [(
@@ -609,6 +680,9 @@ mod tests {
             registry: Arc::new(Registry::default()),
             clock: Clock::system(),
             access: Arc::new(ArcSwap::from_pointee(Access::default())),
+            reload: Arc::new(ArcSwap::from_pointee(ReloadStatus::started(
+                SystemTime::now(),
+            ))),
         })
     }
 

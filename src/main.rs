@@ -5,9 +5,9 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let cli = tokend::cli::Cli::parse();
-    ExitCode::from(tokend::cli::dispatch(cli))
+    match tokend::cli::parse() {
+        Ok(cli) => ExitCode::from(tokend::cli::dispatch(cli)),
+        Err(code) => ExitCode::from(code),
+    }
 }

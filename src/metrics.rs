@@ -21,6 +21,9 @@ pub const TOKEN_READS: &str = "tokend_token_reads_total";
 pub const PERSIST_FAILURES: &str = "tokend_persist_failures_total";
 pub const HTTP_REQUESTS: &str = "tokend_http_requests_total";
 pub const ACCOUNT_STATE: &str = "tokend_account_state";
+/// Prometheus's own names for the same thing (`prometheus_config_last_reload_*`).
+pub const CONFIG_RELOAD_SUCCESSFUL: &str = "tokend_config_last_reload_successful";
+pub const CONFIG_RELOAD_SUCCESS_TIME: &str = "tokend_config_last_reload_success_timestamp_seconds";
 
 /// The process-wide recorder, installed on first use. Several daemons in one process (the
 /// tests) share it; their accounts are told apart by the `account` label.
@@ -82,6 +85,23 @@ fn describe() {
         ACCOUNT_STATE,
         "1 for the account's current state, 0 for the others."
     );
+    describe_gauge!(
+        CONFIG_RELOAD_SUCCESSFUL,
+        "1 when the last config (re)load was applied, 0 when it was refused."
+    );
+    describe_gauge!(
+        CONFIG_RELOAD_SUCCESS_TIME,
+        Unit::Seconds,
+        "Unix time of the last config (re)load that was applied (the start, if none)."
+    );
+}
+
+/// The reload gauges, set at every scrape like the accounts' (gauges left alone fade
+/// out after the idle timeout).
+pub fn config_reload(successful: bool, last_success: SystemTime) {
+    handle();
+    gauge!(CONFIG_RELOAD_SUCCESSFUL).set(if successful { 1.0 } else { 0.0 });
+    gauge!(CONFIG_RELOAD_SUCCESS_TIME).set(unix(last_success));
 }
 
 /// A refresh attempt's outcome, as a label value. The duration histogram has no account

@@ -421,16 +421,26 @@ impl Refresher {
             .map(|t| t.elapsed())
             .filter(|ago| *ago < min_interval)
         {
-            let error = if demand.force {
-                DemandError::TooSoon { ago, min_interval }
-            } else {
-                DemandError::TooShort {
-                    valid_for: self
-                        .served
-                        .as_ref()
-                        .map_or(Duration::ZERO, |t| t.valid_for(now)),
+            // After a failed call, say it failed, never that the token is fresh.
+            let failed = (self.backoff.retry_at.is_some() || self.served.is_none())
+                .then(|| self.last_error.clone().unwrap_or_default());
+            let error = match (&self.served, self.backoff.retry_at) {
+                _ if demand.force => DemandError::TooSoon {
+                    ago,
+                    min_interval,
+                    failed,
+                },
+                (Some(t), None) => DemandError::TooShort {
+                    lifetime: t.lifetime,
+                    left: t.valid_for(now),
                     min_valid: demand.min_valid,
-                }
+                },
+                (_, retry_at) => DemandError::Failing {
+                    error: failed.unwrap_or_default(),
+                    retry_in: retry_at
+                        .and_then(|t| t.duration_since(now).ok())
+                        .unwrap_or(min_interval.saturating_sub(ago)),
+                },
             };
             let _ = demand.reply.send(Err(error));
             return;
@@ -474,10 +484,12 @@ impl Refresher {
             _ if demand.force && !refreshed => Err(failing()),
             (Some(t), _) if t.satisfies(now, demand.min_valid) => Ok(t.clone()),
             _ if !refreshed => Err(failing()),
-            (t, _) => Err(DemandError::TooShort {
-                valid_for: t.as_ref().map_or(Duration::ZERO, |t| t.valid_for(now)),
+            (Some(t), _) => Err(DemandError::TooShort {
+                lifetime: t.lifetime,
+                left: t.valid_for(now),
                 min_valid: demand.min_valid,
             }),
+            (None, _) => Err(failing()),
         }
     }
 

@@ -65,6 +65,8 @@ pub struct Served {
     pub access_token: Secret,
     pub token_type: String,
     pub expires_at: SystemTime,
+    /// How long the provider made it valid (from issue to expiry).
+    pub lifetime: Duration,
     pub scope: Option<String>,
     /// `Authorization` first, then the account's extra headers.
     pub headers: Vec<(HeaderName, Secret)>,
@@ -119,6 +121,10 @@ impl Served {
             access_token: access.token.clone(),
             token_type: access.token_type.clone(),
             expires_at: access.expires_at,
+            lifetime: access
+                .expires_at
+                .duration_since(access.issued_at)
+                .unwrap_or_default(),
             scope: access.scope.clone(),
             headers,
             json_prefix: Zeroizing::new(text),
@@ -240,15 +246,22 @@ pub enum DemandError {
     NeedsReauth(String),
     #[error("refreshing fails: {error}; next attempt in {}", secs(*retry_in))]
     Failing { error: String, retry_in: Duration },
-    #[error("the provider issues tokens valid for {}, less than the {} asked for", secs(*valid_for), secs(*min_valid))]
+    /// No token valid for `min_valid` can be had now: the provider's tokens live less
+    /// than that (`lifetime`), or the current one (`left` to live) was refreshed too
+    /// recently to refresh again.
+    #[error("{}", too_short(*lifetime, *left, *min_valid))]
     TooShort {
-        valid_for: Duration,
+        lifetime: Duration,
+        left: Duration,
         min_valid: Duration,
     },
-    #[error("the token was refreshed {} ago; refreshes are at least {} apart (refresh.min_interval)", secs(*ago), secs(*min_interval))]
+    /// A forced refresh within `min_interval` of the last call, which succeeded or (with
+    /// the reason in `failed`) did not.
+    #[error("{}", too_soon(*ago, *min_interval, failed.as_deref()))]
     TooSoon {
         ago: Duration,
         min_interval: Duration,
+        failed: Option<String>,
     },
     #[error("the provider asked for no request for another {} (Retry-After) after its last answer: {error}", secs(*retry_in))]
     RetryAfter { error: String, retry_in: Duration },
@@ -266,9 +279,38 @@ impl DemandError {
             DemandError::Failing { retry_in, .. } | DemandError::RetryAfter { retry_in, .. } => {
                 Some(*retry_in).filter(|d| !d.is_zero())
             }
-            DemandError::TooSoon { ago, min_interval } => Some(min_interval.saturating_sub(*ago)),
+            DemandError::TooSoon {
+                ago, min_interval, ..
+            } => Some(min_interval.saturating_sub(*ago)),
             _ => None,
         }
+    }
+}
+
+fn too_soon(ago: Duration, min_interval: Duration, failed: Option<&str>) -> String {
+    let last = match failed {
+        None => format!("the token was refreshed {} ago", secs(ago)),
+        Some(e) => format!("the last refresh attempt, {} ago, failed: {e}", secs(ago)),
+    };
+    format!(
+        "{last}; refreshes are at least {} apart (refresh.min_interval)",
+        secs(min_interval)
+    )
+}
+
+fn too_short(lifetime: Duration, left: Duration, min_valid: Duration) -> String {
+    if lifetime < min_valid {
+        format!(
+            "the provider issues tokens valid for {}, less than the {} asked for",
+            secs(lifetime),
+            secs(min_valid)
+        )
+    } else {
+        format!(
+            "the token is valid for {} more, less than the {} asked for, and was refreshed too recently to refresh again (refresh.min_interval)",
+            secs(left),
+            secs(min_valid)
+        )
     }
 }
 

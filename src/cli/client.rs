@@ -32,13 +32,17 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the key file {} holds characters that cannot be sent in an HTTP header", path.display())]
-    KeyNotSendable { path: PathBuf },
+    /// `what` names where the key came from: `the key file PATH`, or a consumer's key in
+    /// a config.
+    #[error("{what} holds characters that cannot be sent in an HTTP header")]
+    KeyNotSendable { what: String },
     #[error("invalid endpoint {endpoint}: {reason}")]
     Endpoint {
         endpoint: String,
         reason: &'static str,
     },
+    /// `endpoint` is the address tried, with where it came from when that is known
+    /// (`http://127.0.0.1:8731 (the default)`).
     #[error("cannot reach the daemon at {endpoint}: {source}")]
     Unreachable {
         endpoint: String,
@@ -58,12 +62,21 @@ pub enum ClientError {
     Refused { status: u16, detail: String },
 }
 
+/// The exit code of a refusal with this HTTP status: 503 is "not now", 401/403 "not
+/// you", anything else a plain failure.
+pub fn refused_exit_code(status: u16) -> u8 {
+    match status {
+        503 => exit::TEMPFAIL,
+        401 | 403 => exit::NOPERM,
+        _ => exit::FAILURE,
+    }
+}
+
 impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            ClientError::KeyFile { .. }
-            | ClientError::KeyNotSendable { .. }
-            | ClientError::Refused { .. } => exit::FAILURE,
+            ClientError::KeyFile { .. } | ClientError::KeyNotSendable { .. } => exit::FAILURE,
+            ClientError::Refused { status, .. } => refused_exit_code(*status),
             ClientError::Endpoint { .. } => exit::USAGE,
             ClientError::Unreachable { .. }
             | ClientError::Timeout { .. }
@@ -96,7 +109,7 @@ pub enum Connect {
 /// async runtime would only add start-up time.
 #[derive(Debug)]
 pub struct DaemonClient {
-    /// The endpoint as the user gave it, for messages.
+    /// The endpoint as the user gave it, and where it came from, for messages.
     shown: String,
     /// Requests are made relative to this; for a Unix socket `http://localhost/`.
     base: url::Url,
@@ -125,6 +138,23 @@ impl DaemonClient {
     /// The same client with another overall timeout.
     pub fn with_timeout(self, timeout: Duration) -> DaemonClient {
         DaemonClient { timeout, ..self }
+    }
+
+    /// The same client, naming where its endpoint came from in every message that the
+    /// daemon cannot be reached: `from --endpoint`, `from the config PATH`, `the default`.
+    pub fn with_origin(self, origin: &str) -> DaemonClient {
+        let shown = format!("{} ({origin})", self.shown);
+        DaemonClient { shown, ..self }
+    }
+
+    /// The same client, sending `key` (a consumer's key, from `what`) instead of any
+    /// key file's.
+    pub fn with_key(self, key: &str, what: &str) -> Result<DaemonClient, ClientError> {
+        let authorization = Some(bearer_value(key, || what.to_string())?);
+        Ok(DaemonClient {
+            authorization,
+            ..self
+        })
     }
 
     /// The URL of `segments` (each percent-encoded as one path segment) under the base.
@@ -428,15 +458,19 @@ fn bearer(path: &Path) -> Result<Secret, ClientError> {
                 source,
             })?,
         );
+    bearer_value(&key, || format!("the key file {}", path.display()))
+}
+
+/// `Bearer KEY` for `key` (trimmed), if it may stand in a header; `what` names its
+/// source in the error.
+fn bearer_value(key: &str, what: impl FnOnce() -> String) -> Result<Secret, ClientError> {
     let value = Secret::new(format!("Bearer {}", key.trim()));
     let sendable = value
         .expose()
         .bytes()
         .all(|b| b == b'\t' || (b >= b' ' && b != 0x7f));
     if !sendable {
-        return Err(ClientError::KeyNotSendable {
-            path: path.to_path_buf(),
-        });
+        return Err(ClientError::KeyNotSendable { what: what() });
     }
     Ok(value)
 }
@@ -489,6 +523,16 @@ mod tests {
             target(&c.url(&["v1", "accounts"], &[])),
             ("localhost", "/v1/accounts")
         );
+    }
+
+    #[test]
+    fn refusals_map_to_not_now_not_you_or_failure() {
+        assert_eq!(refused_exit_code(503), exit::TEMPFAIL);
+        assert_eq!(refused_exit_code(401), exit::NOPERM);
+        assert_eq!(refused_exit_code(403), exit::NOPERM);
+        for other in [400, 404, 405, 500] {
+            assert_eq!(refused_exit_code(other), exit::FAILURE, "{other}");
+        }
     }
 
     #[test]

@@ -634,12 +634,23 @@ pub async fn hand_off(
 
 /// Whether `pid` runs `tokend run` (or `demo`), as far as /proc tells; true where it
 /// cannot tell, since only a daemon keeps the lock for long.
-fn is_daemon(pid: i32) -> bool {
+pub(super) fn is_daemon(pid: i32) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return true;
     };
-    // The subcommand is the first argument (an account may be named `run`).
-    matches!(cmdline.split(|b| *b == 0).nth(1), Some(b"run" | b"demo"))
+    // The subcommand is the first argument that is not an option (an account may be
+    // named `run`); `--config PATH` may come before it.
+    let mut args = cmdline.split(|b| *b == 0).skip(1);
+    while let Some(arg) = args.next() {
+        match arg {
+            b"--config" | b"-c" => {
+                args.next();
+            }
+            a if a.starts_with(b"-") => {}
+            a => return matches!(a, b"run" | b"demo"),
+        }
+    }
+    false
 }
 
 #[cfg(test)]

@@ -1,56 +1,77 @@
 //! The client commands, `token`, `status`, `health` and `refresh`: one request each to the
-//! running daemon through `client`, and how the answers are printed. No async runtime.
+//! running daemon through `client`, how the answers are printed, and the errors every
+//! client command (`reload` too) ends with. No async runtime.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use super::client::{ClientError, DaemonClient};
+use super::client::ClientError;
 use super::exit;
-use crate::config::DEFAULT_LISTEN;
+use super::target::Target;
 
-/// Where a client command finds the daemon: `--endpoint` (else the first listen address
-/// of the config at `config`) and the `--key-file` it shows.
-#[derive(Debug)]
-pub struct Target {
-    pub endpoint: Option<String>,
-    pub key_file: Option<PathBuf>,
-    /// The config whose `server.listen` gives the default endpoint.
-    pub config: PathBuf,
+/// Why a client command failed; each maps to its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The config named by `--config` or `$TOKEND_CONFIG` cannot be read.
+    #[error("the config {} (from {named}) {problem}", path.display())]
+    Config {
+        path: PathBuf,
+        named: &'static str,
+        problem: String,
+    },
+    #[error("the daemon has no account named {account:?} (it has: {known})")]
+    NoSuchAccount { account: String, known: String },
+    /// `reload`: nothing holds the state directory's lock.
+    #[error("no tokend runs on the state directory {} ({origin}): {why}", dir.display())]
+    NoDaemon {
+        dir: PathBuf,
+        origin: String,
+        why: String,
+    },
+    #[error("cannot send SIGHUP to the daemon (pid {pid}): {source}")]
+    Signal { pid: i32, source: std::io::Error },
+    #[error("the daemon (pid {pid}) did not report the reload within {}; it may still be applying it: see its log", humantime::format_duration(*waited))]
+    ReloadTimeout { pid: i32, waited: Duration },
+    #[error(
+        "the daemon does not report reloads (no `reload` in GET /v1/accounts): is it an older tokend?"
+    )]
+    NoReloadRecord,
 }
 
-impl Target {
-    /// The client for the endpoint (else the default) and the key file.
-    fn client(&self) -> Result<DaemonClient, ClientError> {
-        let endpoint = self
-            .endpoint
-            .clone()
-            .unwrap_or_else(|| default_endpoint(&self.config));
-        DaemonClient::new(&endpoint, self.key_file.as_deref())
-    }
-}
-
-/// The default endpoint for client commands: the first `server.listen` of the config at
-/// `path`. Only that key is read, so a client user needs no access to the secrets the
-/// config names.
-fn default_endpoint(path: &Path) -> String {
-    let listen = std::fs::read_to_string(path).ok().and_then(|text| {
-        let table: toml::Table = toml::from_str(&text).ok()?;
-        let first = table.get("server")?.get("listen")?.as_array()?.first()?;
-        first.as_str().map(str::to_string)
-    });
-    match listen {
-        Some(l) if l.starts_with("unix:") => l,
-        Some(l) => format!("http://{l}"),
-        None => format!("http://{DEFAULT_LISTEN}"),
+impl CommandError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CommandError::Client(e) => e.exit_code(),
+            CommandError::Config { .. } => exit::CONFIG,
+            CommandError::NoSuchAccount { .. } | CommandError::NoReloadRecord => exit::FAILURE,
+            CommandError::NoDaemon { .. } => exit::UNAVAILABLE,
+            CommandError::Signal { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                exit::NOPERM
+            }
+            CommandError::Signal { .. } => exit::FAILURE,
+            CommandError::ReloadTimeout { .. } => exit::TEMPFAIL,
+        }
     }
 }
 
 /// The exit code of a client command; failures are reported on stderr.
-pub fn finish(result: Result<u8, ClientError>) -> u8 {
+pub fn finish(result: Result<u8, CommandError>) -> u8 {
     result.unwrap_or_else(|e| {
         eprintln!("tokend: {e}");
+        if let CommandError::Client(ClientError::Refused {
+            status: 401 | 403, ..
+        }) = e
+        {
+            eprintln!(
+                "tokend: pass --key-file, or --config with a consumer whose key this user can read"
+            );
+        }
         e.exit_code()
     })
 }
@@ -58,15 +79,17 @@ pub fn finish(result: Result<u8, ClientError>) -> u8 {
 pub fn token(
     target: &Target,
     account: &str,
-    min_valid: Option<u64>,
+    min_valid: Option<Duration>,
     json: bool,
-) -> Result<u8, ClientError> {
-    let client = target.client()?;
+) -> Result<u8, CommandError> {
+    let client = target.client(Some(account))?;
     let mut segments = vec!["v1", "token", account];
     if !json {
         segments.push("access_token");
     }
-    let secs = min_valid.map(|s| s.to_string());
+    // The API takes whole seconds: a fraction rounds up, so the token lasts at least as
+    // long as asked.
+    let secs = min_valid.map(|d| d.as_secs_f64().ceil().to_string());
     let query: Vec<(&str, &str)> = secs.iter().map(|s| ("min_valid", s.as_str())).collect();
     let url = client.url(&segments, &query);
     let body = client.call_ok(http::Method::GET, &url)?;
@@ -74,8 +97,8 @@ pub fn token(
     Ok(exit::OK)
 }
 
-pub fn refresh(target: &Target, account: &str) -> Result<u8, ClientError> {
-    let client = target.client()?;
+pub fn refresh(target: &Target, account: &str) -> Result<u8, CommandError> {
+    let client = target.client(Some(account))?;
     let url = client.url(&["v1", "accounts", account, "refresh"], &[]);
     let body = client.call_ok(http::Method::POST, &url)?;
     let v: Value = serde_json::from_str(&body).unwrap_or_default();
@@ -87,8 +110,9 @@ pub fn refresh(target: &Target, account: &str) -> Result<u8, ClientError> {
     Ok(exit::OK)
 }
 
-pub fn health(target: &Target) -> Result<u8, ClientError> {
-    let client = target.client()?;
+/// 0 when ready; 75 (not now) with the accounts not ready.
+pub fn health(target: &Target) -> Result<u8, CommandError> {
+    let client = target.client(None)?;
     let url = client.url(&["readyz"], &[]);
     let (status, body) = client.call(http::Method::GET, &url)?;
     if status == 200 {
@@ -111,22 +135,46 @@ pub fn health(target: &Target) -> Result<u8, ClientError> {
         })
         .unwrap_or_default();
     println!("not ready: {}", waiting.join(", "));
-    Ok(exit::FAILURE)
+    Ok(exit::TEMPFAIL)
 }
 
-pub fn status(target: &Target, json: bool) -> Result<u8, ClientError> {
-    let client = target.client()?;
+/// Every account (or only `only`) as a table, or as the daemon's JSON.
+pub fn status(target: &Target, only: Option<&str>, json: bool) -> Result<u8, CommandError> {
+    let client = target.client(only)?;
     let url = client.url(&["v1", "accounts"], &[]);
     let body = client.call_ok(http::Method::GET, &url)?;
-    if json {
+    if json && only.is_none() {
         println!("{}", body.trim_end());
         return Ok(exit::OK);
     }
-    let v: Value = serde_json::from_str(&body).unwrap_or_default();
-    let rows: Vec<[String; 5]> = v["accounts"]
-        .as_array()
-        .map(|a| a.iter().map(status_row).collect())
-        .unwrap_or_default();
+    let mut v: Value = serde_json::from_str(&body).unwrap_or_default();
+    let mut accounts = match v["accounts"].take() {
+        Value::Array(a) => a,
+        _ => Vec::new(),
+    };
+    if let Some(name) = only {
+        let known: Vec<&str> = accounts
+            .iter()
+            .filter_map(|a| a["account"].as_str())
+            .collect();
+        if !known.contains(&name) {
+            return Err(CommandError::NoSuchAccount {
+                account: name.to_string(),
+                known: if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                },
+            });
+        }
+        accounts.retain(|a| a["account"] == name);
+    }
+    if json {
+        v["accounts"] = Value::Array(accounts);
+        println!("{v}");
+        return Ok(exit::OK);
+    }
+    let rows: Vec<[String; 5]> = accounts.iter().map(status_row).collect();
     print!(
         "{}",
         table(

@@ -32,7 +32,8 @@ use validate::Validated;
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tokend/tokend.toml";
 /// The listen address used when the config names none.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8731";
-const DEFAULT_STATE_DIR: &str = "/var/lib/tokend";
+/// The state directory when neither `state.dir` nor `$STATE_DIRECTORY` names one.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tokend";
 /// Requests in flight to one provider host at once unless the config says otherwise
 /// (`provider.max_concurrent_requests`): after a restart or an outage, thousands of
 /// accounts due together queue for their host instead of stampeding the provider.

@@ -152,6 +152,12 @@ async fn run_holding<T: Send + 'static>(
 }
 
 /// The state file of `account` in `dir`.
+/// The lock file of the state directory `dir`: while a daemon runs it holds the lock,
+/// and the file names its pid (`tokend reload` signals that pid).
+pub fn lock_path(dir: &Path) -> PathBuf {
+    dir.join(LOCK_FILE)
+}
+
 pub fn state_path(dir: &Path, account: &AccountName) -> PathBuf {
     dir.join(format!("{account}.json"))
 }

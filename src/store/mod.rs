@@ -23,7 +23,7 @@ mod handoff;
 mod wire;
 
 pub(crate) use atomic::write_atomically;
-pub use file::{FileStore, handoff_path, peek_state, state_path};
+pub use file::{FileStore, handoff_path, lock_path, peek_state, state_path};
 pub use handoff::{Delivery, apply_pending, deliver_handoff};
 pub use wire::FORMAT_VERSION;
 

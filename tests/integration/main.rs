@@ -2,6 +2,7 @@
 
 mod binary;
 mod check;
+mod cli;
 mod crash;
 mod faults;
 mod flows;

@@ -971,6 +971,11 @@ async fn openapi_every_route_and_status_matches_the_daemon() {
         "{bad}"
     );
     assert!(cc["refresh_token_issued_at"].is_null(), "{cc}");
+    // No reload yet: the config the daemon started with, applied.
+    let reload = &list["reload"];
+    assert_eq!(reload["generation"], 0, "{reload}");
+    assert_eq!(reload["successful"], true, "{reload}");
+    assert_eq!(reload["at"], reload["last_success_at"], "{reload}");
 
     c.expect(api, get.clone(), "/healthz", "/healthz", &[], 200)
         .await;

@@ -190,9 +190,9 @@ async fn an_account_needing_reauth_still_lets_the_daemon_report_ready() {
     assert_eq!(counts.rejected, 1, "{counts:?}");
     assert_eq!(counts.issued, 1, "{counts:?}");
 
-    // `tokend health` fails, naming the account and its state.
+    // `tokend health` says "not now" (EX_TEMPFAIL), naming the account and its state.
     let out = client_cmd(&["health"], &daemon.base).await;
-    let stdout = expect_code(&out, 1).stdout;
+    let stdout = expect_code(&out, 75).stdout;
     assert!(stdout.contains("zy (needs_reauth)"), "{stdout}");
     assert!(!stdout.contains("svc"), "{stdout}");
 
@@ -319,10 +319,11 @@ async fn status_health_and_refresh_commands() {
     let mut daemon = setup.start_ready(&client).await;
     let base = daemon.base.clone();
 
-    // refresh within svc's min_interval of its first refresh: refused without a call.
+    // refresh within svc's min_interval of its first refresh: refused without a call,
+    // "not now" (EX_TEMPFAIL).
     let calls = fake.counts().token_requests;
     let out = client_cmd(&["refresh", "svc"], &base).await;
-    let stderr = expect_code(&out, 1).stderr;
+    let stderr = expect_code(&out, 75).stderr;
     assert!(stderr.contains("min_interval"), "{stderr}");
     assert!(out.stdout.is_empty());
     assert_eq!(fake.counts().token_requests, calls);
@@ -524,7 +525,7 @@ async fn https_endpoints_are_refused_as_usage_errors() {
         &["refresh", "zy"],
     ] {
         let out = client_cmd(args, &endpoint).await;
-        let stderr = expect_code(&out, 2).stderr;
+        let stderr = expect_code(&out, 64).stderr;
         assert!(stderr.contains(&endpoint), "{args:?}: {stderr}");
         assert!(stderr.contains("plain HTTP"), "{args:?}: {stderr}");
         assert!(out.stdout.is_empty(), "{args:?}");
@@ -563,7 +564,7 @@ async fn key_file_identifies_a_consumer_to_the_daemon() {
     ] {
         let out = client_cmd(args, &base).await;
         let stderr = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: stderr: {stderr}");
+        assert_eq!(out.status.code(), Some(77), "{args:?}: stderr: {stderr}");
         assert!(stderr.contains("401"), "{args:?}: {stderr}");
         assert!(out.stdout.is_empty(), "{args:?}");
     }

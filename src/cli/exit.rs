@@ -9,6 +9,9 @@ pub const FAILURE: u8 = 1;
 pub const USAGE: u8 = 2;
 /// The daemon could not be reached (EX_UNAVAILABLE).
 pub const UNAVAILABLE: u8 = 69;
+/// The provider refused this client's credentials (EX_NOPERM): `invalid_client`,
+/// `unauthorized_client`, HTTP 401/403.
+pub const NOPERM: u8 = 77;
 /// The configuration is invalid (EX_CONFIG). systemd units use
 /// `RestartPreventExitStatus=78` so a broken config does not restart-loop.
 pub const CONFIG: u8 = 78;

@@ -106,6 +106,10 @@ pub enum LoginError {
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error(
+        "the daemon took the handoff but {new} did not take over the state of {old}: its log says why, and `tokend status` shows {new}'s state"
+    )]
+    NotAdopted { old: String, new: String },
+    #[error(
         "the daemon (pid {pid}) could not be told to reload: {source}; the handoff waits in {path}: send it SIGHUP (systemctl reload tokend)"
     )]
     Signal {
@@ -155,7 +159,13 @@ fn is_client_refused(e: &ProviderError) -> bool {
     matches!(
         e.oauth_error(),
         Some("invalid_client" | "unauthorized_client")
-    ) || matches!(e, ProviderError::Http { status: 401 | 403, .. })
+    ) || matches!(
+        e,
+        ProviderError::Http {
+            status: 401 | 403,
+            ..
+        }
+    )
 }
 
 /// The account named `name`, if it takes refresh tokens.

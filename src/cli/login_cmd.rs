@@ -113,13 +113,7 @@ pub async fn login(path: &Path, name: &str, mode: LoginMode, timeout: Duration) 
         // The refresh grant is what the daemon will use: proven once before anything
         // stored is replaced.
         let chain = login::try_refresh_token(&provider, &config, &account, refresh_token).await?;
-        report_handoff(
-            &config,
-            &account,
-            Handoff::RefreshToken(chain),
-            "logged in",
-        )
-        .await
+        report_handoff(&config, &account, Handoff::RefreshToken(chain), "logged in").await
     }
     .await;
     match result {

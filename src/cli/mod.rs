@@ -17,6 +17,7 @@ mod http1;
 pub mod login;
 mod login_cmd;
 mod remote;
+mod state_cmd;
 
 const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
@@ -130,10 +131,30 @@ pub enum Command {
         #[arg(long)]
         no_revoke: bool,
     },
+    /// Manage the state directory without the provider.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
     /// Print a shell completion script.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Move account OLD's state (its live refresh token) to NEW after renaming the account
+    /// in the config; nothing is sent to the provider. With the daemon running, it takes
+    /// the state over at once (SIGHUP).
+    Rename {
+        /// The account's name before the rename.
+        old: String,
+        /// Its name in the config now.
+        new: String,
+        #[command(flatten)]
+        config: ConfigArg,
     },
 }
 
@@ -222,6 +243,9 @@ pub fn dispatch(cli: Cli) -> u8 {
             config,
             no_revoke,
         } => block_on(login_cmd::logout(&config.path(), &account, !no_revoke)),
+        Command::State {
+            command: StateCommand::Rename { old, new, config },
+        } => block_on(state_cmd::rename(&config.path(), &old, &new)),
     }
 }
 

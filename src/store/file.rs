@@ -865,7 +865,10 @@ mod tests {
         // Rotated away by the old chain, or the current token: both found spent.
         let found = peek_spent(tmp.path(), None, &Secret::new("rt-0")).unwrap();
         assert_eq!(found, Some(SpentBy::Rotated(a.clone())));
-        assert_eq!(peek_spent(tmp.path(), None, &Secret::new("rt-x")).unwrap(), None);
+        assert_eq!(
+            peek_spent(tmp.path(), None, &Secret::new("rt-x")).unwrap(),
+            None
+        );
         // Only a copy of this account's is ever dropped.
         store.drop_aside(&a, "../acct.json").await.unwrap();
         store.drop_aside(&name("b"), &kept).await.unwrap();

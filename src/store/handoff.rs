@@ -18,7 +18,7 @@ use crate::seal::Keyring;
 pub enum Delivery {
     /// No daemon held the state directory: the state was changed directly; this is the
     /// account's record now (`None`: no record).
-    Applied(Option<State>),
+    Applied(Option<Box<State>>),
     /// A daemon holds the state directory: the handoff waits in `path` for it to apply;
     /// `pid` is the daemon's, from its lock file.
     Pending { path: PathBuf, pid: Option<i32> },
@@ -45,11 +45,18 @@ pub async fn deliver_handoff(
                 Err(StoreError::Corrupt { .. }) => None,
                 Err(e) => return Err(e),
             };
-            let next =
-                apply_to(store.as_ref(), account, handoff, current, seed_fingerprint, now).await?;
+            let next = apply_to(
+                store.as_ref(),
+                account,
+                handoff,
+                current,
+                seed_fingerprint,
+                now,
+            )
+            .await?;
             // A handoff left by a daemon that stopped before applying it is superseded.
             store.clear_handoff(account).await?;
-            Ok(Delivery::Applied(next))
+            Ok(Delivery::Applied(next.map(Box::new)))
         }
         Err(StoreError::Locked { pid, .. }) => {
             let path = leave_handoff(dir, keyring.as_ref(), account, handoff)?;
@@ -82,8 +89,7 @@ pub async fn apply_pending(
         Grant::RefreshToken { seed: Some(seed) } => Some(seed.fingerprint()),
         _ => None,
     };
-    let next = match apply_to(store, name, &handoff, loaded.clone(), seed_fingerprint, now).await
-    {
+    let next = match apply_to(store, name, &handoff, loaded.clone(), seed_fingerprint, now).await {
         Ok(next) => next,
         // Cannot succeed as it stands: dropped, so a later start does not act on it.
         Err(e @ (StoreError::NothingToMove { .. } | StoreError::Occupied { .. })) => {

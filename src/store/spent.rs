@@ -299,7 +299,9 @@ mod tests {
                 .append(vec![(format!("fp-{i}"), entry("busy", i))])
                 .unwrap();
         }
-        ledger.append(vec![("quiet".into(), entry("calm", 0))]).unwrap();
+        ledger
+            .append(vec![("quiet".into(), entry("calm", 0))])
+            .unwrap();
         // A rename re-appends the same fingerprints: superseded lines get compacted.
         for _ in 0..40 {
             let moved = ledger.moved(&name("calm"), &name("calm2"));
@@ -309,7 +311,10 @@ mod tests {
         }
         drop(ledger);
         let (entries, lines, _) = read_log(&tmp.path().join(LEDGER_FILE)).unwrap();
-        let busy = entries.values().filter(|s| s.account == name("busy")).count();
+        let busy = entries
+            .values()
+            .filter(|s| s.account == name("busy"))
+            .count();
         assert!(busy <= 2 * PER_ACCOUNT, "{busy}");
         assert!(lines <= 2 * entries.len() + SLACK_LINES, "{lines}");
         // The newest of the busy account's entries are the ones kept, and the quiet

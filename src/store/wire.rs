@@ -138,7 +138,9 @@ fn describe_json(e: &serde_json::Error) -> String {
     use serde_json::error::Category;
     let at = format!("line {}, column {}", e.line(), e.column());
     match e.classify() {
-        Category::Eof => format!("the file ends in the middle of its JSON ({at}): it was cut short"),
+        Category::Eof => {
+            format!("the file ends in the middle of its JSON ({at}): it was cut short")
+        }
         Category::Syntax => format!("the file is not valid JSON ({at})"),
         Category::Io => format!("the file cannot be read ({at})"),
         Category::Data => {
@@ -290,7 +292,11 @@ fn read_handoff(bytes: &[u8], account: &AccountName) -> Result<Handoff, String> 
     if wire.account != account.as_str() {
         return Err(format!("the file belongs to account {:?}", wire.account));
     }
-    match (wire.handoff.as_str(), wire.refresh_token.take(), wire.from.take()) {
+    match (
+        wire.handoff.as_str(),
+        wire.refresh_token.take(),
+        wire.from.take(),
+    ) {
         ("refresh_token", Some(rt), None) if !rt.is_empty() => {
             Ok(Handoff::RefreshToken(NewChain {
                 refresh_token: Secret::new(rt),
@@ -339,7 +345,10 @@ mod tests {
                 b"{\"version\":1,\"account\":\"a\",\"access\":\"at-secret-value\"}",
                 "wrong type",
             ),
-            (b"{\"version\":1,\"account\":\"a\",\"refresh_token\":\"rt-cut", "cut short"),
+            (
+                b"{\"version\":1,\"account\":\"a\",\"refresh_token\":\"rt-cut",
+                "cut short",
+            ),
             (b"{\"version\":1}", "missing field `account`"),
             (b"not json", "not valid JSON"),
         ] {
@@ -350,7 +359,10 @@ mod tests {
                 assert!(!err.contains(leak), "{leak} in {err}");
             }
             let err = decode_handoff(bytes, &a, None).unwrap_err();
-            assert!(!err.contains("Wire") && !err.contains("secret-value"), "{err}");
+            assert!(
+                !err.contains("Wire") && !err.contains("secret-value"),
+                "{err}"
+            );
         }
     }
 

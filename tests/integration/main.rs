@@ -1,6 +1,7 @@
 //! Integration tests, one binary. Each module says what belongs in it.
 
 mod binary;
+mod chain;
 mod crash;
 mod faults;
 mod flows;

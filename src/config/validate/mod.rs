@@ -595,12 +595,24 @@ mod tests {
                 "[accounts.{name}]\ngrant = \"refresh_token\"\ntoken_url = \"https://x/t\"\nclient_id = \"c\"\nrefresh_token = \"{seed}\"\n"
             )
         };
-        let text = [block("prod", "rt-1"), block("copy", "rt-1"), block("other", "rt-2")].concat();
+        let text = [
+            block("prod", "rt-1"),
+            block("copy", "rt-1"),
+            block("other", "rt-2"),
+        ]
+        .concat();
         let err = load(&text).unwrap_err();
         assert_eq!(err.problems.len(), 1, "{err}");
         let p = &err.problems[0];
-        assert_eq!((p.key.as_str(), p.line), ("accounts.prod.refresh_token", 5), "{err}");
-        assert!(p.message.contains("accounts copy (line 10) and prod"), "{err}");
+        assert_eq!(
+            (p.key.as_str(), p.line),
+            ("accounts.prod.refresh_token", 5),
+            "{err}"
+        );
+        assert!(
+            p.message.contains("accounts copy (line 10) and prod"),
+            "{err}"
+        );
         assert!(!err.to_string().contains("rt-1"), "{err}");
         assert!(load(&[block("prod", "rt-1"), block("other", "rt-2")].concat()).is_ok());
     }

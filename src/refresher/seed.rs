@@ -2,6 +2,7 @@
 //! presented only if the ledger of spent refresh tokens has never seen it (recorded
 //! first); a spent one holds the account with the way back (a rename, a lost state file).
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::{error, info, warn};
@@ -131,13 +132,20 @@ impl Refresher {
             .await
     }
 
-    /// Records a seed that was adopted before the ledger existed, once.
+    /// Records a seed that was adopted before the ledger existed, once; beside the start,
+    /// not in its way: after an upgrade every account would otherwise wait for the others'
+    /// appends before serving its stored token.
     async fn backfill_seed(&self, spent_fp: &str) {
-        if matches!(self.deps.store.spent(spent_fp).await, Ok(None))
-            && let Err(e) = self.record_seed(spent_fp).await
-        {
-            warn!(account = %self.config().name, error = %e, "cannot record the configured refresh_token as spent");
+        if !matches!(self.deps.store.spent(spent_fp).await, Ok(None)) {
+            return;
         }
+        let (store, name) = (Arc::clone(&self.deps.store), self.config().name.clone());
+        let fp = spent_fp.to_string();
+        self.deps.tracker.spawn(async move {
+            if let Err(e) = store.record_spent(&name, &fp, SpentKind::Seed).await {
+                warn!(account = %name, error = %e, "cannot record the configured refresh_token as spent");
+            }
+        });
     }
 }
 

@@ -114,6 +114,25 @@ async fn a_renamed_account_is_held_and_state_rename_continues_its_chain() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_seed_adopted_before_the_ledger_existed_is_recorded_at_the_next_start() {
+    let (h, seed) = running_zy().await;
+    let (fake, clock, dir) = h.stop().await;
+    // The state of a tokend that kept no ledger yet.
+    std::fs::remove_file(dir.path().join(tokend::store::LEDGER_FILE)).unwrap();
+    let mut h = Harness::builder(fake, clock, dir)
+        .accounts(&zywave_account("zy", &seed))
+        .await;
+    h.advance(Duration::from_millis(10)).await;
+    reload(&mut h, &zywave_account("zy-prod", &seed)).await;
+    let reason = held_and_nothing_sent(&h, "zy-prod", 1).await;
+    assert!(
+        reason.contains("tokend state rename zy zy-prod"),
+        "{reason}"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_state_file_lost_while_stopped_holds_the_account_until_restored() {
     for (case, damage) in [
         ("garbled", Some(&b"{\"version\": 1, \"acc"[..])),

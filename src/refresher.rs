@@ -2,8 +2,9 @@
 //! readers' demands, and on each refresh does, in this order: mark the rotation in flight
 //! → call the provider → persist the new state → publish the new token. Timing comes from
 //! `schedule`; expiry is judged on the wall clock and re-planned when it jumps. At start
-//! it applies a pending handoff (`tokend login`/`import`/`logout`), and an account that
-//! names only its `issuer` discovers its token endpoint before its first refresh.
+//! it applies a pending handoff (`tokend login`/`import`/`logout`/`state rename`), takes
+//! the config's seed unless it was spent (`seed`), and an account that names only its
+//! `issuer` discovers its token endpoint before its first refresh.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -19,10 +20,13 @@ use crate::config::{AccountConfig, Grant, RefreshPolicy};
 use crate::provider::{ErrorClass, Provider, ProviderError, TokenGrant, TokenResponse, jwt_exp};
 use crate::schedule;
 use crate::sinks;
-use crate::store::{self, AccessToken, State, Store, StoreError};
+use crate::store::{self, AccessToken, State, Store};
 use crate::token_cell::{
     AccountHandle, Demand, DemandError, DemandReceiver, Served, Snapshot, Status,
 };
+
+mod seed;
+use seed::{LoadError, Origin, read_state};
 
 /// Everything a refresher needs from outside.
 pub struct Deps {
@@ -151,7 +155,17 @@ impl Refresher {
             Ok((loaded, load_error)) => {
                 match store::apply_pending(&config, deps.store.as_ref(), loaded, now).await {
                     Ok((state, logged_out)) => (state, load_error, logged_out),
-                    Err((state, e)) => (state, Some(e), false),
+                    Err((state, e)) => {
+                        let kept = load_error.and_then(|l| l.kept_as);
+                        (
+                            state,
+                            Some(LoadError {
+                                message: e,
+                                kept_as: kept,
+                            }),
+                            false,
+                        )
+                    }
                 }
             }
             Err(unreadable) => {
@@ -161,9 +175,14 @@ impl Refresher {
                 return (r, handle);
             }
         };
+        let origin = match (&loaded, load_error.as_ref().and_then(|l| l.kept_as.clone())) {
+            (Some(_), _) => Origin::Stored,
+            (None, Some(kept_as)) => Origin::KeptAside(kept_as),
+            (None, None) => Origin::Missing,
+        };
         let mut r = Refresher::new(handle.clone(), deps, loaded.unwrap_or_default());
-        r.last_error = load_error;
-        r.adopt_seed(now);
+        r.last_error = load_error.map(|l| l.message);
+        r.adopt_seed(now, origin).await;
         if logged_out && r.state.refresh_token.is_none() {
             r.hold(format!(
                 "logged out (tokend logout): run `tokend login {}` to authorize the account again",
@@ -209,37 +228,6 @@ impl Refresher {
     fn hold(&mut self, reason: String) {
         self.needs_reauth = Some(reason.clone());
         self.last_error = Some(reason);
-    }
-
-    /// The config's seed refresh token is used when nothing is stored, or when it differs
-    /// from the seed the stored token descends from (the operator re-seeded).
-    fn adopt_seed(&mut self, now: SystemTime) {
-        let config = self.config();
-        let Grant::RefreshToken { seed } = &config.grant else {
-            return;
-        };
-        if let Some(seed) = seed {
-            let fingerprint = seed.fingerprint();
-            let fresh_seed = self.state.seed_fingerprint.as_deref() != Some(fingerprint.as_str());
-            if self.state.refresh_token.is_none() || fresh_seed {
-                if self.state.refresh_token.is_some() {
-                    info!(account = %config.name, "the configured refresh token changed; it replaces the stored one");
-                }
-                self.state.refresh_token = Some(seed.clone());
-                self.state.seed_fingerprint = Some(fingerprint);
-                self.state.refresh_token_issued_at = Some(now);
-                self.state.refresh_in_flight_since = None;
-                self.saving.unsaved = true;
-                // Tokens of the old chain may belong to another user or scope.
-                self.plan.at = Some(now);
-            }
-        }
-        if self.state.refresh_token.is_none() {
-            self.hold(format!(
-                "no refresh token: run `tokend login {0}` (or `tokend import {0}`), or set accounts.{0}.refresh_token in the config",
-                config.name
-            ));
-        }
     }
 
     /// Serves the stored access token, if any, and plans its refresh unless one is due
@@ -591,6 +579,9 @@ impl Refresher {
             .as_ref()
             .is_some_and(|new| Some(new) != self.state.refresh_token.as_ref());
         if rotated {
+            if let Some(old) = self.state.refresh_token.take() {
+                self.state.remember_spent(&old);
+            }
             self.state.refresh_token = response.refresh_token.clone();
             self.state.refresh_token_issued_at = Some(now);
             self.state.refresh_token_expires_at = None;
@@ -617,11 +608,16 @@ impl Refresher {
         self.backoff = Backoff::default();
         self.last_error = None;
         self.doubt = RotationDoubt::default();
+        // The chain a handoff replaced was kept until this one refreshed here.
+        let replaced = self.state.replaced.take();
         // Durable before served: a rotated refresh token is on disk before anyone can act
         // on the new access token. If the disk refuses, the token is served from memory
         // all the same (the old refresh token is dead anyway) and the save is retried; the
         // account shows `degraded` until it lands.
         self.save().await;
+        if let Some(kept) = replaced {
+            self.drop_replaced(kept).await;
+        }
         let access = self.state.access.as_ref().expect("just set");
         self.served = Some(Arc::new(Served::new(&config.name, access, &config.headers)));
         self.write_sinks().await;
@@ -639,6 +635,24 @@ impl Refresher {
             took_ms = elapsed.as_millis() as u64,
             "refreshed"
         );
+    }
+
+    /// Drops the copy of the chain a handoff replaced, once the state that no longer
+    /// names it is durable (else it is named again, for the next refresh to drop).
+    async fn drop_replaced(&mut self, kept: String) {
+        let name = self.config().name.clone();
+        if self.saving.unsaved {
+            self.state.replaced = Some(kept);
+            return;
+        }
+        match self.deps.store.drop_aside(&name, &kept).await {
+            Ok(()) => {
+                info!(account = %name, kept = %kept, "the handed-over chain refreshed: removed the copy of the chain it replaced")
+            }
+            Err(e) => {
+                warn!(account = %name, error = %e, "cannot remove the copy of the replaced chain; delete it by hand")
+            }
+        }
     }
 
     /// A refresh failed: a rejected refresh token holds the account for re-authorization;
@@ -843,29 +857,6 @@ async fn until_stopped<T>(
         biased;
         done = &mut request => Some(done),
         _ = cancel.cancelled() => tokio::time::timeout(STOP_GRACE, request).await.ok(),
-    }
-}
-
-/// The account's stored state, and the error to show when a corrupt one was set aside.
-/// `Err` when it cannot be read at all: the file may be fine and hold the only valid
-/// refresh token (a permission or I/O problem), so it is never overwritten and the
-/// account waits for a human and a reload.
-async fn read_state(
-    config: &AccountConfig,
-    store: &dyn Store,
-) -> Result<(Option<State>, Option<String>), String> {
-    let name = &config.name;
-    match store.load(name).await {
-        Ok(state) => Ok((state, None)),
-        // The bad file was moved aside: starting from the seed loses nothing.
-        Err(e @ StoreError::Corrupt { .. }) => {
-            error!(account = %name, error = %e, "cannot load the persisted state; starting from the configured seed");
-            Ok((None, Some(e.to_string())))
-        }
-        Err(e) => {
-            error!(account = %name, error = %e, "cannot read the persisted state; the account is held until this is fixed and tokend is reloaded");
-            Err(format!("{e}; fix it and reload (SIGHUP)"))
-        }
     }
 }
 

@@ -16,8 +16,9 @@ pub const UNAVAILABLE: u8 = 69;
 /// degraded, expired, pending, or was refreshed too recently), `health` not ready, a
 /// reload that did not finish in time. Trying again later may succeed.
 pub const TEMPFAIL: u8 = 75;
-/// The daemon refused the caller (EX_NOPERM): a 401 or 403, or no permission to signal
-/// the daemon.
+/// Refused (EX_NOPERM): the daemon answered 401 or 403, this user may not signal the
+/// daemon, or (`login`/`import`) the provider refused this client's credentials
+/// (`invalid_client`, `unauthorized_client`, HTTP 401/403).
 pub const NOPERM: u8 = 77;
 /// The configuration is invalid (EX_CONFIG): at start, in `check`, or the new config a
 /// `reload` sent. systemd units use `RestartPreventExitStatus=78` so a broken config
@@ -37,5 +38,6 @@ Exit codes:
   69  unavailable: the daemon cannot be reached, or (reload) no daemon runs
   75  not now: the daemon answered 503 (refreshing, degraded, expired, pending,
       refreshed too recently), `health` not ready, a reload not done in 30 s
-  77  no permission: the daemon answered 401/403, or the daemon cannot be signalled
+  77  no permission: the daemon answered 401/403, the daemon cannot be signalled, or
+      (login/import) the provider refused the client credentials
   78  invalid configuration: at start, `check`, or the config `reload` sent";

@@ -1,9 +1,11 @@
 //! Getting a refresh token into an account, and giving it up: the authorization code
 //! flow with PKCE (RFC 7636) through a loopback redirect listener (RFC 8252 §7.3) or a
 //! code pasted by hand, the device authorization grant (RFC 8628), a token read from
-//! stdin, and logout with revocation (RFC 7009). The result is handed to the account's
-//! state through `store::deliver_handoff` (and SIGHUP when a daemon holds it). It runs
-//! in the CLI, never in the daemon; the terminal side is `login_cmd`'s.
+//! stdin, and logout with revocation (RFC 7009). A new refresh token is checked against
+//! the spent ones and tried with one refresh before it replaces anything; the result is
+//! handed to the account's state through `store::deliver_handoff` (and SIGHUP when a
+//! daemon holds it). It runs in the CLI, never in the daemon; the terminal side is
+//! `login_cmd`'s.
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -25,9 +27,9 @@ use tokio::time::Instant;
 
 use crate::config::{AccountConfig, Config, Grant, is_loopback_host};
 use crate::provider::discovery::DiscoveryError;
-use crate::provider::{Provider, ProviderError, TokenGrant};
+use crate::provider::{Provider, ProviderError, TokenGrant, jwt_exp};
 use crate::secret::Secret;
-use crate::store::{self, Delivery, Handoff, StoreError};
+use crate::store::{self, AccessToken, Delivery, Handoff, NewChain, SpentBy, StoreError};
 
 /// The path of the default redirect URI, `http://127.0.0.1:<ephemeral>/callback`.
 pub const DEFAULT_CALLBACK_PATH: &str = "/callback";
@@ -93,8 +95,20 @@ pub enum LoginError {
     Stdin(std::io::Error),
     #[error("nothing was read from standard input")]
     EmptyInput,
+    #[error(
+        "this refresh token was presented to the provider before ({why}): presenting it again would make a provider that detects reuse revoke its whole family; nothing was sent and account {account} is unchanged. Get a new one with `tokend login {account}`"
+    )]
+    Spent { account: String, why: SpentBy },
+    #[error(
+        "the provider refused the refresh token: {0}; nothing was changed: the account keeps its previous refresh token and state"
+    )]
+    Refused(#[source] ProviderError),
     #[error("{0}")]
     Store(#[from] StoreError),
+    #[error(
+        "the daemon took the handoff but {new} did not take over the state of {old}: its log says why, and `tokend status` shows {new}'s state"
+    )]
+    NotAdopted { old: String, new: String },
     #[error(
         "the daemon (pid {pid}) could not be told to reload: {source}; the handoff waits in {path}: send it SIGHUP (systemctl reload tokend)"
     )]
@@ -122,7 +136,8 @@ fn describe(description: &Option<String>) -> String {
 }
 
 impl LoginError {
-    /// The exit code (see `cli::exit`): usage errors 2, config problems 78, else 1.
+    /// The exit code (see `cli::exit`): usage errors 2, config problems 78, the client
+    /// refused by the provider 77, a daemon that does not take the handoff 69, else 1.
     pub fn exit_code(&self) -> u8 {
         use super::exit;
         match self {
@@ -130,9 +145,27 @@ impl LoginError {
             | LoginError::NotRefreshToken(_)
             | LoginError::NotListenable(_) => exit::USAGE,
             LoginError::Missing { .. } | LoginError::ManualNeedsRedirect(_) => exit::CONFIG,
+            LoginError::Refused(e) if is_client_refused(e) => exit::NOPERM,
+            LoginError::Signal { .. } | LoginError::NoPid(_) | LoginError::NotTaken { .. } => {
+                exit::UNAVAILABLE
+            }
             _ => exit::FAILURE,
         }
     }
+}
+
+/// The provider refused this client, not the token: its id, secret or authentication.
+fn is_client_refused(e: &ProviderError) -> bool {
+    matches!(
+        e.oauth_error(),
+        Some("invalid_client" | "unauthorized_client")
+    ) || matches!(
+        e,
+        ProviderError::Http {
+            status: 401 | 403,
+            ..
+        }
+    )
 }
 
 /// The account named `name`, if it takes refresh tokens.
@@ -554,6 +587,56 @@ pub async fn revoke_stored(
         Revocation::NothingStored
     } else {
         Revocation::Revoked
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Trying a token before it replaces anything.
+
+/// Tries `presented`, a refresh token for `account`, before it replaces anything: refused
+/// at once if the state directory knows it as spent (nothing is sent), else presented in
+/// one refresh. Returns the chain that refresh started; a provider's refusal is
+/// `Refused`, and nothing was changed.
+pub async fn try_refresh_token(
+    provider: &Provider,
+    config: &Config,
+    account: &AccountConfig,
+    presented: Secret,
+) -> Result<NewChain, LoginError> {
+    let keyring = config.state.keyring.as_ref();
+    if let Some(why) = store::peek_spent(&config.state.dir, keyring, &presented)? {
+        return Err(LoginError::Spent {
+            account: account.name.to_string(),
+            why,
+        });
+    }
+    let response = provider
+        .request_token(account, TokenGrant::RefreshToken(&presented))
+        .await
+        .map_err(LoginError::Refused)?;
+    let now = SystemTime::now();
+    let lifetime = crate::schedule::lifetime(
+        response.expires_in,
+        jwt_exp(response.access_token.expose()),
+        now,
+        &account.refresh,
+    );
+    let rotated = response
+        .refresh_token
+        .as_ref()
+        .is_some_and(|rt| *rt != presented);
+    Ok(NewChain {
+        spent: rotated.then(|| store::spent_fingerprint(&presented)),
+        refresh_token: response.refresh_token.unwrap_or(presented),
+        refresh_token_expires_at: response.refresh_token_expires_in.map(|d| now + d),
+        access: Some(AccessToken {
+            token: response.access_token,
+            token_type: response.token_type,
+            expires_at: now + lifetime,
+            // RFC 6749 §5.1: an omitted scope is the scope requested.
+            scope: response.scope.or_else(|| account.scope.clone()),
+            issued_at: now,
+        }),
     })
 }
 

@@ -85,7 +85,7 @@ pub async fn login(path: &Path, name: &str, mode: LoginMode, timeout: Duration) 
     let result = async {
         let provider =
             Provider::http(config.provider.connect_timeout).map_err(LoginError::Exchange)?;
-        let refresh_token = match mode {
+        let (refresh_token, account) = match mode {
             LoginMode::Device => {
                 let account = discovered(&provider, &account, |a| {
                     a.token_url.is_some() && a.endpoints.device_authorization.is_some()
@@ -98,23 +98,22 @@ pub async fn login(path: &Path, name: &str, mode: LoginMode, timeout: Duration) 
                     });
                 }
                 let mut out = std::io::stdout();
-                login::device_flow(&provider, &account, &mut out, timeout).await?
+                let rt = login::device_flow(&provider, &account, &mut out, timeout).await?;
+                (rt, account)
             }
             LoginMode::Manual | LoginMode::Browser { .. } => {
                 let account = discovered(&provider, &account, |a| {
                     a.token_url.is_some() && a.endpoints.authorization.is_some()
                 })
                 .await?;
-                code_flow(&provider, &account, mode, timeout).await?
+                let rt = code_flow(&provider, &account, mode, timeout).await?;
+                (rt, account)
             }
         };
-        report_handoff(
-            &config,
-            &account,
-            Handoff::RefreshToken(refresh_token),
-            "logged in",
-        )
-        .await
+        // The refresh grant is what the daemon will use: proven once before anything
+        // stored is replaced.
+        let chain = login::try_refresh_token(&provider, &config, &account, refresh_token).await?;
+        report_handoff(&config, &account, Handoff::RefreshToken(chain), "logged in").await
     }
     .await;
     match result {
@@ -241,7 +240,11 @@ pub async fn import(path: &Path, name: &str) -> u8 {
         if text.is_empty() {
             return Err(LoginError::EmptyInput);
         }
-        report_handoff(&config, &account, Handoff::RefreshToken(text), "imported").await
+        let provider =
+            Provider::http(config.provider.connect_timeout).map_err(LoginError::Exchange)?;
+        let account = discovered(&provider, &account, |a| a.token_url.is_some()).await?;
+        let chain = login::try_refresh_token(&provider, &config, &account, text).await?;
+        report_handoff(&config, &account, Handoff::RefreshToken(chain), "imported").await
     }
     .await;
     match result {
@@ -285,7 +288,7 @@ pub async fn logout(path: &Path, name: &str, revoke: bool) -> u8 {
 
 /// Hands off, then says where it went; with a daemon, shows the account's state from
 /// `GET /v1/accounts` once it has settled (or what it is after a few seconds).
-async fn report_handoff(
+pub(super) async fn report_handoff(
     config: &Config,
     account: &AccountConfig,
     handoff: Handoff,

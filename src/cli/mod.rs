@@ -20,6 +20,7 @@ pub mod login;
 mod login_cmd;
 mod reload;
 mod remote;
+mod state_cmd;
 mod target;
 
 const LONG_VERSION: &str = concat!(
@@ -140,10 +141,28 @@ pub enum Command {
         #[arg(long)]
         no_revoke: bool,
     },
+    /// Manage the state directory without the provider.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
     /// Print a shell completion script.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Move account OLD's state (its live refresh token) to NEW after renaming the account
+    /// in the config; nothing is sent to the provider. With the daemon running, it takes
+    /// the state over at once (SIGHUP).
+    Rename {
+        /// The account's name before the rename.
+        old: String,
+        /// Its name in the config now.
+        new: String,
     },
 }
 
@@ -281,6 +300,9 @@ pub fn dispatch(cli: Cli) -> u8 {
         Command::Logout { account, no_revoke } => {
             block_on(login_cmd::logout(&config.path(), &account, !no_revoke))
         }
+        Command::State {
+            command: StateCommand::Rename { old, new },
+        } => block_on(state_cmd::rename(&config.path(), &old, &new)),
     }
 }
 

@@ -13,10 +13,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroize;
 
 use super::atomic::{is_temp_file, remove_file_durably, sync_dir, write_atomically};
+use super::spent::{LEDGER_FILE, Ledger, read_log, record, spent_fingerprint};
 use super::wire::{decode, decode_handoff, encode, encode_handoff};
-use super::{Handoff, State, Store, StoreError, StoreFuture};
+use super::{Handoff, Spent, SpentBy, SpentKind, State, Store, StoreError, StoreFuture};
 use crate::config::AccountName;
 use crate::seal::Keyring;
+use crate::secret::Secret;
 
 /// The file-backed store. Holding it holds the state directory's lock.
 pub struct FileStore {
@@ -24,6 +26,7 @@ pub struct FileStore {
     keyring: Option<Keyring>,
     /// One per file operation under way on the blocking pool; see [`MAX_DISK_OPS`].
     disk_ops: Arc<Semaphore>,
+    ledger: Arc<Ledger>,
     _lock: File,
 }
 
@@ -106,10 +109,15 @@ impl FileStore {
         lock.set_len(0).map_err(dir_err)?;
         writeln!(lock, "{}", std::process::id()).map_err(dir_err)?;
         remove_stale_temp_files(dir);
+        let ledger = Ledger::open(dir).map_err(|source| StoreError::Ledger {
+            path: dir.join(LEDGER_FILE),
+            source,
+        })?;
         Ok(Arc::new(FileStore {
             dir: dir.to_path_buf(),
             keyring,
             disk_ops: Arc::new(Semaphore::new(MAX_DISK_OPS)),
+            ledger: Arc::new(ledger),
             _lock: lock,
         }))
     }
@@ -185,6 +193,52 @@ pub fn peek_state(
             source: io::Error::new(io::ErrorKind::InvalidData, reason),
         }),
     }
+}
+
+/// Why `token` must not be presented, as far as the files of `dir` tell without the
+/// lock (for `tokend login`/`import` while a daemon runs): the ledger, and every account's
+/// current refresh token and chain. State files that cannot be read are passed over.
+pub fn peek_spent(
+    dir: &Path,
+    keyring: Option<&Keyring>,
+    token: &Secret,
+) -> Result<Option<SpentBy>, StoreError> {
+    let fp = spent_fingerprint(token);
+    let path = dir.join(LEDGER_FILE);
+    let (entries, _, _) = read_log(&path).map_err(|source| StoreError::Ledger { path, source })?;
+    if let Some(spent) = entries.get(&fp) {
+        return Ok(Some(SpentBy::Ledger(spent.clone())));
+    }
+    let listing = match fs::read_dir(dir) {
+        Ok(l) => l,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(StoreError::Dir {
+                dir: dir.to_path_buf(),
+                source,
+            });
+        }
+    };
+    for entry in listing.flatten() {
+        let file = entry.file_name();
+        let Some(account) = file
+            .to_str()
+            .and_then(|n| n.strip_suffix(".json"))
+            .and_then(|n| AccountName::parse(n).ok())
+        else {
+            continue;
+        };
+        let Ok(Some(state)) = peek_state(dir, keyring, &account) else {
+            continue;
+        };
+        if state.refresh_token.as_ref() == Some(token) {
+            return Ok(Some(SpentBy::InUse(account)));
+        }
+        if state.spent.contains(&fp) {
+            return Ok(Some(SpentBy::Rotated(account)));
+        }
+    }
+    Ok(None)
 }
 
 fn load_blocking(
@@ -274,9 +328,84 @@ impl Store for FileStore {
     fn clear_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()> {
         Box::pin(self.remove_durably(account, handoff_path(&self.dir, account)))
     }
+
+    fn record_spent<'a>(
+        &'a self,
+        account: &'a AccountName,
+        fingerprint: &'a str,
+        kind: SpentKind,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let ledger = Arc::clone(&self.ledger);
+            let entry = (fingerprint.to_string(), record(account, kind));
+            self.on_disk(move || ledger.append(vec![entry]))
+                .await
+                .and_then(|appended| appended)
+                .map_err(|source| self.ledger_error(source))
+        })
+    }
+
+    fn spent<'a>(&'a self, fingerprint: &'a str) -> StoreFuture<'a, Option<Spent>> {
+        // In memory, and its lock is never held across the disk: no blocking pool.
+        Box::pin(async move { Ok(self.ledger.get(fingerprint)) })
+    }
+
+    fn rename<'a>(&'a self, from: &'a AccountName, to: &'a AccountName) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let (dir, keyring) = (self.dir.clone(), self.keyring.clone());
+            let ledger = Arc::clone(&self.ledger);
+            let (f, t) = (from.clone(), to.clone());
+            self.on_disk(move || rename_blocking(&dir, keyring.as_ref(), &ledger, &f, &t))
+                .await
+                .unwrap_or_else(|source| Err(self.ledger_error(source)))
+        })
+    }
+
+    fn set_aside<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<String>> {
+        Box::pin(async move {
+            let (dir, path) = (self.dir.clone(), self.path(account));
+            let kept = aside_path(&path, "replaced");
+            let name = kept.file_name().map(|n| n.to_string_lossy().into_owned());
+            // A second name for the same file: the save that replaces the record
+            // renames over the first name only, and a crash in between loses nothing.
+            let linked = self
+                .on_disk(move || match fs::hard_link(&path, &kept) {
+                    Ok(()) => sync_dir(&dir).map(|()| true),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(true),
+                    Err(e) => Err(e),
+                })
+                .await
+                .and_then(|linked| linked)
+                .map_err(|source| StoreError::Write {
+                    account: account.clone(),
+                    path: self.path(account),
+                    source,
+                })?;
+            Ok(if linked { name } else { None })
+        })
+    }
+
+    fn drop_aside<'a>(&'a self, account: &'a AccountName, kept: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            // Only a name `set_aside` makes: a state file cannot point anywhere else.
+            let prefix = format!("{account}.json.replaced-");
+            if !kept.starts_with(&prefix) || kept.contains('/') {
+                return Ok(());
+            }
+            self.remove_durably(account, self.dir.join(kept)).await
+        })
+    }
 }
 
 impl FileStore {
+    fn ledger_error(&self, source: io::Error) -> StoreError {
+        StoreError::Ledger {
+            path: self.dir.join(LEDGER_FILE),
+            source,
+        }
+    }
+
     async fn remove_durably(&self, account: &AccountName, path: PathBuf) -> Result<(), StoreError> {
         let dir = self.dir.clone();
         let target = path.clone();
@@ -289,6 +418,60 @@ impl FileStore {
                 source,
             })
     }
+}
+
+/// [`Store::rename`] for the file store: save under `to`, move the ledger entries, then
+/// remove `from`. A second run after a crash finds `to` holding `from`'s refresh token and
+/// finishes the move.
+fn rename_blocking(
+    dir: &Path,
+    keyring: Option<&Keyring>,
+    ledger: &Ledger,
+    from: &AccountName,
+    to: &AccountName,
+) -> Result<(), StoreError> {
+    let target = match load_blocking(dir, keyring, to) {
+        Ok(state) => state,
+        // Unreadable: kept aside, out of the way.
+        Err(StoreError::Corrupt { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    let Some(mut state) = load_blocking(dir, keyring, from)? else {
+        return Err(StoreError::NothingToMove {
+            account: from.clone(),
+            path: state_path(dir, from),
+        });
+    };
+    let to_path = state_path(dir, to);
+    if let Some(rt) = target.and_then(|t| t.refresh_token)
+        && Some(&rt) != state.refresh_token.as_ref()
+    {
+        return Err(StoreError::Occupied {
+            account: to.clone(),
+            path: to_path,
+        });
+    }
+    // A copy kept aside under the old name stays for a human.
+    state.replaced = None;
+    write_atomically(dir, &to_path, encode(to, &state, keyring), 0o600).map_err(|source| {
+        StoreError::Write {
+            account: to.clone(),
+            path: to_path,
+            source,
+        }
+    })?;
+    ledger
+        .append(ledger.moved(from, to))
+        .map_err(|source| StoreError::Ledger {
+            path: dir.join(LEDGER_FILE),
+            source,
+        })?;
+    let from_path = state_path(dir, from);
+    remove_file_durably(dir, &from_path).map_err(|source| StoreError::Write {
+        account: from.clone(),
+        path: from_path,
+        source,
+    })
 }
 
 fn load_handoff_blocking(
@@ -334,7 +517,7 @@ fn read_file<T>(
 /// way. Never deleted: it may be the only copy of a refresh token, so it stays for a
 /// human.
 fn keep_aside(dir: &Path, path: PathBuf, account: &AccountName, reason: String) -> StoreError {
-    let kept_as = aside_path(&path);
+    let kept_as = aside_path(&path, "corrupt");
     if let Err(source) = fs::rename(&path, &kept_as) {
         return StoreError::Read {
             account: account.clone(),
@@ -383,13 +566,14 @@ pub(super) fn leave_handoff(
     Ok(path)
 }
 
-fn aside_path(path: &Path) -> PathBuf {
+/// `NAME.json.TAG-<unix time>` beside `path`.
+fn aside_path(path: &Path, tag: &str) -> PathBuf {
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".corrupt-{stamp}"));
+    name.push(format!(".{tag}-{stamp}"));
     path.with_file_name(name)
 }
 
@@ -413,7 +597,6 @@ mod tests {
 
     use super::super::fixtures::{name, ring, sample};
     use super::*;
-    use crate::secret::Secret;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn save_then_load_round_trips_with_private_modes() {
@@ -629,5 +812,75 @@ mod tests {
         assert_eq!(fs::read(kept_as).unwrap(), b"{\"version\": 1}");
         assert!(!store.has_handoff(&a).await.unwrap());
         assert_eq!(store.load_handoff(&a).await.unwrap(), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_rename_moves_the_state_and_its_ledger_entries_and_never_overwrites_a_chain() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (old, new, other) = (name("old"), name("new"), name("other"));
+        let keys = Some(ring(1, &[]));
+        let store = FileStore::open_sealed(tmp.path(), keys.clone()).unwrap();
+        store.save(&old, &sample()).await.unwrap();
+        store
+            .record_spent(&old, "seed-fp", SpentKind::Seed)
+            .await
+            .unwrap();
+        let err = store.rename(&other, &new).await.unwrap_err();
+        assert!(matches!(err, StoreError::NothingToMove { .. }), "{err}");
+        assert!(err.to_string().contains("other"), "{err}");
+
+        store.rename(&old, &new).await.unwrap();
+        assert_eq!(store.load(&old).await.unwrap(), None);
+        assert_eq!(store.load(&new).await.unwrap(), Some(sample()));
+        assert_eq!(store.spent("seed-fp").await.unwrap().unwrap().account, new);
+        drop(store);
+        // Durable: the moved entry is what a reopened store (and a peek) reads.
+        let store = FileStore::open_sealed(tmp.path(), keys.clone()).unwrap();
+        assert_eq!(store.spent("seed-fp").await.unwrap().unwrap().account, new);
+        let rt = sample().refresh_token.unwrap();
+        let found = peek_spent(tmp.path(), keys.as_ref(), &rt).unwrap();
+        assert_eq!(found, Some(SpentBy::InUse(new.clone())));
+
+        // A second chain is never overwritten by a rename.
+        let mut theirs = sample();
+        theirs.refresh_token = Some(Secret::new("rt-theirs"));
+        store.save(&other, &theirs).await.unwrap();
+        let err = store.rename(&other, &new).await.unwrap_err();
+        assert!(matches!(err, StoreError::Occupied { .. }), "{err}");
+        assert_eq!(store.load(&new).await.unwrap(), Some(sample()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_replaced_record_is_kept_aside_until_dropped_and_tokens_spent_are_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = name("acct");
+        let store = FileStore::open(tmp.path()).unwrap();
+        assert_eq!(store.set_aside(&a).await.unwrap(), None);
+        let mut state = sample();
+        state.remember_spent(&Secret::new("rt-0"));
+        store.save(&a, &state).await.unwrap();
+        let kept = store.set_aside(&a).await.unwrap().unwrap();
+        assert!(kept.starts_with("acct.json.replaced-"), "{kept}");
+        let mut next = sample();
+        next.refresh_token = Some(Secret::new("rt-new"));
+        next.spent = state.spent.clone();
+        store.save(&a, &next).await.unwrap();
+        // The copy is the old record, whole.
+        let copy = decode(&fs::read(tmp.path().join(&kept)).unwrap(), &a, None).unwrap();
+        assert_eq!(copy, state);
+        // Rotated away by the old chain, or the current token: both found spent.
+        let found = peek_spent(tmp.path(), None, &Secret::new("rt-0")).unwrap();
+        assert_eq!(found, Some(SpentBy::Rotated(a.clone())));
+        assert_eq!(
+            peek_spent(tmp.path(), None, &Secret::new("rt-x")).unwrap(),
+            None
+        );
+        // Only a copy of this account's is ever dropped.
+        store.drop_aside(&a, "../acct.json").await.unwrap();
+        store.drop_aside(&name("b"), &kept).await.unwrap();
+        assert!(tmp.path().join(&kept).exists());
+        store.drop_aside(&a, &kept).await.unwrap();
+        assert!(!tmp.path().join(&kept).exists());
+        assert_eq!(store.load(&a).await.unwrap(), Some(next));
     }
 }

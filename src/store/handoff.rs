@@ -1,13 +1,13 @@
-//! The handoff protocol, both ends: how `tokend login`, `import` and `logout` give an
-//! account its new refresh token (or none), straight into the state when no daemon runs,
-//! else as a handoff the daemon applies when the account (re)starts. The handoff files
-//! themselves are `file`'s.
+//! The handoff protocol, both ends: how `tokend login`, `import`, `logout` and `state
+//! rename` give an account its new chain (or none, or another account's), straight into
+//! the state when no daemon runs, else as a handoff the daemon applies when the account
+//! (re)starts. The handoff files themselves are `file`'s.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use super::file::{FileStore, leave_handoff};
-use super::{Handoff, State, Store, StoreError};
+use super::{Handoff, SpentKind, State, Store, StoreError};
 use tracing::{error, info};
 
 use crate::config::{AccountConfig, AccountName, Grant};
@@ -18,7 +18,7 @@ use crate::seal::Keyring;
 pub enum Delivery {
     /// No daemon held the state directory: the state was changed directly; this is the
     /// account's record now (`None`: no record).
-    Applied(Option<State>),
+    Applied(Option<Box<State>>),
     /// A daemon holds the state directory: the handoff waits in `path` for it to apply;
     /// `pid` is the daemon's, from its lock file.
     Pending { path: PathBuf, pid: Option<i32> },
@@ -45,14 +45,18 @@ pub async fn deliver_handoff(
                 Err(StoreError::Corrupt { .. }) => None,
                 Err(e) => return Err(e),
             };
-            let next = handoff.apply(current.as_ref(), seed_fingerprint, now);
-            match &next {
-                Some(state) => store.save(account, state).await?,
-                None => store.remove(account).await?,
-            }
+            let next = apply_to(
+                store.as_ref(),
+                account,
+                handoff,
+                current,
+                seed_fingerprint,
+                now,
+            )
+            .await?;
             // A handoff left by a daemon that stopped before applying it is superseded.
             store.clear_handoff(account).await?;
-            Ok(Delivery::Applied(next))
+            Ok(Delivery::Applied(next.map(Box::new)))
         }
         Err(StoreError::Locked { pid, .. }) => {
             let path = leave_handoff(dir, keyring.as_ref(), account, handoff)?;
@@ -85,26 +89,73 @@ pub async fn apply_pending(
         Grant::RefreshToken { seed: Some(seed) } => Some(seed.fingerprint()),
         _ => None,
     };
-    let next = handoff.apply(loaded.as_ref(), seed_fingerprint, now);
-    let written = match &next {
-        Some(state) => store.save(name, state).await,
-        None => store.remove(name).await,
+    let next = match apply_to(store, name, &handoff, loaded.clone(), seed_fingerprint, now).await {
+        Ok(next) => next,
+        // Cannot succeed as it stands: dropped, so a later start does not act on it.
+        Err(e @ (StoreError::NothingToMove { .. } | StoreError::Occupied { .. })) => {
+            error!(account = %name, error = %e, "cannot apply the handoff from tokend state rename; it was dropped");
+            let _ = store.clear_handoff(name).await;
+            return Err((loaded, e.to_string()));
+        }
+        Err(e) => {
+            error!(account = %name, error = %e, "cannot apply the handoff from tokend login/import/logout/state rename; it stays pending");
+            return Err((loaded, e.to_string()));
+        }
     };
-    if let Err(e) = written {
-        error!(account = %name, error = %e, "cannot apply the handoff from tokend login/import/logout; it stays pending");
-        return Err((loaded, e.to_string()));
-    }
     if let Err(e) = store.clear_handoff(name).await {
         // Applied, but it would be applied again at the next start or reload: say so.
         error!(account = %name, error = %e, "applied the handoff but cannot delete it; delete it by hand before the next reload");
     }
     let logout = handoff == Handoff::Logout;
-    if logout {
-        info!(account = %name, "logged out: the stored refresh token was dropped");
-    } else {
-        info!(account = %name, "adopted the refresh token handed over by tokend login/import");
+    match &handoff {
+        Handoff::Logout => {
+            info!(account = %name, "logged out: the stored refresh token was dropped")
+        }
+        Handoff::Adopt { from } => {
+            info!(account = %name, from = %from, "took over the state of another account (tokend state rename); nothing was sent to the provider")
+        }
+        Handoff::RefreshToken(_) => {
+            info!(account = %name, "adopted the refresh token handed over by tokend login/import")
+        }
     }
     Ok((next, logout))
+}
+
+/// Applies `handoff` to `account`'s record `current` in `store`, in the order that loses
+/// nothing at a crash (the handoff stays pending until its caller clears it): the ledger
+/// records the token that was presented, a record being replaced is kept aside, and then
+/// the new record is saved (or removed). Returns the account's record now.
+async fn apply_to(
+    store: &dyn Store,
+    account: &AccountName,
+    handoff: &Handoff,
+    current: Option<State>,
+    seed_fingerprint: Option<String>,
+    now: SystemTime,
+) -> Result<Option<State>, StoreError> {
+    match handoff {
+        Handoff::Adopt { from } => {
+            store.rename(from, account).await?;
+            return store.load(account).await;
+        }
+        Handoff::RefreshToken(chain) => {
+            if let Some(fp) = &chain.spent {
+                store.record_spent(account, fp, SpentKind::Handover).await?;
+            }
+        }
+        Handoff::Logout => {}
+    }
+    let mut next = handoff.apply(current.as_ref(), seed_fingerprint, now);
+    if let (Handoff::RefreshToken(_), Some(state)) = (handoff, next.as_mut())
+        && current.is_some_and(|s| s.refresh_token.is_some())
+    {
+        state.replaced = store.set_aside(account).await?;
+    }
+    match &next {
+        Some(state) => store.save(account, state).await?,
+        None => store.remove(account).await?,
+    }
+    Ok(next)
 }
 
 #[cfg(test)]
@@ -116,13 +167,14 @@ mod tests {
     use super::super::wire::from_unix;
     use super::*;
     use crate::secret::Secret;
+    use crate::store::NewChain;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_handoff_is_applied_directly_or_left_for_the_daemon_holding_the_lock() {
         let tmp = tempfile::tempdir().unwrap();
         let a = name("acct");
         let now = from_unix(1_800_000_000);
-        let handoff = Handoff::RefreshToken(Secret::new("rt-new"));
+        let handoff = Handoff::RefreshToken(NewChain::untried(Secret::new("rt-new")));
         {
             let store = FileStore::open(tmp.path()).unwrap();
             store.save(&a, &sample()).await.unwrap();

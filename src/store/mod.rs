@@ -6,7 +6,8 @@
 //!
 //! Inside: `file` is the file-backed store (one JSON file per account in a locked,
 //! private directory), `wire` its on-disk format (sealed with [`crate::seal`] when a key
-//! is set), `atomic` its durable writes, and `handoff` the handoff protocol.
+//! is set), `atomic` its durable writes, `spent` its ledger of spent refresh tokens, and
+//! `handoff` the handoff protocol.
 
 use std::future::Future;
 use std::io;
@@ -20,12 +21,18 @@ use crate::secret::Secret;
 mod atomic;
 mod file;
 mod handoff;
+mod spent;
 mod wire;
 
 pub(crate) use atomic::write_atomically;
-pub use file::{FileStore, handoff_path, lock_path, peek_state, state_path};
+pub use file::{FileStore, handoff_path, lock_path, peek_spent, peek_state, state_path};
 pub use handoff::{Delivery, apply_pending, deliver_handoff};
+pub use spent::{LEDGER_FILE, spent_fingerprint};
 pub use wire::FORMAT_VERSION;
+
+/// How many refresh tokens an account's chain remembers having rotated away
+/// ([`State::spent`]).
+pub const CHAIN_MEMORY: usize = 32;
 
 /// What survives a restart for one account.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -45,6 +52,73 @@ pub struct State {
     pub refresh_in_flight_since: Option<SystemTime>,
     /// Last successful refresh.
     pub last_refresh: Option<SystemTime>,
+    /// [`spent_fingerprint`]s of the refresh tokens this chain rotated away, oldest first,
+    /// at most [`CHAIN_MEMORY`]: written with the rotation, so it costs no extra write.
+    pub spent: Vec<String>,
+    /// The record this one replaced (`tokend login`/`import`), kept aside until the new
+    /// chain has refreshed once in the daemon: where the store keeps it.
+    pub replaced: Option<String>,
+}
+
+impl State {
+    /// Remembers `token` as rotated away by this chain.
+    pub fn remember_spent(&mut self, token: &Secret) {
+        self.spent.push(spent_fingerprint(token));
+        let over = self.spent.len().saturating_sub(CHAIN_MEMORY);
+        self.spent.drain(..over);
+    }
+}
+
+/// A refresh token presented to the provider, in the ledger of spent ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spent {
+    /// The account that presented it.
+    pub account: AccountName,
+    /// When it was recorded, just before it was first presented.
+    pub at: SystemTime,
+    pub kind: SpentKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpentKind {
+    /// The config's seed `refresh_token`.
+    Seed,
+    /// A token handed over by `tokend login` or `import`.
+    Handover,
+}
+
+/// Why a refresh token must not be presented (again): see [`peek_spent`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum SpentBy {
+    /// In the ledger: a seed or a handed-over token, presented already.
+    Ledger(Spent),
+    /// Rotated away by this account's chain.
+    Rotated(AccountName),
+    /// The current refresh token of this account: presenting it elsewhere would rotate
+    /// it away under the account's feet.
+    InUse(AccountName),
+}
+
+impl std::fmt::Display for SpentBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpentBy::Ledger(s) => {
+                let what = match s.kind {
+                    SpentKind::Seed => "the configured seed refresh_token of",
+                    SpentKind::Handover => "the token handed over by tokend login/import to",
+                };
+                write!(
+                    f,
+                    "it was {what} account {}, first presented at {}",
+                    s.account,
+                    crate::clock::rfc3339(s.at)
+                )
+            }
+            SpentBy::Rotated(a) => write!(f, "account {a} rotated it away already"),
+            SpentBy::InUse(a) => write!(f, "it is account {a}'s current refresh token"),
+        }
+    }
 }
 
 /// An access token as issued, with its wall-clock expiry.
@@ -97,43 +171,93 @@ pub enum StoreError {
         path: PathBuf,
         source: io::Error,
     },
+    #[error("cannot use the ledger of spent refresh tokens {path}: {source}")]
+    Ledger { path: PathBuf, source: io::Error },
+    #[error("account {account} has no state in {path}: there is nothing to move")]
+    NothingToMove { account: AccountName, path: PathBuf },
+    #[error(
+        "account {account} already has a refresh token in {path}: move that file away first if it is not needed"
+    )]
+    Occupied { account: AccountName, path: PathBuf },
 }
 
-/// What `tokend login`, `import` or `logout` hands to an account.
+/// What `tokend login`, `import`, `logout` or `state rename` hands to an account.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Handoff {
-    /// A refresh token obtained outside the daemon: it replaces the stored one.
-    RefreshToken(Secret),
+    /// A chain obtained outside the daemon and tried once: it replaces the stored one.
+    RefreshToken(NewChain),
     /// The account was logged out: its refresh token is gone.
     Logout,
+    /// `tokend state rename FROM THIS`: account `from`'s state becomes this account's.
+    Adopt { from: AccountName },
+}
+
+/// What `tokend login`/`import` got from the one refresh that tried a token: the chain's
+/// current refresh token, and the access token that came with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewChain {
+    pub refresh_token: Secret,
+    pub refresh_token_expires_at: Option<SystemTime>,
+    pub access: Option<AccessToken>,
+    /// [`spent_fingerprint`] of the token presented, when the provider rotated it: the
+    /// ledger records it as this account's.
+    pub spent: Option<String>,
+}
+
+impl NewChain {
+    /// A chain that was not tried (tests, and stores written before tokens were tried).
+    pub fn untried(refresh_token: Secret) -> NewChain {
+        NewChain {
+            refresh_token,
+            refresh_token_expires_at: None,
+            access: None,
+            spent: None,
+        }
+    }
 }
 
 impl Handoff {
     /// The account's state once the handoff is applied to `current`; `None` means no
     /// record at all. `seed_fingerprint` is that of the config's seed refresh token, if
     /// any: kept in the state so that seed does not replace the handed-over token (or
-    /// come back after a logout) at the next start. The access token and the in-flight
-    /// mark belong to the old chain and go.
+    /// come back after a logout) at the next start. The old chain's access token and
+    /// in-flight mark go; what it rotated away is still remembered. `Adopt` is the
+    /// store's to apply ([`Store::rename`]): here it changes nothing.
     pub fn apply(
         &self,
         current: Option<&State>,
         seed_fingerprint: Option<String>,
         now: SystemTime,
     ) -> Option<State> {
+        let remembered = current.map(|s| s.spent.clone()).unwrap_or_default();
         match self {
-            Handoff::RefreshToken(rt) => Some(State {
-                refresh_token: Some(rt.clone()),
-                seed_fingerprint,
-                refresh_token_issued_at: Some(now),
-                refresh_token_expires_at: None,
-                access: None,
-                refresh_in_flight_since: None,
-                last_refresh: current.and_then(|s| s.last_refresh),
-            }),
+            Handoff::RefreshToken(chain) => {
+                let mut spent = remembered;
+                spent.extend(chain.spent.clone());
+                spent.drain(..spent.len().saturating_sub(CHAIN_MEMORY));
+                let tried = chain.access.is_some();
+                Some(State {
+                    refresh_token: Some(chain.refresh_token.clone()),
+                    seed_fingerprint,
+                    refresh_token_issued_at: Some(now),
+                    refresh_token_expires_at: chain.refresh_token_expires_at,
+                    access: chain.access.clone(),
+                    refresh_in_flight_since: None,
+                    last_refresh: if tried {
+                        Some(now)
+                    } else {
+                        current.and_then(|s| s.last_refresh)
+                    },
+                    spent,
+                    replaced: None,
+                })
+            }
             Handoff::Logout => seed_fingerprint.map(|fp| State {
                 seed_fingerprint: Some(fp),
+                spent: remembered,
                 ..State::default()
             }),
+            Handoff::Adopt { .. } => current.cloned(),
         }
     }
 }
@@ -160,6 +284,28 @@ pub trait Store: Send + Sync + 'static {
     fn load_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<Handoff>>;
     /// Drops the pending handoff once it has been applied; none is not an error.
     fn clear_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()>;
+
+    /// Records durably, in the ledger every account of the store shares, that `account`
+    /// presents (or presented) the refresh token of `fingerprint` ([`spent_fingerprint`]).
+    /// Called before a seed or a handed-over token is first presented; returns once durable.
+    /// A backend keeps at least the newest 64 per account.
+    fn record_spent<'a>(
+        &'a self,
+        account: &'a AccountName,
+        fingerprint: &'a str,
+        kind: SpentKind,
+    ) -> StoreFuture<'a, ()>;
+    /// The ledger's entry for `fingerprint`, if that token was presented already.
+    fn spent<'a>(&'a self, fingerprint: &'a str) -> StoreFuture<'a, Option<Spent>>;
+    /// Moves `from`'s record (and its ledger entries) to `to`, which must have no refresh
+    /// token; nothing is presented to any provider. Durable: at any crash point, the
+    /// record is under `from` or under `to` (briefly both, never neither).
+    fn rename<'a>(&'a self, from: &'a AccountName, to: &'a AccountName) -> StoreFuture<'a, ()>;
+    /// Keeps a copy of the account's record aside (before a handoff replaces it), and says
+    /// where, for [`State::replaced`]; `None` when there is no record.
+    fn set_aside<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<String>>;
+    /// Drops a copy made by `set_aside` for `account`; gone already is not an error.
+    fn drop_aside<'a>(&'a self, account: &'a AccountName, kept: &'a str) -> StoreFuture<'a, ()>;
 }
 
 /// Test fixtures shared by the store's submodules.
@@ -188,6 +334,8 @@ mod fixtures {
             }),
             refresh_in_flight_since: None,
             last_refresh: Some(from_unix(1_700_000_000)),
+            spent: Vec::new(),
+            replaced: None,
         }
     }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
-use super::{AccessToken, Handoff, State};
+use super::{AccessToken, Handoff, NewChain, State};
 use crate::config::AccountName;
 use crate::seal::{Keyring, seal_file, unseal};
 use crate::secret::Secret;
@@ -36,6 +36,10 @@ struct Wire {
     refresh_in_flight_since: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_refresh: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    spent: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    replaced: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -59,15 +63,11 @@ pub(super) fn encode(account: &AccountName, state: &State, keyring: Option<&Keyr
         seed_fingerprint: state.seed_fingerprint.clone(),
         refresh_token_issued_at: state.refresh_token_issued_at.map(to_unix),
         refresh_token_expires_at: state.refresh_token_expires_at.map(to_unix),
-        access: state.access.as_ref().map(|a| WireAccess {
-            token: a.token.expose().to_string(),
-            token_type: a.token_type.clone(),
-            expires_at: to_unix(a.expires_at),
-            scope: a.scope.clone(),
-            issued_at: to_unix(a.issued_at),
-        }),
+        access: state.access.as_ref().map(wire_access),
         refresh_in_flight_since: state.refresh_in_flight_since.map(to_unix),
         last_refresh: state.last_refresh.map(to_unix),
+        spent: state.spent.clone(),
+        replaced: state.replaced.clone(),
     };
     let mut bytes = serde_json::to_vec_pretty(&wire).expect("state serializes");
     wire.refresh_token.zeroize();
@@ -107,8 +107,7 @@ pub(super) fn decode(
 }
 
 fn read_wire(bytes: &[u8], account: &AccountName) -> Result<State, String> {
-    // serde_json's messages name line and column but never echo the input's values.
-    let mut wire: Wire = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let mut wire: Wire = serde_json::from_slice(bytes).map_err(|e| describe_json(&e))?;
     if wire.version != FORMAT_VERSION {
         return Err(format!(
             "format version {} is not {FORMAT_VERSION}, the one this tokend understands",
@@ -123,20 +122,47 @@ fn read_wire(bytes: &[u8], account: &AccountName) -> Result<State, String> {
         seed_fingerprint: wire.seed_fingerprint.take(),
         refresh_token_issued_at: wire.refresh_token_issued_at.map(from_unix),
         refresh_token_expires_at: wire.refresh_token_expires_at.map(from_unix),
-        access: wire.access.take().map(|a| AccessToken {
-            token: Secret::new(a.token),
-            token_type: a.token_type,
-            expires_at: from_unix(a.expires_at),
-            scope: a.scope,
-            issued_at: from_unix(a.issued_at),
-        }),
+        access: wire.access.take().map(access_from),
         refresh_in_flight_since: wire.refresh_in_flight_since.map(from_unix),
         last_refresh: wire.last_refresh.map(from_unix),
+        spent: std::mem::take(&mut wire.spent),
+        replaced: wire.replaced.take(),
     };
     Ok(state)
 }
 
-fn to_unix(t: SystemTime) -> u64 {
+/// What is wrong with a file that does not parse, in the file's terms: serde's own
+/// messages name this crate's types ("expected struct Wire") and quote the values they
+/// stumble on, which may be tokens.
+fn describe_json(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let at = format!("line {}, column {}", e.line(), e.column());
+    match e.classify() {
+        Category::Eof => {
+            format!("the file ends in the middle of its JSON ({at}): it was cut short")
+        }
+        Category::Syntax => format!("the file is not valid JSON ({at})"),
+        Category::Io => format!("the file cannot be read ({at})"),
+        Category::Data => {
+            let text = e.to_string();
+            // "missing field `x`" and "unknown field `x`, expected one of …" quote only
+            // field names.
+            let field = ["missing field", "unknown field", "duplicate field"]
+                .iter()
+                .find(|p| text.starts_with(*p))
+                .and_then(|_| text.split(", expected").next())
+                .map(|m| m.split(" at line").next().unwrap_or(m).to_string());
+            match field {
+                Some(m) => format!("{m} ({at})"),
+                None => format!(
+                    "a value has the wrong type, or the file is not a tokend state or handoff file ({at})"
+                ),
+            }
+        }
+    }
+}
+
+pub(super) fn to_unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
@@ -157,6 +183,36 @@ struct WireHandoff {
     handoff: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     refresh_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token_expires_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    access: Option<WireAccess>,
+    /// The ledger fingerprint of the token presented to get this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    spent: Option<String>,
+    /// `adopt`: the account whose state this one takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    from: Option<String>,
+}
+
+fn wire_access(a: &AccessToken) -> WireAccess {
+    WireAccess {
+        token: a.token.expose().to_string(),
+        token_type: a.token_type.clone(),
+        expires_at: to_unix(a.expires_at),
+        scope: a.scope.clone(),
+        issued_at: to_unix(a.issued_at),
+    }
+}
+
+fn access_from(a: WireAccess) -> AccessToken {
+    AccessToken {
+        token: Secret::new(a.token),
+        token_type: a.token_type,
+        expires_at: from_unix(a.expires_at),
+        scope: a.scope,
+        issued_at: from_unix(a.issued_at),
+    }
 }
 
 /// Sealed handoffs are bound to this associated data, so one cannot pass for a state file.
@@ -170,21 +226,33 @@ pub(super) fn encode_handoff(
     handoff: &Handoff,
     keyring: Option<&Keyring>,
 ) -> Vec<u8> {
+    let chain = match handoff {
+        Handoff::RefreshToken(chain) => Some(chain),
+        _ => None,
+    };
     let mut wire = WireHandoff {
         version: FORMAT_VERSION,
         account: account.to_string(),
         handoff: match handoff {
             Handoff::RefreshToken(_) => "refresh_token",
             Handoff::Logout => "logout",
+            Handoff::Adopt { .. } => "adopt",
         }
         .into(),
-        refresh_token: match handoff {
-            Handoff::RefreshToken(rt) => Some(rt.expose().to_string()),
-            Handoff::Logout => None,
+        refresh_token: chain.map(|c| c.refresh_token.expose().to_string()),
+        refresh_token_expires_at: chain.and_then(|c| c.refresh_token_expires_at.map(to_unix)),
+        access: chain.and_then(|c| c.access.as_ref().map(wire_access)),
+        spent: chain.and_then(|c| c.spent.clone()),
+        from: match handoff {
+            Handoff::Adopt { from } => Some(from.to_string()),
+            _ => None,
         },
     };
     let mut bytes = serde_json::to_vec_pretty(&wire).expect("a handoff serializes");
     wire.refresh_token.zeroize();
+    if let Some(a) = wire.access.as_mut() {
+        a.token.zeroize();
+    }
     if let Some(keyring) = keyring {
         bytes = seal_file(
             keyring,
@@ -214,7 +282,7 @@ pub(super) fn decode_handoff(
 }
 
 fn read_handoff(bytes: &[u8], account: &AccountName) -> Result<Handoff, String> {
-    let mut wire: WireHandoff = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let mut wire: WireHandoff = serde_json::from_slice(bytes).map_err(|e| describe_json(&e))?;
     if wire.version != FORMAT_VERSION {
         return Err(format!(
             "handoff format version {} is unknown",
@@ -224,10 +292,25 @@ fn read_handoff(bytes: &[u8], account: &AccountName) -> Result<Handoff, String> 
     if wire.account != account.as_str() {
         return Err(format!("the file belongs to account {:?}", wire.account));
     }
-    match (wire.handoff.as_str(), wire.refresh_token.take()) {
-        ("refresh_token", Some(rt)) if !rt.is_empty() => Ok(Handoff::RefreshToken(Secret::new(rt))),
-        ("logout", None) => Ok(Handoff::Logout),
-        (kind, _) => Err(format!("not a valid handoff of kind {kind:?}")),
+    match (
+        wire.handoff.as_str(),
+        wire.refresh_token.take(),
+        wire.from.take(),
+    ) {
+        ("refresh_token", Some(rt), None) if !rt.is_empty() => {
+            Ok(Handoff::RefreshToken(NewChain {
+                refresh_token: Secret::new(rt),
+                refresh_token_expires_at: wire.refresh_token_expires_at.map(from_unix),
+                access: wire.access.take().map(access_from),
+                spent: wire.spent.take(),
+            }))
+        }
+        ("logout", None, None) => Ok(Handoff::Logout),
+        ("adopt", None, Some(from)) => match AccountName::parse(&from) {
+            Ok(from) => Ok(Handoff::Adopt { from }),
+            Err(_) => Err("an adopt handoff names no valid account".into()),
+        },
+        (kind, _, _) => Err(format!("not a valid handoff of kind {kind:?}")),
     }
 }
 
@@ -253,6 +336,55 @@ mod tests {
     }
 
     #[test]
+    fn a_garbled_file_is_described_without_type_names_or_its_values() {
+        let a = name("a");
+        for (bytes, expect) in [
+            (&b"[]"[..], "wrong type"),
+            (b"\"rt-in-a-string\"", "wrong type"),
+            (
+                b"{\"version\":1,\"account\":\"a\",\"access\":\"at-secret-value\"}",
+                "wrong type",
+            ),
+            (
+                b"{\"version\":1,\"account\":\"a\",\"refresh_token\":\"rt-cut",
+                "cut short",
+            ),
+            (b"{\"version\":1}", "missing field `account`"),
+            (b"not json", "not valid JSON"),
+        ] {
+            let err = decode(bytes, &a, None).unwrap_err();
+            assert!(err.contains(expect), "{err}");
+            assert!(err.contains("line 1"), "{err}");
+            for leak in ["Wire", "struct", "secret-value", "rt-in", "rt-cut"] {
+                assert!(!err.contains(leak), "{leak} in {err}");
+            }
+            let err = decode_handoff(bytes, &a, None).unwrap_err();
+            assert!(
+                !err.contains("Wire") && !err.contains("secret-value"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn handoffs_carry_a_tried_chain_and_renames() {
+        let a = name("a");
+        let chain = NewChain {
+            refresh_token: Secret::new("rt-2"),
+            refresh_token_expires_at: Some(from_unix(1_800_000_000)),
+            access: sample().access,
+            spent: Some("00ff".into()),
+        };
+        for handoff in [
+            Handoff::RefreshToken(chain),
+            Handoff::Adopt { from: name("old") },
+        ] {
+            let bytes = encode_handoff(&a, &handoff, Some(&ring(1, &[])));
+            assert_eq!(decode_handoff(&bytes, &a, Some(&ring(1, &[]))), Ok(handoff));
+        }
+    }
+
+    #[test]
     fn handoff_files_are_bound_to_their_account_and_never_read_as_state() {
         let bytes = encode_handoff(&name("a"), &Handoff::Logout, None);
         assert_eq!(
@@ -263,7 +395,7 @@ mod tests {
         assert!(decode(&bytes, &name("a"), None).is_err());
         let sealed = encode_handoff(
             &name("a"),
-            &Handoff::RefreshToken(Secret::new("rt-9")),
+            &Handoff::RefreshToken(NewChain::untried(Secret::new("rt-9"))),
             Some(&ring(1, &[])),
         );
         assert!(decode(&sealed, &name("a"), Some(&ring(1, &[]))).is_err());
@@ -320,7 +452,7 @@ mod tests {
         );
         let handoff = encode_handoff(
             &name("a"),
-            &Handoff::RefreshToken(Secret::new("rt-9")),
+            &Handoff::RefreshToken(NewChain::untried(Secret::new("rt-9"))),
             None,
         );
         assert_eq!(

@@ -1,6 +1,7 @@
 //! Integration tests, one binary. Each module says what belongs in it.
 
 mod binary;
+mod chain;
 mod check;
 mod cli;
 mod crash;

@@ -101,11 +101,15 @@ impl Validator<'_> {
         let limits = self.limits(&raw.provider);
         let per_host = self.host_limits(&raw.provider);
         let mut accounts = BTreeMap::new();
+        let mut seed_spans = Vec::new();
         for (name, account) in raw.accounts {
             let span = account.span();
             let key = format!("accounts.{name}");
             match AccountName::parse(&name) {
                 Ok(account_name) => {
+                    if let Some(seed) = &account.get_ref().refresh_token {
+                        seed_spans.push((account_name.clone(), seed.span()));
+                    }
                     let a = self.account(
                         account_name.clone(),
                         account.into_inner(),
@@ -118,6 +122,7 @@ impl Validator<'_> {
                 Err(msg) => self.report(span, key, msg),
             }
         }
+        self.shared_seeds(&accounts, seed_spans);
         let consumers = self.consumers(raw.consumers, &accounts);
         Config {
             server,
@@ -131,6 +136,38 @@ impl Validator<'_> {
             consumers,
             warnings: std::mem::take(&mut self.warnings),
             secret_sources: std::mem::take(&mut self.secret_sources),
+        }
+    }
+
+    /// One refresh token seeding two accounts: the first refresh rotates it, and the
+    /// other account's first refresh presents it again, which a provider that detects
+    /// reuse answers by revoking the whole family. Both places are named.
+    fn shared_seeds(
+        &mut self,
+        accounts: &BTreeMap<AccountName, Arc<AccountConfig>>,
+        spans: Vec<(AccountName, Range<usize>)>,
+    ) {
+        let mut first: BTreeMap<String, (&AccountName, &Secret, Range<usize>)> = BTreeMap::new();
+        for (name, span) in spans {
+            let Some((name, account)) = accounts.get_key_value(&name) else {
+                continue;
+            };
+            let crate::config::Grant::RefreshToken { seed: Some(seed) } = &account.grant else {
+                continue;
+            };
+            match first.get(&seed.fingerprint()) {
+                Some((other, other_seed, other_span)) if *other_seed == seed => {
+                    let line = self.loc.problem(other_span.clone(), "", "").line;
+                    let msg = format!(
+                        "accounts {other} (line {line}) and {name} have the same refresh_token: the first refresh of one spends it, and the other presenting it again makes the provider revoke the whole family. Give each account its own (`tokend login {name}` gets one)"
+                    );
+                    self.report(span, format!("accounts.{name}.refresh_token"), msg);
+                }
+                Some(_) => {}
+                None => {
+                    first.insert(seed.fingerprint(), (name, seed, span));
+                }
+            }
         }
     }
 
@@ -571,6 +608,35 @@ fn decode_hex32(text: &str) -> Option<[u8; 32]> {
 mod tests {
     use super::*;
     use crate::config::test_env::{env, load};
+
+    #[test]
+    fn a_seed_shared_by_two_accounts_names_both_and_their_lines() {
+        let block = |name: &str, seed: &str| {
+            format!(
+                "[accounts.{name}]\ngrant = \"refresh_token\"\ntoken_url = \"https://x/t\"\nclient_id = \"c\"\nrefresh_token = \"{seed}\"\n"
+            )
+        };
+        let text = [
+            block("prod", "rt-1"),
+            block("copy", "rt-1"),
+            block("other", "rt-2"),
+        ]
+        .concat();
+        let err = load(&text).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        let p = &err.problems[0];
+        assert_eq!(
+            (p.key.as_str(), p.line),
+            ("accounts.prod.refresh_token", 5),
+            "{err}"
+        );
+        assert!(
+            p.message.contains("accounts copy (line 10) and prod"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("rt-1"), "{err}");
+        assert!(load(&[block("prod", "rt-1"), block("other", "rt-2")].concat()).is_ok());
+    }
 
     #[test]
     fn per_host_limits_are_read_and_checked() {

@@ -291,4 +291,29 @@ impl Store for FlakyStore {
     fn clear_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()> {
         self.inner.clear_handoff(account)
     }
+
+    fn record_spent<'a>(
+        &'a self,
+        account: &'a AccountName,
+        fingerprint: &'a str,
+        kind: tokend::store::SpentKind,
+    ) -> StoreFuture<'a, ()> {
+        self.inner.record_spent(account, fingerprint, kind)
+    }
+
+    fn spent<'a>(&'a self, fingerprint: &'a str) -> StoreFuture<'a, Option<tokend::store::Spent>> {
+        self.inner.spent(fingerprint)
+    }
+
+    fn rename<'a>(&'a self, from: &'a AccountName, to: &'a AccountName) -> StoreFuture<'a, ()> {
+        self.inner.rename(from, to)
+    }
+
+    fn set_aside<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<String>> {
+        self.inner.set_aside(account)
+    }
+
+    fn drop_aside<'a>(&'a self, account: &'a AccountName, kept: &'a str) -> StoreFuture<'a, ()> {
+        self.inner.drop_aside(account, kept)
+    }
 }

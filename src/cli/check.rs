@@ -189,7 +189,9 @@ fn refresh_token_origin(config: &Config, a: &AccountConfig, seeded: bool, state:
         .map(|from| format!("seed from {from}"));
     match (std::fs::metadata(state), seed) {
         (Ok(_), Some(seed)) => {
-            format!("the state file (stored by an earlier run; {seed}, used only if it changes)")
+            format!(
+                "the state file (stored by an earlier run; {seed}, used only if it is replaced by a token this state directory has never spent)"
+            )
         }
         (Ok(_), None) => "the state file (stored by an earlier run)".into(),
         (Err(e), seed) if e.kind() != std::io::ErrorKind::NotFound => {

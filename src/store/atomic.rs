@@ -23,6 +23,9 @@ pub(crate) fn write_atomically(
     mode: u32,
 ) -> io::Result<()> {
     let result = (|| {
+        // Created with O_CREAT | O_EXCL under a random name, which never follows a link
+        // (open fails on one), and renamed over `target`, which replaces a link there
+        // rather than writing through it: nothing here writes where a link points.
         let mut tmp = tempfile::Builder::new()
             .prefix(TEMP_PREFIX)
             .suffix(TEMP_SUFFIX)

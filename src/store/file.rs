@@ -2,9 +2,9 @@
 //! this user's guarded by an exclusive lock, and the handoff files waiting there for the
 //! daemon. A file it cannot make sense of is kept aside, never deleted.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -12,7 +12,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroize;
 
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+
+use super::PathProblem;
 use super::atomic::{is_temp_file, remove_file_durably, sync_dir, write_atomically};
+use super::safe_path::{open_dir, read_no_follow};
 use super::spent::{LEDGER_FILE, Ledger, read_log, record, spent_fingerprint};
 use super::wire::{decode, decode_handoff, encode, encode_handoff};
 use super::{Handoff, Spent, SpentBy, SpentKind, State, Store, StoreError, StoreFuture};
@@ -53,48 +58,36 @@ impl FileStore {
             dir: dir.to_path_buf(),
             source,
         };
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(dir_err)?;
-        let meta = fs::metadata(dir).map_err(dir_err)?;
-        let mode = meta.permissions().mode();
+        let fd = open_dir(dir, true)?;
+        let meta = rustix::fs::fstat(&fd).map_err(|e| dir_err(e.into()))?;
+        let mode = meta.st_mode & 0o7777;
         if mode & 0o022 != 0 {
             return Err(StoreError::Insecure {
                 dir: dir.to_path_buf(),
-                mode: mode & 0o7777,
+                mode,
             });
         }
         // A state dir owned by another user could have its files swapped under us.
         let me = rustix::process::geteuid().as_raw();
-        if meta.uid() != me {
+        if meta.st_uid != me {
             return Err(StoreError::NotOwner {
                 dir: dir.to_path_buf(),
-                owner: meta.uid(),
+                owner: meta.st_uid,
                 me,
             });
         }
-        // Ours, but readable by others (made by hand, or an old umask): close it.
+        // Ours, but readable by others (made by hand, or an old umask): close it. On the
+        // directory opened, not on a path that could have been repointed since.
         if mode & 0o077 != 0 {
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700)).map_err(|e| dir_err(e.into()))?;
         }
-        let lock_path = dir.join(LOCK_FILE);
-        let mut lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(dir_err)?;
+        let mut lock = open_lock(dir, &fd)?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
-                let text = fs::read_to_string(&lock_path)
-                    .ok()
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty());
+                let mut text = String::new();
+                let _ = lock.read_to_string(&mut text);
+                let text = Some(text.trim().to_string()).filter(|s| !s.is_empty());
                 let pid = text.as_deref().and_then(|t| t.parse().ok());
                 let holder =
                     text.map_or_else(|| "pid unknown".to_string(), |pid| format!("pid {pid}"));
@@ -142,6 +135,28 @@ impl FileStore {
     ) -> io::Result<T> {
         let permit = self.disk_permit().await;
         run_holding(permit, f).await
+    }
+}
+
+/// Creates (0600) or opens the lock file in the state directory `dir_fd`, never through
+/// a symbolic link: one planted as `.lock` would have its target truncated to our pid.
+fn open_lock(dir: &Path, dir_fd: &OwnedFd) -> Result<File, StoreError> {
+    let flags = OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    match rustix::fs::openat(dir_fd, LOCK_FILE, flags, Mode::from_raw_mode(0o600)) {
+        Ok(fd) => Ok(File::from(fd)),
+        Err(Errno::LOOP) => Err(StoreError::UnsafePath {
+            dir: dir.to_path_buf(),
+            problem: PathProblem::LinkInside {
+                path: lock_path(dir),
+            },
+        }),
+        Err(e) => Err(StoreError::Dir {
+            dir: dir.to_path_buf(),
+            source: io::Error::new(
+                io::Error::from(e).kind(),
+                format!("{}: {e}", lock_path(dir).display()),
+            ),
+        }),
     }
 }
 
@@ -497,7 +512,7 @@ fn read_file<T>(
     account: &AccountName,
     decode: impl FnOnce(&[u8]) -> Result<T, String>,
 ) -> Result<Option<Result<T, String>>, StoreError> {
-    let mut bytes = match fs::read(path) {
+    let mut bytes = match read_no_follow(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
@@ -547,7 +562,11 @@ pub(super) fn leave_handoff(
         dir: dir.to_path_buf(),
         source,
     };
-    let owner = fs::metadata(dir).map_err(dir_err)?.uid();
+    // The same walk as the daemon's: a handoff holds a refresh token.
+    let fd = open_dir(dir, false)?;
+    let owner = rustix::fs::fstat(&fd)
+        .map_err(|e| dir_err(e.into()))?
+        .st_uid;
     // The daemon must be able to read (and delete) what is written here.
     if owner != me {
         return Err(StoreError::NotOwner {
@@ -594,6 +613,8 @@ fn remove_stale_temp_files(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use std::os::unix::fs::PermissionsExt;
 
     use super::super::fixtures::{name, ring, sample};
     use super::*;
@@ -783,6 +804,41 @@ mod tests {
         while store.disk_ops.available_permits() < MAX_DISK_OPS {
             tokio::task::yield_now().await;
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn links_inside_the_state_dir_are_refused_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        fs::create_dir(&dir).unwrap();
+        let target = tmp.path().join("precious");
+        fs::write(&target, b"keep").unwrap();
+        std::os::unix::fs::symlink(&target, dir.join(LOCK_FILE)).unwrap();
+        let err = FileStore::open(&dir)
+            .err()
+            .expect("a linked .lock is refused");
+        assert!(
+            matches!(&err, StoreError::UnsafePath { problem: PathProblem::LinkInside { path }, .. } if *path == lock_path(&dir)),
+            "{err}"
+        );
+        assert!(err.to_string().contains("remove it"), "{err}");
+        assert_eq!(fs::read(&target).unwrap(), b"keep", "not truncated");
+
+        // A state file or ledger that is a link: a read error naming it, the target kept.
+        fs::remove_file(dir.join(LOCK_FILE)).unwrap();
+        std::os::unix::fs::symlink(&target, dir.join(LEDGER_FILE)).unwrap();
+        let err = FileStore::open(&dir)
+            .err()
+            .expect("a linked ledger is refused");
+        assert!(err.to_string().contains("is a symbolic link"), "{err}");
+        fs::remove_file(dir.join(LEDGER_FILE)).unwrap();
+        let store = FileStore::open(&dir).unwrap();
+        let a = name("acct");
+        std::os::unix::fs::symlink(&target, store.path(&a)).unwrap();
+        let err = store.load(&a).await.unwrap_err();
+        assert!(matches!(err, StoreError::Read { .. }), "{err}");
+        assert!(err.to_string().contains("is a symbolic link"), "{err}");
+        assert_eq!(fs::read(&target).unwrap(), b"keep");
     }
 
     #[test]

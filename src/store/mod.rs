@@ -21,12 +21,14 @@ use crate::secret::Secret;
 mod atomic;
 mod file;
 mod handoff;
+mod safe_path;
 mod spent;
 mod wire;
 
 pub(crate) use atomic::write_atomically;
 pub use file::{FileStore, handoff_path, lock_path, peek_spent, peek_state, state_path};
 pub use handoff::{Delivery, apply_pending, deliver_handoff};
+pub use safe_path::PathProblem;
 pub use spent::{LEDGER_FILE, spent_fingerprint};
 pub use wire::FORMAT_VERSION;
 
@@ -150,6 +152,8 @@ pub enum StoreError {
         "state directory {dir} belongs to uid {owner}, not to this process (uid {me}); chown it or pick another"
     )]
     NotOwner { dir: PathBuf, owner: u32, me: u32 },
+    #[error("refusing state directory {dir}: {problem}")]
+    UnsafePath { dir: PathBuf, problem: PathProblem },
     #[error("cannot read state for account {account} from {path}: {source}")]
     Read {
         account: AccountName,

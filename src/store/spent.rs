@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::atomic::write_atomically;
+use super::safe_path::{open_no_follow, read_no_follow};
 use super::wire::{from_unix, to_unix};
 use super::{Spent, SpentKind};
 use crate::config::AccountName;
@@ -74,7 +75,7 @@ impl Ledger {
         let path = dir.join(LEDGER_FILE);
         let (entries, lines, good_len) = read_log(&path)?;
         if fs::metadata(&path).is_ok_and(|m| m.len() > good_len) {
-            let file = OpenOptions::new().write(true).open(&path)?;
+            let file = open_no_follow(OpenOptions::new().write(true), &path)?;
             file.set_len(good_len)?;
             file.sync_data()?;
         }
@@ -145,11 +146,10 @@ impl Log {
         if self.file.is_none() {
             let path = self.dir.join(LEDGER_FILE);
             let created = !path.exists();
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(&path)?;
+            let file = open_no_follow(
+                OpenOptions::new().create(true).append(true).mode(0o600),
+                &path,
+            )?;
             if created {
                 super::atomic::sync_dir(&self.dir)?;
             }
@@ -165,7 +165,7 @@ impl Log {
         let text: String = sorted.iter().map(|(fp, s)| line(fp, s)).collect();
         let path = self.dir.join(LEDGER_FILE);
         write_atomically(&self.dir, &path, text.into_bytes(), 0o600)?;
-        self.file = Some(OpenOptions::new().append(true).open(&path)?);
+        self.file = Some(open_no_follow(OpenOptions::new().append(true), &path)?);
         self.lines = sorted.len();
         Ok(())
     }
@@ -212,7 +212,7 @@ fn bound(entries: &mut HashMap<String, Spent>) {
 /// lines. Lines that do not parse are skipped: a bad line must not make every seed look
 /// unspent, and one that is not the last cannot be a torn append.
 pub(super) fn read_log(path: &Path) -> io::Result<(HashMap<String, Spent>, usize, u64)> {
-    let bytes = match fs::read(path) {
+    let bytes = match read_no_follow(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((HashMap::new(), 0, 0)),
         Err(e) => return Err(e),

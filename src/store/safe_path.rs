@@ -132,22 +132,7 @@ pub(super) fn open_dir(dir: &Path, create: bool) -> Result<OwnedFd, StoreError> 
             Err(e) => return Err(fail(&here, e)),
         };
         let kind = FileType::from_raw_mode(stat.st_mode);
-        let sticky_open = parent_stat.st_mode & 0o022 != 0;
-        if kind == FileType::Symlink && !trusted(stat.st_uid, me) {
-            return Err(refuse(PathProblem::ForeignLink {
-                link: here,
-                owner: stat.st_uid,
-                me,
-            }));
-        }
-        if sticky_open && !trusted(stat.st_uid, me) {
-            return Err(refuse(PathProblem::ForeignEntry {
-                path: here,
-                parent: at.clone(),
-                owner: stat.st_uid,
-                me,
-            }));
-        }
+        entry_owned_safely(&stat, parent_stat, at, &here, me).map_err(refuse)?;
         match kind {
             FileType::Symlink => {
                 links += 1;
@@ -167,14 +152,7 @@ pub(super) fn open_dir(dir: &Path, create: bool) -> Result<OwnedFd, StoreError> 
                 let fd = rustix::fs::openat(parent, name.as_os_str(), open_path, Mode::empty())
                     .map_err(|e| fail(&here, e))?;
                 let stat = rustix::fs::fstat(&fd).map_err(|e| fail(&here, e))?;
-                if sticky_open && !trusted(stat.st_uid, me) {
-                    return Err(refuse(PathProblem::ForeignEntry {
-                        path: here,
-                        parent: at.clone(),
-                        owner: stat.st_uid,
-                        me,
-                    }));
-                }
+                entry_owned_safely(&stat, parent_stat, at, &here, me).map_err(refuse)?;
                 stack.push((fd, here, stat));
             }
             _ => return Err(refuse(PathProblem::NotADirectory { path: here })),
@@ -207,6 +185,37 @@ fn guards_entries(st: &Stat, dir: &Path, next: &Path, me: u32) -> Result<(), Pat
             dir,
             mode: st.st_mode & 0o7777,
             next,
+        });
+    }
+    Ok(())
+}
+
+/// Whether the entry `path` (stat `st`) of the directory `dir` (stat `dir_st`) is owned
+/// so that no one else can repoint or replace it: see [`open_dir`].
+fn entry_owned_safely(
+    st: &Stat,
+    dir_st: &Stat,
+    dir: &Path,
+    path: &Path,
+    me: u32,
+) -> Result<(), PathProblem> {
+    if trusted(st.st_uid, me) {
+        return Ok(());
+    }
+    if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+        return Err(PathProblem::ForeignLink {
+            link: path.to_path_buf(),
+            owner: st.st_uid,
+            me,
+        });
+    }
+    // Writable by others, so sticky (checked before the look): only the owner's to swap.
+    if dir_st.st_mode & 0o022 != 0 {
+        return Err(PathProblem::ForeignEntry {
+            path: path.to_path_buf(),
+            parent: dir.to_path_buf(),
+            owner: st.st_uid,
+            me,
         });
     }
     Ok(())

@@ -20,3 +20,4 @@ mod retry_after;
 mod security;
 mod stop;
 mod support;
+mod symlinks;

@@ -18,6 +18,7 @@ pub async fn run(path: PathBuf, once: bool) -> u8 {
         Err(e) => return daemon_exit(Err(RunError::Config(e))),
     };
     init_tracing(config.log.format);
+    crate::harden::process();
     if once {
         return match app::run_once(config).await {
             Ok(true) => exit::OK,
@@ -32,6 +33,7 @@ pub async fn run(path: PathBuf, once: bool) -> u8 {
 #[cfg(feature = "demo")]
 pub async fn demo() -> u8 {
     init_tracing(LogFormat::Text);
+    crate::harden::process();
     daemon_exit(crate::demo::run().await)
 }
 

@@ -7,6 +7,7 @@ mod flows;
 mod handoff;
 mod hardening;
 mod layout;
+mod local_attacker;
 mod login;
 mod logs;
 mod openapi;

@@ -25,6 +25,7 @@
 //! - [`http`]: the loopback API (`router()`), its guards and errors.
 //! - [`listen`]: TCP and Unix listeners, connection limits, graceful drain.
 //! - [`metrics`] and [`notify`]: Prometheus metrics; systemd readiness and watchdog.
+//! - [`harden`]: at daemon start, no core dumps, not dumpable, the open-file limit raised.
 //! - [`app`]: wiring, signals, reload, shutdown.
 //! - [`cli`]: the command line: dispatch, the client commands and their blocking API
 //!   client ([`cli::client`]), the login flows ([`cli::login`]), the exit codes.
@@ -40,6 +41,7 @@ pub mod clock;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod harden;
 pub mod http;
 pub mod listen;
 pub mod metrics;

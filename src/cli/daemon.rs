@@ -18,6 +18,7 @@ pub async fn run(path: PathBuf, once: bool) -> u8 {
     if let Err(code) = init_tracing(config.log.format) {
         return code;
     }
+    crate::harden::process();
     if once {
         return match app::run_once(config).await {
             Ok(true) => exit::OK,
@@ -34,6 +35,7 @@ pub async fn demo() -> u8 {
     if let Err(code) = init_tracing(LogFormat::Text) {
         return code;
     }
+    crate::harden::process();
     daemon_exit(crate::demo::run().await)
 }
 

@@ -11,6 +11,7 @@ mod handoff;
 mod hardening;
 mod journal;
 mod layout;
+mod local_attacker;
 mod login;
 mod logs;
 mod openapi;

@@ -11,6 +11,7 @@ use crate::config::{Config, LogFormat};
 /// `tokend run`: load the config, set up logging, run the daemon until it is told to stop
 /// (with `once`: obtain every token and return, 0 when every account got one).
 pub async fn run(path: PathBuf, once: bool) -> u8 {
+    let hardening = crate::harden::process();
     let config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => return daemon_exit(Err(RunError::Config(e))),
@@ -18,7 +19,9 @@ pub async fn run(path: PathBuf, once: bool) -> u8 {
     if let Err(code) = init_tracing(config.log.format) {
         return code;
     }
-    crate::harden::process();
+    for warning in hardening {
+        tracing::warn!("{warning}");
+    }
     if once {
         return match app::run_once(config).await {
             Ok(true) => exit::OK,
@@ -32,10 +35,13 @@ pub async fn run(path: PathBuf, once: bool) -> u8 {
 /// `tokend demo`: the daemon against the embedded provider, logging as text.
 #[cfg(feature = "demo")]
 pub async fn demo() -> u8 {
+    let hardening = crate::harden::process();
     if let Err(code) = init_tracing(LogFormat::Text) {
         return code;
     }
-    crate::harden::process();
+    for warning in hardening {
+        tracing::warn!("{warning}");
+    }
     daemon_exit(crate::demo::run().await)
 }
 

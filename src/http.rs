@@ -121,8 +121,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .layer(HostGuardLayer)
-        .layer(CountRequestsLayer)
+        .layer(FrontLayer)
         .with_state(state)
 }
 
@@ -274,33 +273,35 @@ fn bad_request(rejection: impl std::fmt::Display) -> ApiError {
     ApiError::BadRequest(rejection.to_string())
 }
 
-/// Counts every request by route pattern and status (`tokend_http_requests_total`). A
-/// plain tower layer rather than `middleware::from_fn`, which boxes a future and clones
-/// the inner service on every request.
+/// What every route does first: refuse a request whose Host does not name this daemon
+/// ([`check_host`]), and count every request by route pattern and status
+/// (`tokend_http_requests_total`), refused ones included. A plain tower layer rather
+/// than `middleware::from_fn`, which boxes a future and clones the inner service on
+/// every request.
 #[derive(Debug, Clone, Copy)]
-struct CountRequestsLayer;
+struct FrontLayer;
 
-impl<S> Layer<S> for CountRequestsLayer {
-    type Service = CountRequests<S>;
+impl<S> Layer<S> for FrontLayer {
+    type Service = Front<S>;
 
-    fn layer(&self, inner: S) -> CountRequests<S> {
-        CountRequests { inner }
+    fn layer(&self, inner: S) -> Front<S> {
+        Front { inner }
     }
 }
 
 #[derive(Debug, Clone)]
-struct CountRequests<S> {
+struct Front<S> {
     inner: S,
 }
 
-impl<S, B> Service<Request<B>> for CountRequests<S>
+impl<S, B> Service<Request<B>> for Front<S>
 where
     S: Service<Request<B>, Response = Response>,
     S::Future: Unpin,
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = Counted<S::Future>;
+    type Future = Counted<Either<S::Future, Ready<Result<Response, S::Error>>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -311,14 +312,16 @@ where
             .extensions()
             .get::<MatchedPath>()
             .map(MatchedPath::as_str);
-        Counted {
-            route: HTTP_REQUESTS.classify(pattern),
-            inner: self.inner.call(request),
-        }
+        let route = HTTP_REQUESTS.classify(pattern);
+        let inner = match check_host(&request) {
+            Ok(()) => Either::Left(self.inner.call(request)),
+            Err(refused) => Either::Right(futures_util::future::ok(refused.into_response())),
+        };
+        Counted { route, inner }
     }
 }
 
-/// The response future of [`CountRequests`]: counts the request once it is answered.
+/// The response future of [`Front`]: counts the request once it is answered.
 /// Needs an `Unpin` inner future (axum's route futures are), so it is polled without
 /// boxing or unsafe pin projection.
 struct Counted<F> {
@@ -477,44 +480,6 @@ fn names_this_daemon(host: &[u8], port: Option<u16>) -> bool {
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback());
     loopback && port.is_none_or(|p| p == given)
-}
-
-/// Applies [`check_host`] to every route, the fallback included. A plain tower layer like
-/// [`CountRequestsLayer`]: no boxed future, no clone of the inner service per request.
-#[derive(Debug, Clone, Copy)]
-struct HostGuardLayer;
-
-impl<S> Layer<S> for HostGuardLayer {
-    type Service = HostGuard<S>;
-
-    fn layer(&self, inner: S) -> HostGuard<S> {
-        HostGuard { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct HostGuard<S> {
-    inner: S,
-}
-
-impl<S, B> Service<Request<B>> for HostGuard<S>
-where
-    S: Service<Request<B>, Response = Response>,
-{
-    type Response = Response;
-    type Error = S::Error;
-    type Future = Either<S::Future, Ready<Result<Response, S::Error>>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        match check_host(&request) {
-            Ok(()) => Either::Left(self.inner.call(request)),
-            Err(refused) => Either::Right(futures_util::future::ok(refused.into_response())),
-        }
-    }
 }
 
 #[derive(Deserialize)]
@@ -775,14 +740,11 @@ async fn healthz() -> Response {
 /// Ready when every account holds a valid token. Which accounts are not, and why, is
 /// told to whoever may read them: any local caller when no consumers are configured
 /// (as `/v1/accounts`), else a consumer, about its own accounts. Anyone else (a probe,
-/// a process without a key) learns only ready or not.
+/// a process without a key or with a wrong one) learns only ready or not: a probe's
+/// answer never depends on a key.
 async fn readyz(State(state): State<ApiState>, request: Request) -> Response {
-    let access = state.access.load();
-    let caller = match access.identify(request.headers(), request.extensions().get::<Peer>()) {
-        Ok(caller) => Some(caller),
-        Err(AccessError::NoCredentials) => None,
-        Err(e) => return ApiError::Unauthorized(e).into_response(),
-    };
+    let peer = request.extensions().get::<Peer>();
+    let caller = state.access.load().identify(request.headers(), peer).ok();
     let now = state.clock.now();
     let mut ready = true;
     let mut not_ready = Vec::new();

@@ -1,13 +1,14 @@
 //! Who is asking: consumers identified by a bearer key (compared as SHA-256 digests in
 //! constant time) or, on a Unix socket, by the peer's uid/gid; and which accounts each
 //! may read. With no consumer configured, every local caller that passes the request
-//! guards may read every account.
+//! guards may read every account. Also who may scrape `/metrics` (`server.metrics_key`)
+//! and whether its counters may name consumers.
 
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::{AccountName, ConsumerConfig};
+use crate::config::{AccountName, ConsumerConfig, ServerConfig};
 use crate::listen::Peer;
 
 /// The identified caller of a request.
@@ -46,17 +47,63 @@ pub enum AccessError {
     NoCredentials,
     #[error("the consumer key is not valid")]
     WrongKey,
+    #[error("/metrics requires the metrics key: send Authorization: Bearer <server.metrics_key>")]
+    NoMetricsKey,
+    #[error("the metrics key is not valid")]
+    WrongMetricsKey,
 }
 
-/// The configured consumers.
+/// The configured consumers, and the key of `/metrics`.
 #[derive(Debug, Default, Clone)]
 pub struct Access {
     consumers: Vec<ConsumerConfig>,
+    metrics_key_sha256: Option<[u8; 32]>,
+    metrics_consumer_labels: bool,
 }
 
 impl Access {
     pub fn new(consumers: Vec<ConsumerConfig>) -> Access {
-        Access { consumers }
+        Access {
+            consumers,
+            ..Access::default()
+        }
+    }
+
+    /// With `/metrics` behind `server.metrics_key`, and consumers named in its counters
+    /// only if `server.metrics_consumer_labels`.
+    pub fn with_metrics(mut self, server: &ServerConfig) -> Access {
+        self.metrics_key_sha256 = server.metrics_key_sha256;
+        self.metrics_consumer_labels = server.metrics_consumer_labels;
+        self
+    }
+
+    /// Whether consumers are configured: then details about accounts need a key.
+    pub fn has_consumers(&self) -> bool {
+        !self.consumers.is_empty()
+    }
+
+    /// The `consumer` label of a token read by `caller`: `-` unless the operator asked
+    /// for names (a scrape would otherwise list every consumer).
+    pub fn metrics_label<'a>(&self, caller: &'a Caller) -> Option<&'a str> {
+        match caller {
+            Caller::Consumer { name, .. } if self.metrics_consumer_labels => Some(name),
+            _ => None,
+        }
+    }
+
+    /// Whether a request may read `/metrics`: always when no key is configured, else only
+    /// with `Authorization: Bearer <metrics_key>`, compared as a digest in constant time.
+    pub fn may_scrape(&self, headers: &HeaderMap) -> Result<(), AccessError> {
+        let Some(expected) = &self.metrics_key_sha256 else {
+            return Ok(());
+        };
+        let key = bearer(headers).ok_or(AccessError::NoMetricsKey)?;
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        if bool::from(expected.ct_eq(&digest)) {
+            Ok(())
+        } else {
+            Err(AccessError::WrongMetricsKey)
+        }
     }
 
     /// Identifies the caller from its `Authorization` header or its socket credentials.
@@ -68,14 +115,7 @@ impl Access {
         if self.consumers.is_empty() {
             return Ok(Caller::Anyone);
         }
-        let presented = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, key) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
-            });
-        if let Some(key) = presented {
+        if let Some(key) = bearer(headers) {
             let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
             // Every configured key is compared, matching or not, so timing tells nothing.
             let mut found = None;
@@ -100,6 +140,13 @@ impl Access {
         }
         Err(AccessError::NoCredentials)
     }
+}
+
+/// The key of an `Authorization: Bearer <key>` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
 fn caller(c: &ConsumerConfig) -> Caller {

@@ -124,7 +124,9 @@ impl Daemon {
             tracker,
             stopping,
             changes: watch::Sender::new(0),
-            access: Arc::new(ArcSwap::from_pointee(Access::new(config.consumers.clone()))),
+            access: Arc::new(ArcSwap::from_pointee(
+                Access::new(config.consumers.clone()).with_metrics(&config.server),
+            )),
             reloads: Arc::new(ArcSwap::from_pointee(ReloadStatus::started(clock.now()))),
             clock,
         };
@@ -195,7 +197,17 @@ impl Daemon {
     /// Serves `router` on `listeners` until the daemon stops; [`Daemon::shutdown`] drains
     /// their open connections.
     pub fn serve(&self, listeners: Vec<Listener>, router: Router, limits: Limits) {
-        listen::serve(listeners, router, &self.tracker, &self.stopping, limits);
+        for listener in listeners {
+            // Each listener's router knows its port: a Host naming another is refused.
+            let router = crate::http::on_port(router.clone(), listener.local_tcp_addr());
+            listen::serve(
+                vec![listener],
+                router,
+                &self.tracker,
+                &self.stopping,
+                limits,
+            );
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -308,7 +320,10 @@ impl Daemon {
         }
         self.publish_registry();
         self.access
-            .store(Arc::new(Access::new(new.consumers.clone())));
+            // `[server]` needs a restart: the running one keeps its metrics settings.
+            .store(Arc::new(
+                Access::new(new.consumers.clone()).with_metrics(&self.config.server),
+            ));
         let ignored = std::mem::take(&mut report.ignored);
         self.config = Config {
             state: self.config.state.clone(),

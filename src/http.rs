@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::FutureExt as _;
+use futures_util::future::{Either, Ready};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tower::{Layer, Service};
@@ -120,8 +121,20 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .layer(CountRequestsLayer)
+        .layer(FrontLayer)
         .with_state(state)
+}
+
+/// The port of the listener a request came in on, which its `Host` must name.
+#[derive(Debug, Clone, Copy)]
+struct LocalPort(u16);
+
+/// `router` as served on a listener bound to `local` (`None`: a Unix socket).
+pub fn on_port(router: Router, local: Option<std::net::SocketAddr>) -> Router {
+    match local {
+        Some(addr) => router.layer(axum::Extension(LocalPort(addr.port()))),
+        None => router,
+    }
 }
 
 /// The route patterns of `router()`, each with pre-registered request counters. A route
@@ -145,8 +158,10 @@ pub enum ApiError {
     MissingRequestHeader,
     /// A proxy or a browser is in the path (Origin, X-Forwarded-For, Forwarded).
     Proxied(&'static str),
-    /// The Host header names something other than this machine's loopback.
+    /// The Host header names something other than this daemon on this machine's loopback.
     ForeignHost,
+    /// No Host on HTTP/1.1, or two of them (RFC 9112 §3.2).
+    BadHost(&'static str),
     Unauthorized(AccessError),
     /// The consumer may not read this account.
     NotPermitted(String),
@@ -187,7 +202,13 @@ impl IntoResponse for ApiError {
             ApiError::ForeignHost => (
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                "the Host header must name a loopback address or localhost".to_string(),
+                "the Host header must name a loopback address or localhost, with the port this listener is on".to_string(),
+                None,
+            ),
+            ApiError::BadHost(why) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                why.to_string(),
                 None,
             ),
             ApiError::Unauthorized(e) => (
@@ -252,33 +273,35 @@ fn bad_request(rejection: impl std::fmt::Display) -> ApiError {
     ApiError::BadRequest(rejection.to_string())
 }
 
-/// Counts every request by route pattern and status (`tokend_http_requests_total`). A
-/// plain tower layer rather than `middleware::from_fn`, which boxes a future and clones
-/// the inner service on every request.
+/// What every route does first: refuse a request whose Host does not name this daemon
+/// ([`check_host`]), and count every request by route pattern and status
+/// (`tokend_http_requests_total`), refused ones included. A plain tower layer rather
+/// than `middleware::from_fn`, which boxes a future and clones the inner service on
+/// every request.
 #[derive(Debug, Clone, Copy)]
-struct CountRequestsLayer;
+struct FrontLayer;
 
-impl<S> Layer<S> for CountRequestsLayer {
-    type Service = CountRequests<S>;
+impl<S> Layer<S> for FrontLayer {
+    type Service = Front<S>;
 
-    fn layer(&self, inner: S) -> CountRequests<S> {
-        CountRequests { inner }
+    fn layer(&self, inner: S) -> Front<S> {
+        Front { inner }
     }
 }
 
 #[derive(Debug, Clone)]
-struct CountRequests<S> {
+struct Front<S> {
     inner: S,
 }
 
-impl<S, B> Service<Request<B>> for CountRequests<S>
+impl<S, B> Service<Request<B>> for Front<S>
 where
     S: Service<Request<B>, Response = Response>,
     S::Future: Unpin,
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = Counted<S::Future>;
+    type Future = Counted<Either<S::Future, Ready<Result<Response, S::Error>>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -289,14 +312,16 @@ where
             .extensions()
             .get::<MatchedPath>()
             .map(MatchedPath::as_str);
-        Counted {
-            route: HTTP_REQUESTS.classify(pattern),
-            inner: self.inner.call(request),
-        }
+        let route = HTTP_REQUESTS.classify(pattern);
+        let inner = match check_host(&request) {
+            Ok(()) => Either::Left(self.inner.call(request)),
+            Err(refused) => Either::Right(futures_util::future::ok(refused.into_response())),
+        };
+        Counted { route, inner }
     }
 }
 
-/// The response future of [`CountRequests`]: counts the request once it is answered.
+/// The response future of [`Front`]: counts the request once it is answered.
 /// Needs an `Unpin` inner future (axum's route futures are), so it is polled without
 /// boxing or unsafe pin projection.
 struct Counted<F> {
@@ -338,24 +363,8 @@ impl FromRequestParts<ApiState> for Guarded {
         if !marked {
             return Err(ApiError::MissingRequestHeader);
         }
-        for (proxied, shown) in [
-            (header::ORIGIN, "Origin"),
-            (X_FORWARDED_FOR, "X-Forwarded-For"),
-            (header::FORWARDED, "Forwarded"),
-        ] {
-            if headers.contains_key(proxied) {
-                return Err(ApiError::Proxied(shown));
-            }
-        }
+        refuse_proxied(headers)?;
         let peer = parts.extensions.get::<Peer>();
-        // Only loopback TCP peers are held to a loopback Host: a Unix socket has no host,
-        // and remote peers exist only where the operator set allow_remote.
-        if matches!(peer, Some(p @ Peer::Tcp(_)) if p.is_loopback())
-            && let Some(host) = headers.get(header::HOST)
-            && !is_loopback_host(host.as_bytes())
-        {
-            return Err(ApiError::ForeignHost);
-        }
         state
             .access
             .load()
@@ -365,25 +374,112 @@ impl FromRequestParts<ApiState> for Guarded {
     }
 }
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// Headers that only a proxy or a browser adds, each refused on the token, admin and
+/// account routes: a proxy that forwards some of them would serve tokens beyond this host.
+const PROXY_HEADERS: [(HeaderName, &str); 7] = [
+    (header::ORIGIN, "Origin"),
+    (
+        HeaderName::from_static("x-forwarded-for"),
+        "X-Forwarded-For",
+    ),
+    (header::FORWARDED, "Forwarded"),
+    (HeaderName::from_static("x-real-ip"), "X-Real-IP"),
+    (
+        HeaderName::from_static("x-forwarded-host"),
+        "X-Forwarded-Host",
+    ),
+    (header::VIA, "Via"),
+    (HeaderName::from_static("true-client-ip"), "True-Client-IP"),
+];
 
-/// `localhost`, `127.x.y.z` or `[::1]`, with or without a port.
-fn is_loopback_host(host: &[u8]) -> bool {
+const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
+
+fn refuse_proxied(headers: &HeaderMap) -> Result<(), ApiError> {
+    if let Some((_, shown)) = PROXY_HEADERS.iter().find(|(h, _)| headers.contains_key(h)) {
+        return Err(ApiError::Proxied(shown));
+    }
+    // A browser says where a request comes from: only the user's own navigation (`none`)
+    // or a page served by tokend itself (`same-origin`) may pass.
+    let browsed_here = |v: &HeaderValue| matches!(v.as_bytes(), b"none" | b"same-origin");
+    if !headers.get_all(SEC_FETCH_SITE).iter().all(browsed_here) {
+        return Err(ApiError::Proxied(
+            "Sec-Fetch-Site other than none or same-origin",
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses, on every route, a request whose Host does not name this daemon: two Host
+/// headers (whichever one a check read, a proxy could act on the other), none on HTTP/1.1
+/// over TCP, and, from a loopback peer, one naming another machine (DNS rebinding) or
+/// another port (a local proxy). A request in absolute form (`GET http://host/…`) is held
+/// to the same rules for its authority. Only loopback TCP peers are held to a loopback
+/// Host: a Unix socket has no host, and remote peers exist only where the operator set
+/// `allow_remote`. A request without a peer never came through a listener (in-process).
+fn check_host<B>(request: &Request<B>) -> Result<(), ApiError> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ApiError::BadHost(
+            "a request must carry one Host header, not several",
+        ));
+    }
+    let Some(Peer::Tcp(peer)) = request.extensions().get::<Peer>() else {
+        return Ok(());
+    };
+    if host.is_none() && request.version() >= http::Version::HTTP_11 {
+        return Err(ApiError::BadHost(
+            "an HTTP/1.1 request must carry a Host header",
+        ));
+    }
+    if !peer.ip().is_loopback() {
+        return Ok(());
+    }
+    let port = request.extensions().get::<LocalPort>().map(|p| p.0);
+    let authority = request.uri().authority().map(|a| a.as_str().as_bytes());
+    if host
+        .map(HeaderValue::as_bytes)
+        .into_iter()
+        .chain(authority)
+        .all(|h| names_this_daemon(h, port))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::ForeignHost)
+    }
+}
+
+/// `localhost`, `127.x.y.z` or `[::1]`, with `port` (when known). A Host without a port
+/// means port 80 (RFC 9110 §7.2), so it passes only on a listener bound to port 80.
+fn names_this_daemon(host: &[u8], port: Option<u16>) -> bool {
     let Ok(host) = std::str::from_utf8(host) else {
         return false;
     };
-    let name = if let Some(rest) = host.strip_prefix('[') {
+    let (name, given) = if let Some(rest) = host.strip_prefix('[') {
         match rest.split_once(']') {
-            Some((ip, port)) if port.is_empty() || port.starts_with(':') => ip,
+            Some((ip, "")) => (ip, None),
+            Some((ip, p)) if p.starts_with(':') => (ip, Some(&p[1..])),
             _ => return false,
         }
     } else {
-        host.rsplit_once(':').map_or(host, |(h, _)| h)
+        match host.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host, None),
+        }
     };
-    name.eq_ignore_ascii_case("localhost")
+    let given = match given {
+        None | Some("") => 80,
+        Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => match p.parse::<u16>() {
+            Ok(p) => p,
+            Err(_) => return false,
+        },
+        Some(_) => return false,
+    };
+    let loopback = name.eq_ignore_ascii_case("localhost")
         || name
             .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+            .is_ok_and(|ip| ip.is_loopback());
+    loopback && port.is_none_or(|p| p == given)
 }
 
 #[derive(Deserialize)]
@@ -422,7 +518,7 @@ async fn current_token(
         .snapshot()
         .valid_token(now, min_valid.unwrap_or_default())
     {
-        served(&handle, caller);
+        served(state, &handle, caller);
         return Ok((handle.clone(), token.clone()));
     }
     let wait = handle.config().limits.timeout + Duration::from_secs(5);
@@ -431,7 +527,7 @@ async fn current_token(
         .await
     {
         Ok(token) => {
-            served(&handle, caller);
+            served(state, &handle, caller);
             Ok((handle, token))
         }
         Err(e) => {
@@ -471,12 +567,10 @@ fn permitted(
     }
 }
 
-fn served(handle: &AccountHandle, caller: &Caller) {
-    match caller {
-        Caller::Anyone => handle.reads.increment(1),
-        Caller::Consumer { name, .. } => {
-            crate::metrics::token_reads(handle.config().name.as_str(), name).increment(1)
-        }
+fn served(state: &ApiState, handle: &AccountHandle, caller: &Caller) {
+    match state.access.load().metrics_label(caller) {
+        None => handle.reads.increment(1),
+        Some(name) => crate::metrics::token_reads(handle.config().name.as_str(), name).increment(1),
     }
     tracing::debug!(account = %handle.config().name, consumer = caller.label(), "token served");
 }
@@ -545,8 +639,12 @@ fn time_field(t: Option<SystemTime>) -> Value {
 }
 
 /// Every account's state. Open when no consumers are configured; otherwise a consumer
-/// must identify itself and sees only the accounts it may read.
+/// must identify itself and sees only the accounts it may read. Refused through a proxy
+/// or from a browser, like the token routes: it names token URLs and errors.
 async fn accounts(State(state): State<ApiState>, request: Request) -> Response {
+    if let Err(e) = refuse_proxied(request.headers()) {
+        return e.into_response();
+    }
     let peer = request.extensions().get::<Peer>();
     let caller = match state.access.load().identify(request.headers(), peer) {
         Ok(c) => c,
@@ -618,7 +716,10 @@ async fn force_refresh(
     }
 }
 
-async fn metrics(State(state): State<ApiState>) -> Response {
+async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    if let Err(e) = state.access.load().may_scrape(&headers) {
+        return ApiError::Unauthorized(e).into_response();
+    }
     let reload = state.reload.load();
     crate::metrics::config_reload(reload.successful, reload.last_success_at);
     let body = crate::metrics::render(state.registry.gauges(state.clock.now()));
@@ -636,33 +737,44 @@ async fn healthz() -> Response {
     Json(json!({ "status": "alive" })).into_response()
 }
 
-async fn readyz(State(state): State<ApiState>) -> Response {
+/// Ready when every account holds a valid token. Which accounts are not, and why, is
+/// told to whoever may read them: any local caller when no consumers are configured
+/// (as `/v1/accounts`), else a consumer, about its own accounts. Anyone else (a probe,
+/// a process without a key or with a wrong one) learns only ready or not: a probe's
+/// answer never depends on a key.
+async fn readyz(State(state): State<ApiState>, request: Request) -> Response {
+    let peer = request.extensions().get::<Peer>();
+    let caller = state.access.load().identify(request.headers(), peer).ok();
     let now = state.clock.now();
-    let not_ready: Vec<Value> = state
-        .registry
-        .all()
-        .values()
-        .filter_map(|handle| {
-            let snap = handle.snapshot();
-            match snap.valid_token(now, Duration::ZERO) {
-                Some(_) => None,
-                None => Some(json!({
-                    "account": handle.config().name.as_str(),
-                    "state": snap.status_at(now).as_str(),
-                    "last_error": snap.last_error,
-                })),
-            }
-        })
-        .collect();
-    if not_ready.is_empty() {
-        Json(json!({ "ready": true })).into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "ready": false, "not_ready": not_ready })),
-        )
-            .into_response()
+    let mut ready = true;
+    let mut not_ready = Vec::new();
+    for handle in state.registry.all().values() {
+        let snap = handle.snapshot();
+        if snap.valid_token(now, Duration::ZERO).is_some() {
+            continue;
+        }
+        ready = false;
+        if caller
+            .as_ref()
+            .is_some_and(|c| c.may_read(&handle.config().name))
+        {
+            not_ready.push(json!({
+                "account": handle.config().name.as_str(),
+                "state": snap.status_at(now).as_str(),
+                "last_error": snap.last_error,
+            }));
+        }
     }
+    let mut body = json!({ "ready": ready });
+    if !ready && caller.is_some() {
+        body["not_ready"] = Value::from(not_ready);
+    }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    no_store((status, Json(body)).into_response())
 }
 
 async fn not_found() -> ApiError {
@@ -751,29 +863,41 @@ mod tests {
     }
 
     #[test]
-    fn only_loopback_hosts_pass() {
+    fn only_loopback_hosts_on_this_port_pass() {
+        let port = Some(8731);
         for ok in [
-            "localhost",
             "localhost:8731",
-            "127.0.0.1",
             "127.0.0.1:8731",
-            "127.9.9.9:1",
-            "[::1]",
+            "127.9.9.9:8731",
             "[::1]:8731",
-            "LOCALHOST",
+            "LOCALHOST:8731",
         ] {
-            assert!(is_loopback_host(ok.as_bytes()), "{ok}");
+            assert!(names_this_daemon(ok.as_bytes(), port), "{ok}");
         }
         for bad in [
             "evil.example",
             "evil.example:8731",
-            "localhost.evil.example",
+            "localhost.evil.example:8731",
             "10.0.0.1:8731",
-            "[::2]:80",
+            "[::2]:8731",
             "[::1]x",
-            "0.0.0.0",
+            "0.0.0.0:8731",
+            // Another port, or none (port 80): a proxy or another local service.
+            "localhost:8732",
+            "127.0.0.1:80",
+            "localhost",
+            "localhost:",
+            "[::1]",
+            "localhost:+8731",
+            "localhost:08731x",
+            "localhost:99999",
         ] {
-            assert!(!is_loopback_host(bad.as_bytes()), "{bad}");
+            assert!(!names_this_daemon(bad.as_bytes(), port), "{bad}");
         }
+        // A listener on port 80 is the one a Host without a port names.
+        assert!(names_this_daemon(b"localhost", Some(80)));
+        assert!(names_this_daemon(b"[::1]", Some(80)));
+        // The router alone, not behind a listener, knows no port.
+        assert!(names_this_daemon(b"localhost:1", None));
     }
 }

@@ -77,7 +77,7 @@ fn describe() {
     );
     describe_counter!(
         TOKEN_READS,
-        "Tokens served to consumers, by account and consumer."
+        "Tokens served, by account (and consumer, with server.metrics_consumer_labels)."
     );
     describe_counter!(PERSIST_FAILURES, "Failed writes of an account's state.");
     describe_counter!(HTTP_REQUESTS, "HTTP API requests by route and status.");
@@ -122,7 +122,8 @@ pub fn record_persist_failure(account: &str) {
     counter!(PERSIST_FAILURES, "account" => account.to_string()).increment(1);
 }
 
-/// The counter of token reads for an account and consumer, registered once.
+/// The counter of token reads for an account and consumer (`-` unless
+/// `server.metrics_consumer_labels`: a scrape would otherwise list every consumer).
 pub fn token_reads(account: &str, consumer: &str) -> Counter {
     handle();
     counter!(TOKEN_READS, "account" => account.to_string(), "consumer" => consumer.to_string())

@@ -89,6 +89,12 @@ pub struct ServerConfig {
     pub socket_mode: u32,
     /// Group given to Unix sockets, so its members may connect.
     pub socket_group: Option<String>,
+    /// SHA-256 of the key `/metrics` requires (`metrics_key`); `None`: it is open to
+    /// local callers that pass the request guards.
+    pub metrics_key_sha256: Option<[u8; 32]>,
+    /// `tokend_token_reads_total` names the consumer (`metrics_consumer_labels = true`);
+    /// otherwise its `consumer` label is `-`.
+    pub metrics_consumer_labels: bool,
 }
 
 /// Where the API listens: a TCP address, or a Unix socket (`unix:/run/tokend/tokend.sock`).

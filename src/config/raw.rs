@@ -39,6 +39,9 @@ pub(super) struct RawServer {
     pub(super) allow_remote: bool,
     pub(super) socket_mode: Option<Spanned<String>>,
     pub(super) socket_group: Option<Spanned<String>>,
+    pub(super) metrics_key: Option<Spanned<RawSecret>>,
+    #[serde(default)]
+    pub(super) metrics_consumer_labels: bool,
 }
 
 #[derive(Deserialize)]

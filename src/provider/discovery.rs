@@ -7,9 +7,11 @@ use reqwest::Url;
 use serde_json::Value;
 
 use crate::config::{AccountConfig, check_endpoint_url};
+use crate::provider::error::url_origin;
 use crate::provider::{ErrorClass, Provider, ProviderError};
 
-/// Why discovery failed. Messages name the URL asked and never hold a secret.
+/// Why discovery failed. Messages name the origin asked (never a URL's path or query) and
+/// never hold a secret.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DiscoveryError {
     #[error("issuer {0:?} cannot be turned into a metadata URL")]
@@ -89,7 +91,10 @@ pub async fn discover(
                         other => other,
                     };
                     return Err(DiscoveryError::Fetch {
-                        tried: format!("{rfc8414} nor {oidc}"),
+                        tried: format!(
+                            "{} (neither its RFC 8414 nor its OpenID Connect well-known URL)",
+                            url_origin(rfc8414.as_str())
+                        ),
                         source,
                     });
                 }
@@ -97,7 +102,10 @@ pub async fn discover(
         }
         Err(source) => {
             return Err(DiscoveryError::Fetch {
-                tried: rfc8414.to_string(),
+                tried: format!(
+                    "{} (its RFC 8414 well-known URL)",
+                    url_origin(rfc8414.as_str())
+                ),
                 source,
             });
         }
@@ -113,6 +121,7 @@ pub fn apply(
     document: &serde_json::Map<String, Value>,
 ) -> Result<AccountConfig, DiscoveryError> {
     let found = document.get("issuer").and_then(Value::as_str).unwrap_or("");
+    let url = &url_origin(url);
     if found != issuer {
         return Err(DiscoveryError::IssuerMismatch {
             url: url.to_string(),

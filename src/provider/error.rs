@@ -147,7 +147,7 @@ pub(super) fn client_error(e: &reqwest::Error) -> ProviderError {
 
 /// reqwest's Display stops at the outermost layer ("error sending request"); the cause
 /// chain says what actually failed (refused, DNS, TLS). A failed TLS handshake is told
-/// as one, in words, instead of rustls' internals. URLs carry no secrets here.
+/// as one, in words, instead of rustls' internals. A URL is told by its origin only.
 pub(super) fn transport_message(e: &reqwest::Error) -> String {
     if let Some(tls) = tls_failure(e) {
         let place = e
@@ -163,7 +163,27 @@ pub(super) fn transport_message(e: &reqwest::Error) -> String {
         message.push_str(&cause.to_string());
         source = cause.source();
     }
-    message
+    match e.url() {
+        Some(url) => message.replace(url.as_str(), &url_origin(url.as_str())),
+        None => message,
+    }
+}
+
+/// A URL as `scheme://host:port`, for messages that end up in `last_error` (shown by
+/// `/readyz`, `/v1/accounts`, token 503s and `tokend status`): a URL's path and query
+/// can hold a tenant or a client id, which are not for every reader of those.
+pub(super) fn url_origin(url: &str) -> String {
+    reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| {
+            let host = u.host_str()?;
+            Some(format!(
+                "{}://{host}:{}",
+                u.scheme(),
+                u.port_or_known_default()?
+            ))
+        })
+        .unwrap_or_else(|| "the provider".into())
 }
 
 /// The rustls error in `e`'s cause chain, directly or inside the I/O errors hyper and

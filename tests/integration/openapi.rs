@@ -693,6 +693,9 @@ accounts = ["zy"]
 [consumers.ops]
 key = "ops-key-0123456789"
 accounts = ["*"]
+
+[server]
+metrics_key = "scrape-key-0123456789"
 "#;
 
 /// The daemon with the fake provider's `zy` (refresh token) and `cc` (client credentials)
@@ -988,6 +991,17 @@ async fn openapi_every_route_and_status_matches_the_daemon() {
         .expect(api, get.clone(), "/metrics", "/metrics", &[], 200)
         .await;
     assert!(metrics.text().contains("tokend_account_state"));
+    // Every route holds its Host to this daemon: one, naming loopback.
+    for route in ["/healthz", "/readyz", "/metrics", "/v1/accounts"] {
+        let twice = [("Host", "127.0.0.1:8731"), ("Host", "rebound.example:8731")];
+        c.expect(api, get.clone(), route, route, &twice, 400).await;
+        let rebound = [("Host", "rebound.example:8731")];
+        c.expect(api, get.clone(), route, route, &rebound, 403)
+            .await;
+    }
+    let via = [("Via", "1.1 proxy")];
+    c.expect(api, get.clone(), "/v1/accounts", "/v1/accounts", &via, 403)
+        .await;
 
     // Not a route: the documented NotFound answer. A route asked with another method: 405,
     // no body.
@@ -1083,6 +1097,17 @@ async fn openapi_every_route_and_status_matches_the_daemon() {
         .expect(api, get.clone(), "/readyz", "/readyz", &[], 200)
         .await;
     assert_eq!(ready.json(), json!({ "ready": true }));
+    let ready = c
+        .expect(api, get.clone(), "/readyz", "/readyz", &[wrong], 200)
+        .await;
+    assert_eq!(ready.json(), json!({ "ready": true }));
+    for key in [&[][..], &[wrong], &[OPS]] {
+        c.expect(api, get.clone(), "/metrics", "/metrics", key, 401)
+            .await;
+    }
+    let scraper = ("Authorization", "Bearer scrape-key-0123456789");
+    c.expect(api, get.clone(), "/metrics", "/metrics", &[scraper], 200)
+        .await;
     d.stop().await;
 
     c.finish();

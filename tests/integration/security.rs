@@ -146,6 +146,11 @@ async fn browsers_and_proxies_are_refused() {
         ("Origin", "null"),
         ("X-Forwarded-For", "203.0.113.9"),
         ("Forwarded", "for=203.0.113.9"),
+        ("X-Real-IP", "203.0.113.9"),
+        ("X-Forwarded-Host", "tokens.example"),
+        ("Via", "1.1 proxy"),
+        ("True-Client-IP", "203.0.113.9"),
+        ("Sec-Fetch-Site", "cross-site"),
     ] {
         let (status, body) = s.get("/v1/token/a", &[(header, value)]).await;
         assert_eq!(status, 403, "{header}");
@@ -174,6 +179,43 @@ async fn a_rebinding_host_is_refused() {
         let (status, _) = s.get("/v1/token/a", &[("Host", &host)]).await;
         assert_eq!(status, 200, "{host}");
     }
+    s.stop().await;
+}
+
+/// hyper adds no Host and merges none: a request without one, or with two, reaches the
+/// router as sent, and is refused there, on every route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_doubled_host_is_refused_on_the_wire() {
+    let s = Served::start("", TCP, Limits::default()).await;
+    let host = s.base.trim_start_matches("http://").to_string();
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/accounts",
+        "/v1/token/a",
+    ] {
+        let head = |hosts: &str| {
+            format!("GET {path} HTTP/1.1\r\n{hosts}Tokend-Request: 1\r\nConnection: close\r\n\r\n")
+        };
+        for hosts in [
+            String::new(),
+            format!("Host: {host}\r\nHost: evil.example\r\n"),
+            format!("Host: evil.example\r\nHost: {host}\r\n"),
+        ] {
+            let answer = s.raw(head(&hosts).as_bytes()).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 400"),
+                "{path} {hosts:?}: {answer}"
+            );
+            assert!(answer.contains("Host"), "{answer}");
+        }
+        let answer = s.raw(head(&format!("Host: {host}\r\n")).as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+    }
+    // HTTP/1.0 had no Host: such a request is held to the other guards only.
+    let answer = s.raw(b"GET /healthz HTTP/1.0\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
     s.stop().await;
 }
 

@@ -242,11 +242,17 @@ impl Validator<'_> {
                 }
             },
         };
+        let metrics_key_sha256 = raw.metrics_key.as_ref().and_then(|key| {
+            self.secret(key, "server.metrics_key")
+                .map(|s| Sha256::digest(s.expose().as_bytes()).into())
+        });
         ServerConfig {
             listen,
             allow_remote,
             socket_mode,
             socket_group: raw.socket_group.map(Spanned::into_inner),
+            metrics_key_sha256,
+            metrics_consumer_labels: raw.metrics_consumer_labels,
         }
     }
 

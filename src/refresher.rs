@@ -17,7 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::clock::{Clock, rfc3339};
 use crate::config::{AccountConfig, Grant, RefreshPolicy};
-use crate::provider::{ErrorClass, Provider, ProviderError, TokenGrant, TokenResponse, jwt_exp};
+use crate::provider::{ErrorClass, Provider, ProviderError, TokenGrant, TokenResponse};
 use crate::schedule;
 use crate::sinks;
 use crate::store::{self, AccessToken, State, Store};
@@ -568,12 +568,7 @@ impl Refresher {
     async fn adopt(&mut self, response: TokenResponse, on_schedule: bool, elapsed: Duration) {
         let config = self.config();
         let now = self.deps.clock.now();
-        let lifetime = schedule::lifetime(
-            response.expires_in,
-            jwt_exp(response.access_token.expose()),
-            now,
-            &config.refresh,
-        );
+        let lifetime = response.lifetime(now, &config.refresh);
         let rotated = response
             .refresh_token
             .as_ref()

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 
 use crate::config::{AccountConfig, Config, Grant, is_loopback_host};
 use crate::provider::discovery::DiscoveryError;
-use crate::provider::{Provider, ProviderError, TokenGrant, jwt_exp};
+use crate::provider::{Provider, ProviderError, TokenGrant};
 use crate::secret::Secret;
 use crate::store::{self, AccessToken, Delivery, Handoff, NewChain, SpentBy, StoreError};
 
@@ -615,12 +615,7 @@ pub async fn try_refresh_token(
         .await
         .map_err(LoginError::Refused)?;
     let now = SystemTime::now();
-    let lifetime = crate::schedule::lifetime(
-        response.expires_in,
-        jwt_exp(response.access_token.expose()),
-        now,
-        &account.refresh,
-    );
+    let lifetime = response.lifetime(now, &account.refresh);
     let rotated = response
         .refresh_token
         .as_ref()

@@ -54,6 +54,19 @@ pub struct TokenResponse {
     pub extra: BTreeMap<String, Value>,
 }
 
+impl TokenResponse {
+    /// How long the access token lives from `now`: `expires_in`, else its JWT `exp`,
+    /// else the policy's default (see [`crate::schedule::lifetime`]).
+    pub fn lifetime(&self, now: SystemTime, policy: &crate::config::RefreshPolicy) -> Duration {
+        crate::schedule::lifetime(
+            self.expires_in,
+            jwt_exp(self.access_token.expose()),
+            now,
+            policy,
+        )
+    }
+}
+
 impl fmt::Debug for TokenResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenResponse")

@@ -106,17 +106,28 @@ pub(super) fn decode(
     )
 }
 
-fn read_wire(bytes: &[u8], account: &AccountName) -> Result<State, String> {
-    let mut wire: Wire = serde_json::from_slice(bytes).map_err(|e| describe_json(&e))?;
-    if wire.version != FORMAT_VERSION {
+/// Every file names its format version and its account: a file of another version, or
+/// copied over from another account, is refused by name.
+fn check_header(
+    kind: &str,
+    version: u32,
+    file_account: &str,
+    account: &AccountName,
+) -> Result<(), String> {
+    if version != FORMAT_VERSION {
         return Err(format!(
-            "format version {} is not {FORMAT_VERSION}, the one this tokend understands",
-            wire.version
+            "{kind}format version {version} is not {FORMAT_VERSION}, the one this tokend understands"
         ));
     }
-    if wire.account != account.as_str() {
-        return Err(format!("the file belongs to account {:?}", wire.account));
+    if file_account != account.as_str() {
+        return Err(format!("the file belongs to account {file_account:?}"));
     }
+    Ok(())
+}
+
+fn read_wire(bytes: &[u8], account: &AccountName) -> Result<State, String> {
+    let mut wire: Wire = serde_json::from_slice(bytes).map_err(|e| describe_json(&e))?;
+    check_header("", wire.version, &wire.account, account)?;
     let state = State {
         refresh_token: wire.refresh_token.take().map(Secret::new),
         seed_fingerprint: wire.seed_fingerprint.take(),
@@ -283,15 +294,7 @@ pub(super) fn decode_handoff(
 
 fn read_handoff(bytes: &[u8], account: &AccountName) -> Result<Handoff, String> {
     let mut wire: WireHandoff = serde_json::from_slice(bytes).map_err(|e| describe_json(&e))?;
-    if wire.version != FORMAT_VERSION {
-        return Err(format!(
-            "handoff format version {} is unknown",
-            wire.version
-        ));
-    }
-    if wire.account != account.as_str() {
-        return Err(format!("the file belongs to account {:?}", wire.account));
-    }
+    check_header("handoff ", wire.version, &wire.account, account)?;
     match (
         wire.handoff.as_str(),
         wire.refresh_token.take(),

@@ -236,20 +236,21 @@ impl Conn {
     }
 }
 
-fn get_request(path: &str, token_header: bool) -> Vec<u8> {
+/// A GET whose `Host` names the server's own address and port, as tokend's guard wants.
+fn get_request(addr: SocketAddr, path: &str, token_header: bool) -> Vec<u8> {
     let extra = if token_header {
         "Tokend-Request: 1\r\n"
     } else {
         ""
     };
-    format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n").into_bytes()
+    format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}\r\n").into_bytes()
 }
 
 /// One request on a new connection (for the control port's occasional queries).
 async fn fetch(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
     Conn::connect(addr)
         .await?
-        .roundtrip(&get_request(path, true))
+        .roundtrip(&get_request(addr, path, true))
         .await
 }
 
@@ -387,7 +388,7 @@ fn rate(
         let end = t0 + warm + Duration::from_secs_f64(duration);
         let requests: std::sync::Arc<Vec<Vec<u8>>> = std::sync::Arc::new(
             (0..accounts)
-                .map(|i| get_request(&format!("{prefix}{i:05}"), true))
+                .map(|i| get_request(addr, &format!("{prefix}{i:05}"), true))
                 .collect(),
         );
         let mut tasks = tokio::task::JoinSet::new();
@@ -431,7 +432,7 @@ fn rate(
 // once
 
 async fn once(addr: SocketAddr, path: String, n: usize) {
-    let request = get_request(&path, true);
+    let request = get_request(addr, &path, true);
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
@@ -488,7 +489,7 @@ async fn start(
         .expect("spawn tokend");
     println!("pid={}", child.id());
     let deadline = spawned + Duration::from_secs_f64(timeout);
-    let readyz = get_request("/readyz", false);
+    let readyz = get_request(addr, "/readyz", false);
     let mut first_answer_ms = None;
     let mut conn: Option<Conn> = None;
     let ready_ms = loop {
@@ -528,7 +529,7 @@ async fn start(
             let mut i = w;
             while i < accounts {
                 let (status, _) = conn
-                    .roundtrip(&get_request(&format!("/v1/token/acct-{i:05}"), true))
+                    .roundtrip(&get_request(addr, &format!("/v1/token/acct-{i:05}"), true))
                     .await
                     .expect("token request");
                 ok += u32::from(status == 200);
@@ -562,7 +563,7 @@ async fn forced(addr: SocketAddr, control: SocketAddr, first: u32, count: u32, m
     let mut failures = 0;
     for i in first..first + count {
         let path = format!("/v1/token/acct-{i:05}?min_valid={min_valid}");
-        let request = get_request(&path, true);
+        let request = get_request(addr, &path, true);
         let t = Instant::now();
         let (status, body) = conn.roundtrip(&request).await.expect("forced request");
         let took = t.elapsed().as_micros() as i64;
@@ -652,7 +653,7 @@ async fn poll(addr: SocketAddr, control: SocketAddr, accounts: u32, rate: f64, d
         tokio::time::sleep_until(due.into()).await;
         let account = rng_next(&mut seed) % accounts as u64;
         reads += 1;
-        let request = get_request(&format!("/v1/token/acct-{account:05}"), true);
+        let request = get_request(addr, &format!("/v1/token/acct-{account:05}"), true);
         let (status, body) = match conn.roundtrip(&request).await {
             Ok(r) => r,
             Err(_) => {
@@ -684,7 +685,7 @@ async fn poll(addr: SocketAddr, control: SocketAddr, accounts: u32, rate: f64, d
             .append_pair("token", &token)
             .finish();
         let verdict = match check
-            .roundtrip(&get_request(&format!("/valid?{query}"), false))
+            .roundtrip(&get_request(control, &format!("/valid?{query}"), false))
             .await
         {
             Ok((_, b)) => b,

@@ -69,20 +69,26 @@ pub(super) fn encode(account: &AccountName, state: &State, keyring: Option<&Keyr
         spent: state.spent.clone(),
         replaced: state.replaced.clone(),
     };
-    let mut bytes = serde_json::to_vec_pretty(&wire).expect("state serializes");
+    let bytes = serde_json::to_vec_pretty(&wire).expect("state serializes");
     wire.refresh_token.zeroize();
     if let Some(a) = wire.access.as_mut() {
         a.token.zeroize();
     }
-    if let Some(keyring) = keyring {
-        bytes = seal_file(
-            keyring,
-            FORMAT_VERSION,
-            account.as_str(),
-            account.as_str(),
-            bytes,
-        );
-    }
+    finish_file(bytes, account, account.as_str(), keyring)
+}
+
+/// A file's JSON as written to disk: sealed under `keyring` (bound to `aad`) when one is
+/// set, and ended with a newline. State and handoff files alike.
+fn finish_file(
+    json: Vec<u8>,
+    account: &AccountName,
+    aad: &str,
+    keyring: Option<&Keyring>,
+) -> Vec<u8> {
+    let mut bytes = match keyring {
+        Some(keyring) => seal_file(keyring, FORMAT_VERSION, account.as_str(), aad, json),
+        None => json,
+    };
     bytes.push(b'\n');
     bytes
 }
@@ -259,22 +265,12 @@ pub(super) fn encode_handoff(
             _ => None,
         },
     };
-    let mut bytes = serde_json::to_vec_pretty(&wire).expect("a handoff serializes");
+    let bytes = serde_json::to_vec_pretty(&wire).expect("a handoff serializes");
     wire.refresh_token.zeroize();
     if let Some(a) = wire.access.as_mut() {
         a.token.zeroize();
     }
-    if let Some(keyring) = keyring {
-        bytes = seal_file(
-            keyring,
-            FORMAT_VERSION,
-            account.as_str(),
-            &handoff_aad(account),
-            bytes,
-        );
-    }
-    bytes.push(b'\n');
-    bytes
+    finish_file(bytes, account, &handoff_aad(account), keyring)
 }
 
 pub(super) fn decode_handoff(

@@ -197,17 +197,7 @@ impl Daemon {
     /// Serves `router` on `listeners` until the daemon stops; [`Daemon::shutdown`] drains
     /// their open connections.
     pub fn serve(&self, listeners: Vec<Listener>, router: Router, limits: Limits) {
-        for listener in listeners {
-            // Each listener's router knows its port: a Host naming another is refused.
-            let router = crate::http::on_port(router.clone(), listener.local_tcp_addr());
-            listen::serve(
-                vec![listener],
-                router,
-                &self.tracker,
-                &self.stopping,
-                limits,
-            );
-        }
+        listen::serve(listeners, router, &self.tracker, &self.stopping, limits);
     }
 
     pub fn config(&self) -> &Config {

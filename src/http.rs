@@ -25,7 +25,7 @@ use tower::{Layer, Service};
 
 use crate::access::{Access, AccessError, Caller};
 use crate::clock::{Clock, rfc3339};
-use crate::listen::Peer;
+use crate::listen::{LocalPort, Peer};
 use crate::metrics::HttpRoute;
 use crate::token_cell::{AccountHandle, DemandError, Registry, Served, Status};
 
@@ -123,18 +123,6 @@ pub fn router(state: ApiState) -> Router {
         .fallback(not_found)
         .layer(FrontLayer)
         .with_state(state)
-}
-
-/// The port of the listener a request came in on, which its `Host` must name.
-#[derive(Debug, Clone, Copy)]
-struct LocalPort(u16);
-
-/// `router` as served on a listener bound to `local` (`None`: a Unix socket).
-pub fn on_port(router: Router, local: Option<std::net::SocketAddr>) -> Router {
-    match local {
-        Some(addr) => router.layer(axum::Extension(LocalPort(addr.port()))),
-        None => router,
-    }
 }
 
 /// The route patterns of `router()`, each with pre-registered request counters. A route

@@ -63,6 +63,11 @@ pub enum Peer {
     },
 }
 
+/// The port of the TCP listener a request came in on (absent on a Unix socket), beside
+/// [`Peer`] in its extensions: a loopback request's `Host` must name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalPort(pub u16);
+
 impl Peer {
     pub fn is_loopback(&self) -> bool {
         match self {
@@ -280,6 +285,7 @@ async fn accept_loop(
         Listener::Unix(_, p) => Some(p.clone()),
         Listener::Tcp(_) => None,
     };
+    let local_port = listener.local_tcp_addr().map(|a| LocalPort(a.port()));
     loop {
         // At the budget, the oldest idle connections make way: new work is taken in
         // rather than left in the backlog behind peers that hold a slot and say nothing.
@@ -316,6 +322,9 @@ async fn accept_loop(
             let router = router.clone();
             tower::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
                 request.extensions_mut().insert(peer);
+                if let Some(port) = local_port {
+                    request.extensions_mut().insert(port);
+                }
                 let busy = slot.busy();
                 let router = router.clone();
                 async move {

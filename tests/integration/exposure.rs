@@ -27,7 +27,10 @@ const LISTENER: &str = "127.0.0.1:8731";
 
 /// The router as a loopback TCP listener on port 8731 serves it.
 fn on_listener(api: &Router) -> Router {
-    tokend::http::on_port(api.clone(), Some(LISTENER.parse().unwrap()))
+    let port = LISTENER.parse::<SocketAddr>().unwrap().port();
+    // What the listener adds to every request it accepts.
+    api.clone()
+        .layer(axum::Extension(tokend::listen::LocalPort(port)))
 }
 
 /// `method uri` with `headers`, from `peer`.

@@ -150,10 +150,62 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct StateConfig {
+    /// The file backend's directory (also where `tokend` finds a running daemon's lock).
     pub dir: PathBuf,
-    /// Keys for encryption at rest, when configured.
+    /// Keys for encryption at rest, when configured: every backend seals the same way.
     pub keyring: Option<Keyring>,
+    pub backend: StateBackend,
+    /// How long a refresher's lease lives without renewal (shared backends).
+    pub lease_ttl: Duration,
+    /// This replica's name in leases: `node_id`, else `hostname-pid`.
+    pub node_id: String,
 }
+
+/// Where account records live: `[state] backend`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StateBackend {
+    /// One file per account in `dir`, for one daemon.
+    File,
+    /// A PostgreSQL database shared by the replicas.
+    Postgres {
+        /// A libpq URL (`postgres://user:pass@host/db?sslmode=require`): a secret.
+        url: Secret,
+        /// Prefix of the table names (`tokend_`).
+        prefix: String,
+        /// Private CA for `sslmode=require`/`verify-full`.
+        ca: Option<Arc<CaBundle>>,
+    },
+    /// An etcd cluster shared by the replicas.
+    Etcd {
+        endpoints: Vec<Url>,
+        /// Key prefix (`tokend/`).
+        prefix: String,
+        ca: Option<Arc<CaBundle>>,
+        /// A client certificate (PEM) and its key, for clusters that require one.
+        identity: Option<EtcdIdentity>,
+    },
+}
+
+impl StateBackend {
+    /// The name used in `[state] backend`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StateBackend::File => "file",
+            StateBackend::Postgres { .. } => "postgres",
+            StateBackend::Etcd { .. } => "etcd",
+        }
+    }
+}
+
+/// An etcd client certificate and key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdIdentity {
+    pub certificate_pem: Vec<u8>,
+    pub key_pem: Secret,
+}
+
+/// The lease lifetime when `[state] lease_ttl` is not set.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
 
 /// An account's name: it names a state file and a URL path segment, so it is restricted
 /// to `[A-Za-z0-9._-]`, 1 to 64 characters, not starting with `.` or `-`.

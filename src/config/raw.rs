@@ -63,7 +63,16 @@ pub(super) struct RawLog {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawState {
+    pub(super) backend: Option<Spanned<String>>,
     pub(super) dir: Option<Spanned<String>>,
+    pub(super) url: Option<Spanned<RawSecret>>,
+    pub(super) endpoints: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) prefix: Option<Spanned<String>>,
+    pub(super) lease_ttl: Option<Spanned<RawDuration>>,
+    pub(super) node_id: Option<Spanned<String>>,
+    pub(super) ca_file: Option<Spanned<String>>,
+    pub(super) client_certificate: Option<Spanned<String>>,
+    pub(super) client_key: Option<Spanned<RawSecret>>,
     pub(super) encryption_key: Option<Spanned<RawSecret>>,
     #[serde(default)]
     pub(super) previous_encryption_keys: Vec<Spanned<RawSecret>>,

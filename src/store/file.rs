@@ -20,7 +20,10 @@ use super::atomic::{is_temp_file, remove_file_durably, sync_dir, write_atomicall
 use super::safe_path::{open_dir, read_no_follow};
 use super::spent::{LEDGER_FILE, Ledger, read_log, record, spent_fingerprint};
 use super::wire::{decode, decode_handoff, encode, encode_handoff};
-use super::{Handoff, Spent, SpentBy, SpentKind, State, Store, StoreError, StoreFuture};
+use super::{
+    Change, FEED_CAPACITY, Handoff, Lease, LeaseGrant, Spent, SpentBy, SpentKind, State, Store,
+    StoreError, StoreFuture,
+};
 use crate::config::AccountName;
 use crate::seal::Keyring;
 use crate::secret::Secret;
@@ -28,6 +31,9 @@ use crate::secret::Secret;
 /// The file-backed store. Holding it holds the state directory's lock.
 pub struct FileStore {
     dir: PathBuf,
+    /// Leases and the change feed in memory: the directory lock makes this process the
+    /// only writer, so they only order the tasks inside it.
+    shared: InProcess,
     keyring: Option<Keyring>,
     /// One per file operation under way on the blocking pool; see [`MAX_DISK_OPS`].
     disk_ops: Arc<Semaphore>,
@@ -111,6 +117,7 @@ impl FileStore {
             keyring,
             disk_ops: Arc::new(Semaphore::new(MAX_DISK_OPS)),
             ledger: Arc::new(ledger),
+            shared: InProcess::new(),
             _lock: lock,
         }))
     }
@@ -306,7 +313,9 @@ impl Store for FileStore {
                 account: account.clone(),
                 path,
                 source,
-            })
+            })?;
+            let _ = self.shared.feed.send(Change::Record(account.clone()));
+            Ok(())
         })
     }
 
@@ -337,6 +346,28 @@ impl Store for FileStore {
                         source,
                     })
                 })
+        })
+    }
+
+    fn put_handoff<'a>(
+        &'a self,
+        account: &'a AccountName,
+        handoff: &'a Handoff,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let (dir, keyring) = (self.dir.clone(), self.keyring.clone());
+            let (owned, handoff_owned) = (account.clone(), handoff.clone());
+            self.on_disk(move || leave_handoff(&dir, keyring.as_ref(), &owned, &handoff_owned))
+                .await
+                .unwrap_or_else(|source| {
+                    Err(StoreError::Write {
+                        account: account.clone(),
+                        path: handoff_path(&self.dir, account),
+                        source,
+                    })
+                })?;
+            let _ = self.shared.feed.send(Change::Handoff(account.clone()));
+            Ok(())
         })
     }
 
@@ -411,9 +442,169 @@ impl Store for FileStore {
             self.remove_durably(account, self.dir.join(kept)).await
         })
     }
+
+    fn shared(&self) -> bool {
+        false
+    }
+
+    fn node_id(&self) -> &str {
+        &self.shared.node_id
+    }
+
+    fn lease_ttl(&self) -> std::time::Duration {
+        FILE_LEASE_SPAN
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        account: &'a AccountName,
+        held: Option<Lease>,
+    ) -> StoreFuture<'a, LeaseGrant> {
+        Box::pin(async move { Ok(self.shared.acquire(account, held)) })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        held: &'a [(AccountName, Lease)],
+    ) -> StoreFuture<'a, Vec<(AccountName, Lease)>> {
+        Box::pin(async move {
+            Ok(held
+                .iter()
+                .filter(|(a, l)| self.held(a, *l))
+                .map(|(a, l)| (a.clone(), InProcess::lease(l.epoch)))
+                .collect())
+        })
+    }
+
+    fn release<'a>(&'a self, account: &'a AccountName, lease: Lease) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.shared.release(account, lease);
+            Ok(())
+        })
+    }
+
+    fn holder<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<String>> {
+        let held = self
+            .shared
+            .leases
+            .lock()
+            .expect("lease table")
+            .contains_key(account);
+        Box::pin(async move { Ok(held.then(|| self.shared.node_id.clone())) })
+    }
+
+    fn replicas(&self) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(async move { Ok(vec![self.shared.node_id.clone()]) })
+    }
+
+    fn save_fenced<'a>(
+        &'a self,
+        account: &'a AccountName,
+        state: &'a State,
+        lease: Lease,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            // The only writer is this process: the epoch check orders its own tasks.
+            if !self.held(account, lease) {
+                return Err(StoreError::Fenced {
+                    account: account.clone(),
+                    epoch: lease.epoch,
+                });
+            }
+            self.save(account, state).await
+        })
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        self.shared.feed.subscribe()
+    }
+
+    fn request_refresh<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()> {
+        let _ = self.shared.feed.send(Change::Demand(account.clone()));
+        Box::pin(async { Ok(()) })
+    }
+
+    fn check(&self) -> StoreFuture<'_, String> {
+        Box::pin(async move {
+            Ok(format!(
+                "file store {} (format version {})",
+                self.dir.display(),
+                super::FORMAT_VERSION
+            ))
+        })
+    }
+}
+
+/// The file store's leases and change feed. A lease never expires on its own: the
+/// process holding the directory lock is the only one that can write, so a lease only
+/// orders this process's own tasks (an account's refresher across a reload).
+struct InProcess {
+    node_id: String,
+    leases: std::sync::Mutex<std::collections::HashMap<AccountName, u64>>,
+    next_epoch: std::sync::atomic::AtomicU64,
+    feed: tokio::sync::broadcast::Sender<Change>,
+}
+
+/// How far ahead a file-store lease is valid: for as long as the process runs.
+const FILE_LEASE_SPAN: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
+
+impl InProcess {
+    fn new() -> InProcess {
+        InProcess {
+            node_id: format!(
+                "{}-{}",
+                rustix::system::uname().nodename().to_string_lossy(),
+                std::process::id()
+            ),
+            leases: std::sync::Mutex::default(),
+            next_epoch: std::sync::atomic::AtomicU64::new(1),
+            feed: tokio::sync::broadcast::channel(FEED_CAPACITY).0,
+        }
+    }
+
+    fn lease(epoch: u64) -> Lease {
+        Lease {
+            epoch,
+            until: tokio::time::Instant::now() + FILE_LEASE_SPAN,
+        }
+    }
+
+    fn acquire(&self, account: &AccountName, held: Option<Lease>) -> LeaseGrant {
+        let mut leases = self.leases.lock().expect("lease table");
+        match leases.get(account) {
+            Some(&epoch) if held.is_some_and(|l| l.epoch == epoch) => {
+                LeaseGrant::Held(Self::lease(epoch))
+            }
+            Some(_) => LeaseGrant::HeldBy(self.node_id.clone()),
+            None => {
+                let epoch = self
+                    .next_epoch
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                leases.insert(account.clone(), epoch);
+                LeaseGrant::Held(Self::lease(epoch))
+            }
+        }
+    }
+
+    fn holds(&self, account: &AccountName, lease: Lease) -> bool {
+        self.leases.lock().expect("lease table").get(account) == Some(&lease.epoch)
+    }
+
+    fn release(&self, account: &AccountName, lease: Lease) {
+        let mut leases = self.leases.lock().expect("lease table");
+        if leases.get(account) == Some(&lease.epoch) {
+            leases.remove(account);
+            let _ = self.feed.send(Change::LeaseFreed(account.clone()));
+        }
+    }
 }
 
 impl FileStore {
+    /// The shared half of [`Store`] for one process; see [`InProcess`].
+    fn held(&self, account: &AccountName, lease: Lease) -> bool {
+        self.shared.holds(account, lease)
+    }
+
     fn ledger_error(&self, source: io::Error) -> StoreError {
         StoreError::Ledger {
             path: self.dir.join(LEDGER_FILE),

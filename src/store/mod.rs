@@ -21,6 +21,7 @@ use crate::secret::Secret;
 mod atomic;
 mod file;
 mod handoff;
+mod lease;
 mod safe_path;
 mod spent;
 mod wire;
@@ -28,6 +29,7 @@ mod wire;
 pub(crate) use atomic::write_atomically;
 pub use file::{FileStore, handoff_path, lock_path, peek_spent, peek_state, state_path};
 pub use handoff::{Delivery, apply_pending, deliver_handoff};
+pub use lease::{Change, FEED_CAPACITY, Lease, LeaseGrant};
 pub use safe_path::PathProblem;
 pub use spent::{LEDGER_FILE, spent_fingerprint};
 pub use wire::FORMAT_VERSION;
@@ -183,6 +185,31 @@ pub enum StoreError {
         "account {account} already has a refresh token in {path}: move that file away first if it is not needed"
     )]
     Occupied { account: AccountName, path: PathBuf },
+    /// A fenced write whose lease epoch is no longer the account's (another replica took
+    /// the lease, or it expired), or whose record changed since this holder read it:
+    /// nothing was written.
+    #[error(
+        "refused to write account {account}'s record: this replica's lease (epoch {epoch}) is no longer current"
+    )]
+    Fenced { account: AccountName, epoch: u64 },
+    /// The shared store cannot be reached or refused the operation. `detail` names no
+    /// secret (a URL's password never appears).
+    #[error("the {backend} state store at {location} is unavailable: {detail}")]
+    Unavailable {
+        backend: &'static str,
+        location: String,
+        detail: String,
+    },
+    /// The shared store holds a schema (or key layout) this tokend does not know.
+    #[error(
+        "the {backend} state store at {location} has schema version {found}; this tokend uses {wanted}"
+    )]
+    Schema {
+        backend: &'static str,
+        location: String,
+        found: String,
+        wanted: String,
+    },
 }
 
 /// What `tokend login`, `import`, `logout` or `state rename` hands to an account.
@@ -286,6 +313,13 @@ pub trait Store: Send + Sync + 'static {
     fn has_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, bool>;
     /// The pending handoff, if any. It stays pending until `clear_handoff`.
     fn load_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<Handoff>>;
+    /// Leaves `handoff` pending for `account` (replacing any pending one) for the lease
+    /// holder to apply; durable on return. The file store's is the handoff file.
+    fn put_handoff<'a>(
+        &'a self,
+        account: &'a AccountName,
+        handoff: &'a Handoff,
+    ) -> StoreFuture<'a, ()>;
     /// Drops the pending handoff once it has been applied; none is not an error.
     fn clear_handoff<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()>;
 
@@ -310,6 +344,57 @@ pub trait Store: Send + Sync + 'static {
     fn set_aside<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<String>>;
     /// Drops a copy made by `set_aside` for `account`; gone already is not an error.
     fn drop_aside<'a>(&'a self, account: &'a AccountName, kept: &'a str) -> StoreFuture<'a, ()>;
+
+    // The shared half (see `lease.rs`): leases, fenced writes and the change feed.
+
+    /// Whether several replicas may share this store: then only an account's lease
+    /// holder refreshes it and writes its record, with [`Store::save_fenced`].
+    fn shared(&self) -> bool;
+    /// This replica's name in leases (`[state] node_id`).
+    fn node_id(&self) -> &str;
+    /// How long a lease lives without renewal (`[state] lease_ttl`).
+    fn lease_ttl(&self) -> std::time::Duration;
+    /// Takes `account`'s lease for this replica when nobody holds it or the holder's has
+    /// expired (by the store's clock), or renews it when `held` is still this replica's
+    /// current lease. A new holder gets a larger epoch than every holder before it.
+    fn acquire<'a>(
+        &'a self,
+        account: &'a AccountName,
+        held: Option<Lease>,
+    ) -> StoreFuture<'a, LeaseGrant>;
+    /// Renews every lease in `held`, in one round trip where the store allows, and
+    /// returns those still this replica's with their new validity; an account missing
+    /// from the answer has been lost.
+    fn renew<'a>(
+        &'a self,
+        held: &'a [(AccountName, Lease)],
+    ) -> StoreFuture<'a, Vec<(AccountName, Lease)>>;
+    /// Gives the lease up (shutdown, rebalancing) so that another replica need not wait
+    /// for it to expire; a lease no longer ours is not an error.
+    fn release<'a>(&'a self, account: &'a AccountName, lease: Lease) -> StoreFuture<'a, ()>;
+    /// The node id holding `account`'s lease by the store's clock; `None` when free.
+    fn holder<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<String>>;
+    /// The node ids of the replicas alive now (holding a lease or announcing themselves),
+    /// this one included: how many share the refresh work.
+    fn replicas(&self) -> StoreFuture<'_, Vec<String>>;
+    /// [`Store::save`] on two conditions checked by the store in the same atomic step as
+    /// the write: `lease` is still the account's current, unexpired lease, and the record
+    /// is still the one this replica last loaded or wrote. Otherwise
+    /// [`StoreError::Fenced`], and nothing is written.
+    fn save_fenced<'a>(
+        &'a self,
+        account: &'a AccountName,
+        state: &'a State,
+        lease: Lease,
+    ) -> StoreFuture<'a, ()>;
+    /// The change feed: every record commit, handoff, demand and freed lease from now on,
+    /// by any replica (a store shared with nobody reports its own).
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Change>;
+    /// Asks `account`'s lease holder, wherever it runs, for a fresher token: it arrives
+    /// as [`Change::Demand`] on the holder's feed.
+    fn request_refresh<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()>;
+    /// Says whether the store is reachable and its schema current (`tokend check`).
+    fn check(&self) -> StoreFuture<'_, String>;
 }
 
 /// Test fixtures shared by the store's submodules.

@@ -282,7 +282,7 @@ impl Validator<'_> {
 
     /// The `ca_file` (relative to the config file), read now: a file that holds no PEM
     /// certificate is refused here rather than at the first refresh.
-    fn ca_bundle(&mut self, raw: &Spanned<String>, key: &str) -> Option<Arc<CaBundle>> {
+    pub(super) fn ca_bundle(&mut self, raw: &Spanned<String>, key: &str) -> Option<Arc<CaBundle>> {
         let path = self.base_dir.join(raw.get_ref());
         let pem = match self.env.read_file(&path) {
             Ok(text) => text.into_bytes(),

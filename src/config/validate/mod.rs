@@ -17,15 +17,15 @@ use crate::config::raw::{
     RawConfig, RawConsumer, RawDuration, RawProvider, RawRefresh, RawSecret, RawServer, RawState,
 };
 use crate::config::{
-    AccountConfig, AccountName, Config, ConsumerConfig, DEFAULT_LISTEN, DEFAULT_STATE_DIR,
-    Environment, HostLimits, ListenAddr, LogConfig, ProviderLimits, RefreshPolicy, SecretSource,
-    ServerConfig, StateConfig,
+    AccountConfig, AccountName, Config, ConsumerConfig, DEFAULT_LISTEN, Environment, HostLimits,
+    ListenAddr, LogConfig, ProviderLimits, RefreshPolicy, SecretSource, ServerConfig,
 };
 use crate::seal::{Keyring, SealKey};
 use crate::secret::Secret;
 
 mod account;
 mod secret_files;
+mod state;
 
 /// What validation made of a parsed config.
 pub(super) struct Validated {
@@ -80,23 +80,7 @@ impl Validator<'_> {
 
     fn config(&mut self, raw: RawConfig) -> Config {
         let server = self.server(raw.server);
-        let keyring = self.keyring(&raw.state);
-        let dir = match raw.state.dir {
-            Some(d) => {
-                if d.get_ref().is_empty() {
-                    self.report(d.span(), "state.dir", "must not be empty");
-                }
-                // Relative to the config file, like secret files: not to wherever the
-                // daemon happened to be started.
-                self.base_dir.join(d.into_inner())
-            }
-            // systemd's StateDirectory= tells us where the state lives.
-            None => self
-                .env
-                .var("STATE_DIRECTORY")
-                .and_then(|s| s.split(':').next().map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-        };
+        let state = self.state(&raw.state);
         let refresh = self.refresh(RefreshPolicy::default(), &raw.refresh, "refresh");
         let limits = self.limits(&raw.provider);
         let per_host = self.host_limits(&raw.provider);
@@ -126,7 +110,7 @@ impl Validator<'_> {
         let consumers = self.consumers(raw.consumers, &accounts);
         Config {
             server,
-            state: StateConfig { dir, keyring },
+            state,
             provider: limits,
             per_host,
             log: LogConfig {

@@ -21,6 +21,7 @@ use tokend::config::{AccountName, Config};
 use tokend::demo::fake_provider::FakeProvider;
 use tokend::listen::{Limits, Listener};
 use tokend::provider::{Provider, Transport};
+use tokend::store::{Change, Lease, LeaseGrant};
 use tokend::store::{FileStore, State, Store, StoreFuture, state_path};
 use tower::ServiceExt;
 
@@ -315,5 +316,76 @@ impl Store for FlakyStore {
 
     fn drop_aside<'a>(&'a self, account: &'a AccountName, kept: &'a str) -> StoreFuture<'a, ()> {
         self.inner.drop_aside(account, kept)
+    }
+
+    fn put_handoff<'a>(
+        &'a self,
+        account: &'a AccountName,
+        handoff: &'a tokend::store::Handoff,
+    ) -> StoreFuture<'a, ()> {
+        self.inner.put_handoff(account, handoff)
+    }
+
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
+
+    fn node_id(&self) -> &str {
+        self.inner.node_id()
+    }
+
+    fn lease_ttl(&self) -> std::time::Duration {
+        self.inner.lease_ttl()
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        account: &'a AccountName,
+        held: Option<Lease>,
+    ) -> StoreFuture<'a, LeaseGrant> {
+        self.inner.acquire(account, held)
+    }
+
+    fn renew<'a>(
+        &'a self,
+        held: &'a [(AccountName, Lease)],
+    ) -> StoreFuture<'a, Vec<(AccountName, Lease)>> {
+        self.inner.renew(held)
+    }
+
+    fn release<'a>(&'a self, account: &'a AccountName, lease: Lease) -> StoreFuture<'a, ()> {
+        self.inner.release(account, lease)
+    }
+
+    fn holder<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, Option<String>> {
+        self.inner.holder(account)
+    }
+
+    fn replicas(&self) -> StoreFuture<'_, Vec<String>> {
+        self.inner.replicas()
+    }
+
+    fn save_fenced<'a>(
+        &'a self,
+        account: &'a AccountName,
+        state: &'a State,
+        lease: Lease,
+    ) -> StoreFuture<'a, ()> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return self.save(account, state);
+        }
+        self.inner.save_fenced(account, state, lease)
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        self.inner.subscribe()
+    }
+
+    fn request_refresh<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()> {
+        self.inner.request_refresh(account)
+    }
+
+    fn check(&self) -> StoreFuture<'_, String> {
+        self.inner.check()
     }
 }

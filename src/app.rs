@@ -27,6 +27,7 @@ use crate::listen::{self, Limits, ListenError, Listener};
 use crate::notify;
 use crate::provider::{Provider, ProviderError};
 use crate::refresher::{Deps, Refresher, STOP_GRACE};
+use crate::replica::{self, Keeper};
 use crate::sinks;
 use crate::store::{FileStore, Store, StoreError};
 use crate::token_cell::{AccountHandle, Registry, Status};
@@ -68,6 +69,8 @@ pub struct Daemon {
     clock: Clock,
     jumps: watch::Receiver<u64>,
     registry: Arc<Registry>,
+    /// With a shared store: which accounts this replica refreshes.
+    keeper: Option<Arc<Keeper>>,
     running: BTreeMap<AccountName, Running>,
     tracker: TaskTracker,
     stopping: CancellationToken,
@@ -114,7 +117,13 @@ impl Daemon {
         let tracker = TaskTracker::new();
         let stopping = CancellationToken::new();
         let jumps = clock.spawn_jump_detector(&tracker, stopping.clone());
+        let keeper = store.shared().then(|| {
+            let keeper = Keeper::new(store.clone(), tracker.clone());
+            tracker.spawn(keeper.clone().run(stopping.clone()));
+            keeper
+        });
         let mut daemon = Daemon {
+            keeper,
             config: config.clone(),
             store,
             provider,
@@ -157,9 +166,27 @@ impl Daemon {
             jumps: self.jumps.clone(),
             changes: self.changes.clone(),
             tracker: self.tracker.clone(),
+            lease: None,
         };
-        let (refresher, handle) = Refresher::prepare(config.clone(), deps).await;
-        let done = self.tracker.spawn(refresher.run(cancel.clone()));
+        let (handle, done) = match &self.keeper {
+            Some(keeper) => {
+                let handle = Arc::new(AccountHandle::new(config.clone(), self.changes.clone()));
+                let account = replica::Account {
+                    config: config.clone(),
+                    handle: handle.clone(),
+                    seat: keeper.join(&config.name, handle.clone()),
+                    keeper: keeper.clone(),
+                    deps,
+                };
+                (handle, self.tracker.spawn(account.run(cancel.clone())))
+            }
+            None => {
+                let (refresher, handle) = Refresher::prepare(config.clone(), deps).await;
+                // The only process on its store: it holds every account.
+                handle.set_lease_holder(Some(self.store.node_id().to_string()), true);
+                (handle, self.tracker.spawn(refresher.run(cancel.clone())))
+            }
+        };
         Running {
             config,
             handle,
@@ -187,6 +214,7 @@ impl Daemon {
             clock: self.clock.clone(),
             access: self.access.clone(),
             reload: self.reloads.clone(),
+            node_id: Arc::from(self.store.node_id()),
         }
     }
 

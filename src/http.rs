@@ -43,6 +43,8 @@ pub struct ApiState {
     /// The outcome of the last reload, shown under `reload` in `/v1/accounts` and as the
     /// `tokend_config_last_reload_*` metrics.
     pub reload: Arc<ArcSwap<ReloadStatus>>,
+    /// This replica's name in the store's leases (`/v1/accounts`' `node_id`).
+    pub node_id: Arc<str>,
 }
 
 /// The outcome of the config's last load: the one the daemon started with (generation
@@ -663,11 +665,15 @@ async fn accounts(State(state): State<ApiState>, request: Request) -> Response {
                 "refresh_token_age": snap.refresh_token_issued_at.map(|t| now.duration_since(t).unwrap_or_default().as_secs()),
                 "refresh_token_expires_at": time_field(snap.refresh_token_expires_at),
                 "warning": snap.refresh_token_warning(now),
+                "lease_holder": handle.lease_holder().as_deref().map(String::as_str),
             })
         })
         .collect();
     let reload = state.reload.load().to_json(&caller);
-    no_store(Json(json!({ "accounts": list, "reload": reload })).into_response())
+    no_store(
+        Json(json!({ "node_id": &*state.node_id, "accounts": list, "reload": reload }))
+            .into_response(),
+    )
 }
 
 /// `POST /v1/accounts/{account}/refresh`: a refresh now, whatever the token's age
@@ -783,6 +789,7 @@ mod tests {
             reload: Arc::new(ArcSwap::from_pointee(ReloadStatus::started(
                 SystemTime::now(),
             ))),
+            node_id: Arc::from("test-node"),
         })
     }
 

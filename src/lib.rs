@@ -17,6 +17,8 @@
 //! - [`schedule`]: pure timing math (refresh time, jitter, backoff).
 //! - [`clock`]: wall-clock time and clock-jump detection.
 //! - [`refresher`]: the per-account task: mark → call → persist → publish.
+//! - [`replica`]: with a shared store (PostgreSQL, etcd), which replica refreshes which
+//!   account (per-account leases) and how the others follow its commits.
 //! - [`store`]: the narrow persistence interface, the atomic file store and the handoffs;
 //!   [`seal`]: optional encryption of the state files.
 //! - [`sinks`]: token files and rotation hooks.
@@ -48,6 +50,7 @@ pub mod metrics;
 pub mod notify;
 pub mod provider;
 pub mod refresher;
+pub mod replica;
 pub mod schedule;
 pub mod seal;
 pub mod secret;

@@ -21,6 +21,10 @@ pub const TOKEN_READS: &str = "tokend_token_reads_total";
 pub const PERSIST_FAILURES: &str = "tokend_persist_failures_total";
 pub const HTTP_REQUESTS: &str = "tokend_http_requests_total";
 pub const ACCOUNT_STATE: &str = "tokend_account_state";
+pub const LEASE_HELD: &str = "tokend_lease_held";
+pub const LEASE_ACQUISITIONS: &str = "tokend_lease_acquisitions_total";
+pub const FENCED_WRITES_REJECTED: &str = "tokend_fenced_writes_rejected_total";
+pub const STORE_UP: &str = "tokend_store_up";
 /// Prometheus's own names for the same thing (`prometheus_config_last_reload_*`).
 pub const CONFIG_RELOAD_SUCCESSFUL: &str = "tokend_config_last_reload_successful";
 pub const CONFIG_RELOAD_SUCCESS_TIME: &str = "tokend_config_last_reload_success_timestamp_seconds";
@@ -86,6 +90,22 @@ fn describe() {
         "1 for the account's current state, 0 for the others."
     );
     describe_gauge!(
+        LEASE_HELD,
+        "1 when this replica holds the account's refresh lease (it refreshes the account)."
+    );
+    describe_counter!(
+        LEASE_ACQUISITIONS,
+        "Times this replica took an account's refresh lease."
+    );
+    describe_counter!(
+        FENCED_WRITES_REJECTED,
+        "Writes of an account's record refused because this replica's lease was no longer current."
+    );
+    describe_gauge!(
+        STORE_UP,
+        "1 when the state store answered this replica's last request, 0 when it did not."
+    );
+    describe_gauge!(
         CONFIG_RELOAD_SUCCESSFUL,
         "1 when the last config (re)load was applied, 0 when it was refused."
     );
@@ -115,6 +135,24 @@ pub fn record_refresh(account: &str, outcome: &'static str, took: Duration) {
     DURATION
         .get_or_init(|| histogram!(REFRESH_DURATION))
         .record(took.as_secs_f64());
+}
+
+pub fn record_fenced_write(account: &str) {
+    handle();
+    counter!(FENCED_WRITES_REJECTED, "account" => account.to_string()).increment(1);
+}
+
+pub fn record_lease_acquired(account: &str) {
+    handle();
+    counter!(LEASE_ACQUISITIONS, "account" => account.to_string()).increment(1);
+}
+
+/// Whether the state store answers, as the lease keeper last found (a file store is
+/// always up): rendered at every scrape.
+static STORE_IS_UP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+pub fn set_store_up(up: bool) {
+    STORE_IS_UP.store(up, std::sync::atomic::Ordering::Relaxed);
 }
 
 pub fn record_persist_failure(account: &str) {
@@ -210,6 +248,8 @@ pub struct AccountGauges {
     /// so a state the account left drops to 0 instead of lingering.
     pub states: &'static [&'static str],
     pub state: &'static str,
+    /// This replica holds the account's lease (and refreshes it).
+    pub lease_held: bool,
 }
 
 /// Renders every metric, after bringing the time-dependent gauges up to date.
@@ -228,7 +268,10 @@ pub fn render(accounts: impl IntoIterator<Item = AccountGauges>) -> String {
             let value = if state == a.state { 1.0 } else { 0.0 };
             gauge!(ACCOUNT_STATE, "account" => name.clone(), "state" => state).set(value);
         }
+        gauge!(LEASE_HELD, "account" => name).set(if a.lease_held { 1.0 } else { 0.0 });
     }
+    let up = STORE_IS_UP.load(std::sync::atomic::Ordering::Relaxed);
+    gauge!(STORE_UP).set(if up { 1.0 } else { 0.0 });
     handle.render()
 }
 

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::clock::{Clock, rfc3339};
-use crate::config::{AccountConfig, Grant, RefreshPolicy};
+use crate::config::{AccountConfig, Grant};
 use crate::provider::{ErrorClass, Provider, ProviderError, TokenGrant, TokenResponse};
 use crate::schedule;
 use crate::sinks;
@@ -25,10 +25,15 @@ use crate::token_cell::{
     AccountHandle, Demand, DemandError, DemandReceiver, Served, Snapshot, Status,
 };
 
+mod save;
 mod seed;
+mod shared;
+use save::SaveRetry;
 use seed::{LoadError, Origin, read_state};
+pub use shared::commit_margin;
 
 /// Everything a refresher needs from outside.
+#[derive(Clone)]
 pub struct Deps {
     pub store: Arc<dyn Store>,
     pub provider: Provider,
@@ -38,13 +43,21 @@ pub struct Deps {
     pub changes: watch::Sender<u64>,
     /// Where rotation hooks run, so shutdown waits for them.
     pub tracker: TaskTracker,
+    /// In a shared store, this replica's lease on the account, as the replica's lease
+    /// keeper renews it (`None` once lost): every save is fenced on it, and the provider
+    /// is called only when the call and its commit fit in it. `None` here: one process
+    /// owns the store (the file backend) and no lease is needed.
+    pub lease: Option<watch::Receiver<Option<store::Lease>>>,
 }
 
 /// The per-account task's state.
 pub struct Refresher {
     handle: Arc<AccountHandle>,
     deps: Deps,
-    demands: DemandReceiver,
+    demands: Arc<DemandReceiver>,
+    /// A fenced save was refused: another replica holds the account now, and this
+    /// refresher stops without writing or serving anything more.
+    fenced: bool,
     /// What is (or must become) durable.
     state: State,
     saving: SaveRetry,
@@ -88,39 +101,6 @@ struct Backoff {
     provider_not_before: Option<SystemTime>,
 }
 
-/// Whether the store is behind `state`, and the retry of a failed save: it is retried with
-/// backoff until it lands.
-#[derive(Debug, Default)]
-struct SaveRetry {
-    /// `state` differs from what the store holds.
-    unsaved: bool,
-    /// Why the last save failed; cleared when one lands.
-    error: Option<String>,
-    attempt: u32,
-    at: Option<SystemTime>,
-}
-
-impl SaveRetry {
-    /// When the next save is due, if one is.
-    fn due_at(&self) -> Option<SystemTime> {
-        self.unsaved.then_some(self.at).flatten()
-    }
-
-    /// A save landed; true when it ends a run of failures.
-    fn landed(&mut self) -> bool {
-        std::mem::take(self).error.is_some()
-    }
-
-    /// A save failed: the next one is due after a delay that grows with each failure.
-    fn failed(&mut self, error: String, policy: &RefreshPolicy, now: SystemTime) -> Duration {
-        let delay = schedule::backoff(self.attempt, policy, 1.0, None).max(Duration::from_secs(1));
-        self.attempt = self.attempt.saturating_add(1);
-        self.error = Some(error);
-        self.at = Some(now + delay);
-        delay
-    }
-}
-
 /// Why the provider may have rotated the refresh token without this process seeing the
 /// new one: said when it then rejects the stored one.
 #[derive(Debug, Default)]
@@ -149,6 +129,19 @@ impl Refresher {
         deps: Deps,
     ) -> (Refresher, Arc<AccountHandle>) {
         let handle = Arc::new(AccountHandle::new(config.clone(), deps.changes.clone()));
+        let demands = Arc::new(DemandReceiver::new(handle.clone()));
+        let r = Refresher::prepare_in(handle.clone(), demands, config, deps).await;
+        (r, handle)
+    }
+
+    /// Like [`Refresher::prepare`], for an account whose handle and demand queue live on
+    /// across refreshers: a replica that (re)gains an account's lease.
+    pub async fn prepare_in(
+        handle: Arc<AccountHandle>,
+        demands: Arc<DemandReceiver>,
+        config: Arc<AccountConfig>,
+        deps: Deps,
+    ) -> Refresher {
         let read = read_state(&config, deps.store.as_ref()).await;
         let now = deps.clock.now();
         let (loaded, load_error, logged_out) = match read {
@@ -169,10 +162,10 @@ impl Refresher {
                 }
             }
             Err(unreadable) => {
-                let mut r = Refresher::new(handle.clone(), deps, State::default());
+                let mut r = Refresher::new(handle, demands, deps, State::default());
                 r.hold(unreadable);
                 r.publish();
-                return (r, handle);
+                return r;
             }
         };
         let origin = match (&loaded, load_error.as_ref().and_then(|l| l.kept_as.clone())) {
@@ -180,7 +173,7 @@ impl Refresher {
             (None, Some(kept_as)) => Origin::KeptAside(kept_as),
             (None, None) => Origin::Missing,
         };
-        let mut r = Refresher::new(handle.clone(), deps, loaded.unwrap_or_default());
+        let mut r = Refresher::new(handle, demands, deps, loaded.unwrap_or_default());
         r.last_error = load_error.map(|l| l.message);
         r.adopt_seed(now, origin).await;
         if logged_out && r.state.refresh_token.is_none() {
@@ -196,12 +189,18 @@ impl Refresher {
         }
         r.serve_stored(now);
         r.publish();
-        (r, handle)
+        r
     }
 
-    fn new(handle: Arc<AccountHandle>, deps: Deps, state: State) -> Refresher {
+    fn new(
+        handle: Arc<AccountHandle>,
+        demands: Arc<DemandReceiver>,
+        deps: Deps,
+        state: State,
+    ) -> Refresher {
         Refresher {
-            demands: DemandReceiver::new(handle.clone()),
+            demands,
+            fenced: false,
             handle,
             deps,
             state,
@@ -320,8 +319,11 @@ impl Refresher {
                     }
                     _ = sleep => Box::pin(self.on_timer(&cancel)).await,
                 }
+                if self.fenced {
+                    break;
+                }
             }
-            if self.saving.unsaved {
+            if self.saving.unsaved && !self.fenced {
                 Box::pin(self.save()).await;
             }
             debug!(account = %self.config().name, "refresher stopped");
@@ -533,6 +535,8 @@ impl Refresher {
             _ = cancel.cancelled() => None,
             turn = self.deps.provider.token_turn(&config) => Some(turn),
         }?;
+        // A shared store's holder calls only when the call and its commit fit in its lease.
+        let config = self.within_lease(config).await?;
 
         // A crash between the provider rotating the refresh token and our save would lose
         // it; the mark lets the next start know to retry at once, inside the provider's
@@ -541,6 +545,11 @@ impl Refresher {
         if rotating && turn.is_ok() && self.state.refresh_in_flight_since.is_none() {
             self.state.refresh_in_flight_since = Some(self.deps.clock.now());
             self.save().await;
+            if self.fenced || (self.deps.lease.is_some() && self.saving.unsaved) {
+                // The mark is not in the shared record: a call now could rotate the
+                // token with no replica knowing it was in flight.
+                return None;
+            }
         }
 
         let started = Instant::now();
@@ -610,11 +619,21 @@ impl Refresher {
         // all the same (the old refresh token is dead anyway) and the save is retried; the
         // account shows `degraded` until it lands.
         self.save().await;
+        if self.fenced {
+            // Another replica holds the account: it adopts the new chain from the store.
+            self.park().await;
+            return;
+        }
         if let Some(kept) = replaced {
             self.drop_replaced(kept).await;
         }
-        let access = self.state.access.as_ref().expect("just set");
-        self.served = Some(Arc::new(Served::new(&config.name, access, &config.headers)));
+        if self.deps.lease.is_some() && self.saving.unsaved {
+            // Shared store: served only once committed (the retried save serves it), so
+            // no replica ever serves a token the others cannot find.
+            warn!(account = %config.name, "refreshed, but the commit to the shared store failed: the new token is served once it lands");
+            return;
+        }
+        self.serve_state_access();
         self.write_sinks().await;
         self.spawn_hook();
         if let Some(w) = self.snapshot_warning(now) {
@@ -785,26 +804,6 @@ impl Refresher {
         }
     }
 
-    /// Persists `state`; on failure it stays in memory and the save is retried.
-    async fn save(&mut self) {
-        self.saving.unsaved = true;
-        let config = self.config();
-        let name = &config.name;
-        match self.deps.store.save(name, &self.state).await {
-            Ok(()) => {
-                if self.saving.landed() {
-                    info!(account = %name, "state saved again after earlier failures");
-                }
-            }
-            Err(e) => {
-                crate::metrics::record_persist_failure(name.as_str());
-                let now = self.deps.clock.now();
-                let delay = self.saving.failed(e.to_string(), &config.refresh, now);
-                error!(account = %name, error = %e, retry_in_s = delay.as_secs(), "cannot persist the account state; keeping it in memory and retrying");
-            }
-        }
-    }
-
     fn publish(&self) {
         let status = if self.needs_reauth.is_some() {
             Status::NeedsReauth
@@ -881,6 +880,7 @@ mod tests {
             jumps: watch::Sender::new(0).subscribe(),
             changes: watch::Sender::new(0),
             tracker: TaskTracker::new(),
+            lease: None,
         };
         Refresher::prepare(account, deps).await
     }

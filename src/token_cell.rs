@@ -357,6 +357,11 @@ pub struct AccountHandle {
     pub changes: watch::Sender<u64>,
     /// Tokens served from this account (registered once: reads are the hot path).
     pub reads: metrics::Counter,
+    /// Which replica holds the account's refresh lease (node id), as this replica last
+    /// learned it; `None` while nobody does or it is not known yet.
+    lease_holder: arc_swap::ArcSwapOption<String>,
+    /// This replica holds it.
+    lease_held: std::sync::atomic::AtomicBool,
 }
 
 impl AccountHandle {
@@ -368,7 +373,25 @@ impl AccountHandle {
             cell: ArcSwap::from_pointee(Snapshot::pending()),
             demands: Demands::default(),
             changes,
+            lease_holder: arc_swap::ArcSwapOption::empty(),
+            lease_held: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Records who holds the account's lease: `mine` when it is this replica.
+    pub fn set_lease_holder(&self, holder: Option<String>, mine: bool) {
+        self.lease_held
+            .store(mine, std::sync::atomic::Ordering::Relaxed);
+        self.lease_holder.store(holder.map(Arc::new));
+    }
+
+    /// The node id holding the account's lease, if known.
+    pub fn lease_holder(&self) -> Option<Arc<String>> {
+        self.lease_holder.load_full()
+    }
+
+    pub fn lease_held(&self) -> bool {
+        self.lease_held.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn config(&self) -> arc_swap::Guard<Arc<AccountConfig>> {
@@ -552,6 +575,7 @@ impl Registry {
                         .map(|t| now.duration_since(t).unwrap_or_default()),
                     states: &Status::NAMES,
                     state: snap.status_at(now).as_str(),
+                    lease_held: account.lease_held(),
                 }
             })
             .collect()

@@ -20,6 +20,7 @@ mod ops;
 mod provider_http;
 mod retry_after;
 mod security;
+mod state_copy;
 mod stop;
 mod support;
 mod symlinks;

@@ -91,6 +91,10 @@ pub enum Command {
     Health {
         #[command(flatten)]
         client: ClientArgs,
+        /// Only whether the daemon answers (GET /healthz), whatever its accounts' state:
+        /// a liveness probe, which a provider outage must not fail.
+        #[arg(long)]
+        live: bool,
     },
     /// Refresh an account's token now.
     Refresh {
@@ -288,7 +292,9 @@ pub fn dispatch(cli: Cli) -> u8 {
             account.as_deref(),
             json,
         )),
-        Command::Health { client } => remote::finish(remote::health(&client.target(config))),
+        Command::Health { client, live } => {
+            remote::finish(remote::health(&client.target(config), live))
+        }
         Command::Refresh { account, client } => {
             remote::finish(remote::refresh(&client.target(config), &account))
         }

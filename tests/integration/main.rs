@@ -5,6 +5,7 @@ mod chain;
 mod check;
 mod cli;
 mod crash;
+mod deploy_k8s;
 mod exposure;
 mod faults;
 mod flows;

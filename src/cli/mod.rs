@@ -91,6 +91,10 @@ pub enum Command {
     Health {
         #[command(flatten)]
         client: ClientArgs,
+        /// Only whether the daemon answers (GET /healthz), whatever its accounts' state:
+        /// a liveness probe, which a provider outage must not fail.
+        #[arg(long)]
+        live: bool,
     },
     /// Refresh an account's token now.
     Refresh {
@@ -163,6 +167,18 @@ pub enum StateCommand {
         old: String,
         /// Its name in the config now.
         new: String,
+    },
+    /// Copy a stopped daemon's state directory (records, pending handoffs, the ledger of
+    /// spent refresh tokens) into the store the other config's [state] names, then mark
+    /// the directory as moved so that no tokend refreshes its chains again; nothing is
+    /// sent to any provider. Safe to run again after an interruption.
+    Copy {
+        /// The state directory to copy, as file:DIR.
+        #[arg(long, value_name = "file:DIR")]
+        from: String,
+        /// The config of the store to copy into; its accounts are the ones copied.
+        #[arg(long, value_name = "PATH")]
+        to_config: PathBuf,
     },
 }
 
@@ -276,7 +292,9 @@ pub fn dispatch(cli: Cli) -> u8 {
             account.as_deref(),
             json,
         )),
-        Command::Health { client } => remote::finish(remote::health(&client.target(config))),
+        Command::Health { client, live } => {
+            remote::finish(remote::health(&client.target(config), live))
+        }
         Command::Refresh { account, client } => {
             remote::finish(remote::refresh(&client.target(config), &account))
         }
@@ -303,6 +321,9 @@ pub fn dispatch(cli: Cli) -> u8 {
         Command::State {
             command: StateCommand::Rename { old, new },
         } => block_on(state_cmd::rename(&config.path(), &old, &new)),
+        Command::State {
+            command: StateCommand::Copy { from, to_config },
+        } => block_on(state_cmd::copy(&from, &to_config)),
     }
 }
 

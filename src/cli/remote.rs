@@ -110,9 +110,15 @@ pub fn refresh(target: &Target, account: &str) -> Result<u8, CommandError> {
     Ok(exit::OK)
 }
 
-/// 0 when ready; 75 (not now) with the accounts not ready.
-pub fn health(target: &Target) -> Result<u8, CommandError> {
+/// 0 when ready; 75 (not now) with the accounts not ready. `live`: 0 when the daemon
+/// answers `/healthz` at all.
+pub fn health(target: &Target, live: bool) -> Result<u8, CommandError> {
     let client = target.client(None)?;
+    if live {
+        client.call_ok(http::Method::GET, &client.url(&["healthz"], &[]))?;
+        println!("alive");
+        return Ok(exit::OK);
+    }
     let url = client.url(&["readyz"], &[]);
     let (status, body) = client.call(http::Method::GET, &url)?;
     if status == 200 {

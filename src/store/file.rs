@@ -50,6 +50,8 @@ pub struct FileStore {
 const MAX_DISK_OPS: usize = 16;
 
 const LOCK_FILE: &str = ".lock";
+/// Not `*.json`, not hidden: an operator listing the directory sees it.
+const MOVED_FILE: &str = "MOVED";
 
 impl FileStore {
     /// Opens (creating with mode 0700 if needed) and locks the state directory.
@@ -105,6 +107,13 @@ impl FileStore {
             }
             Err(fs::TryLockError::Error(e)) => return Err(dir_err(e)),
         }
+        // Checked under the lock: `tokend state copy` writes the marker while holding it.
+        if let Some(to) = moved_to(dir)? {
+            return Err(StoreError::Moved {
+                dir: dir.to_path_buf(),
+                to,
+            });
+        }
         lock.set_len(0).map_err(dir_err)?;
         writeln!(lock, "{}", std::process::id()).map_err(dir_err)?;
         remove_stale_temp_files(dir);
@@ -124,6 +133,31 @@ impl FileStore {
 
     pub fn path(&self, account: &AccountName) -> PathBuf {
         state_path(&self.dir, account)
+    }
+
+    /// Marks the directory as moved to `to` (a description naming no secret): from now on
+    /// [`FileStore::open_sealed`] refuses it with [`StoreError::Moved`]. Durable on return.
+    pub fn mark_moved(&self, to: &str) -> Result<PathBuf, StoreError> {
+        let path = moved_path(&self.dir);
+        let text = format!(
+            "{to}\n\nCopied there by `tokend state copy` at {}. tokend refuses this directory \
+             while this file exists: a daemon on it would refresh the chains the new store \
+             holds now. Delete this file only to go back, and only if no tokend has used \
+             the new store yet.\n",
+            crate::clock::rfc3339(SystemTime::now())
+        );
+        write_atomically(&self.dir, &path, text.into_bytes(), 0o600).map_err(|source| {
+            StoreError::Dir {
+                dir: self.dir.clone(),
+                source,
+            }
+        })?;
+        Ok(path)
+    }
+
+    /// Every entry of the ledger of spent refresh tokens, oldest first.
+    pub(crate) fn ledger_entries(&self) -> Vec<(String, Spent)> {
+        self.ledger.all()
     }
 
     /// Waits for one of the [`MAX_DISK_OPS`] places.
@@ -181,13 +215,36 @@ async fn run_holding<T: Send + 'static>(
     .map_err(|join| io::Error::other(join.to_string()))
 }
 
-/// The state file of `account` in `dir`.
+/// The marker `tokend state copy` leaves in a state directory it copied elsewhere.
+pub fn moved_path(dir: &Path) -> PathBuf {
+    dir.join(MOVED_FILE)
+}
+
+/// Where the marker of `dir` says its records went (its first line), if there is one.
+fn moved_to(dir: &Path) -> Result<Option<String>, StoreError> {
+    match read_no_follow(&moved_path(dir)) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let to = text.lines().next().unwrap_or_default().trim();
+            Ok(Some(
+                if to.is_empty() { "another store" } else { to }.to_string(),
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StoreError::Dir {
+            dir: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 /// The lock file of the state directory `dir`: while a daemon runs it holds the lock,
 /// and the file names its pid (`tokend reload` signals that pid).
 pub fn lock_path(dir: &Path) -> PathBuf {
     dir.join(LOCK_FILE)
 }
 
+/// The state file of `account` in `dir`.
 pub fn state_path(dir: &Path, account: &AccountName) -> PathBuf {
     dir.join(format!("{account}.json"))
 }
@@ -206,9 +263,30 @@ pub fn peek_state(
     account: &AccountName,
 ) -> Result<Option<State>, StoreError> {
     let path = state_path(dir, account);
-    match read_file(&path, account, |bytes| decode(bytes, account, keyring))? {
+    peek(path, account, |bytes| decode(bytes, account, keyring))
+}
+
+/// Reads an account's pending handoff without the lock and leaves a bad file where it is,
+/// as [`peek_state`] does.
+pub fn peek_handoff(
+    dir: &Path,
+    keyring: Option<&Keyring>,
+    account: &AccountName,
+) -> Result<Option<Handoff>, StoreError> {
+    let path = handoff_path(dir, account);
+    peek(path, account, |bytes| {
+        decode_handoff(bytes, account, keyring)
+    })
+}
+
+fn peek<T>(
+    path: PathBuf,
+    account: &AccountName,
+    decode: impl FnOnce(&[u8]) -> Result<T, String>,
+) -> Result<Option<T>, StoreError> {
+    match read_file(&path, account, decode)? {
         None => Ok(None),
-        Some(Ok(state)) => Ok(Some(state)),
+        Some(Ok(found)) => Ok(Some(found)),
         Some(Err(reason)) => Err(StoreError::Read {
             account: account.clone(),
             path,

@@ -13,9 +13,13 @@ use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::config::AccountName;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{AccountName, StateBackend, StateConfig};
 use crate::secret::Secret;
 
 mod atomic;
@@ -27,12 +31,35 @@ mod spent;
 mod wire;
 
 pub(crate) use atomic::write_atomically;
-pub use file::{FileStore, handoff_path, lock_path, peek_spent, peek_state, state_path};
+pub use file::{
+    FileStore, handoff_path, lock_path, moved_path, peek_handoff, peek_spent, peek_state,
+    state_path,
+};
 pub use handoff::{Delivery, apply_pending, deliver_handoff};
 pub use lease::{Change, FEED_CAPACITY, Lease, LeaseGrant};
 pub use safe_path::PathProblem;
 pub use spent::{LEDGER_FILE, spent_fingerprint};
 pub use wire::FORMAT_VERSION;
+
+/// Opens the store `[state]` names: the file store's directory (locked), or a connection
+/// to the shared store whose background tasks run on `tracker` until `cancel`.
+pub async fn open(
+    state: &StateConfig,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Arc<dyn Store>, StoreError> {
+    let _ = (cancel, tracker);
+    match &state.backend {
+        StateBackend::File => Ok(FileStore::open_sealed(&state.dir, state.keyring.clone())?),
+        backend @ (StateBackend::Postgres { .. } | StateBackend::Etcd { .. }) => {
+            Err(StoreError::Unavailable {
+                backend: backend.name(),
+                location: String::new(),
+                detail: "not wired yet".into(),
+            })
+        }
+    }
+}
 
 /// How many refresh tokens an account's chain remembers having rotated away
 /// ([`State::spent`]).
@@ -185,6 +212,12 @@ pub enum StoreError {
         "account {account} already has a refresh token in {path}: move that file away first if it is not needed"
     )]
     Occupied { account: AccountName, path: PathBuf },
+    /// `tokend state copy` copied this state directory to another store and left its
+    /// marker: a daemon on it would refresh the chains the other store holds (a fork).
+    #[error(
+        "state directory {dir} was copied to {to} by `tokend state copy`: a tokend on it would refresh the refresh tokens that store holds now (two holders fork them). Run tokend with that store's config; to go back, delete {dir}/MOVED, and only if no tokend has used that store yet"
+    )]
+    Moved { dir: PathBuf, to: String },
     /// A fenced write whose lease epoch is no longer the account's (another replica took
     /// the lease, or it expired), or whose record changed since this holder read it:
     /// nothing was written.

@@ -127,6 +127,17 @@ impl Ledger {
         Ok(())
     }
 
+    /// Every entry, oldest first (`tokend state copy` carries them to another store).
+    pub(super) fn all(&self) -> Vec<(String, Spent)> {
+        let mut all: Vec<_> = self
+            .entries()
+            .iter()
+            .map(|(fp, s)| (fp.clone(), s.clone()))
+            .collect();
+        all.sort_by(|a, b| (a.1.at, &a.0).cmp(&(b.1.at, &b.0)));
+        all
+    }
+
     /// `from`'s entries, to be appended again under `to` (a rename).
     pub(super) fn moved(&self, from: &AccountName, to: &AccountName) -> Vec<(String, Spent)> {
         self.entries()

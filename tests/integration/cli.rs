@@ -184,6 +184,9 @@ async fn client_commands_find_the_daemon_and_their_key_in_the_config() {
         tokio::time::sleep(POLL).await;
     }
 
+    let live = expect_code(&tokend_cmd(&["health", "--live", "--config", c]).await, 0);
+    assert_eq!(live.stdout.trim(), "alive");
+
     // The endpoint and the key from the config, before or after the subcommand.
     for args in [&["status", "--config", c][..], &["--config", c, "status"]] {
         let stdout = expect_code(&tokend_cmd(args).await, 0).stdout;
@@ -225,6 +228,8 @@ async fn client_commands_find_the_daemon_and_their_key_in_the_config() {
     let other = elsewhere.config_path();
     let other = other.to_str().unwrap();
     let stderr = expect_code(&tokend_cmd(&["health", "--config", other]).await, 69).stderr;
+    let down = tokend_cmd(&["health", "--live", "--config", other]).await;
+    assert!(expect_code(&down, 69).stderr.contains(other));
     let tried = format!(
         "http://127.0.0.1:{} (server.listen of {other})",
         elsewhere.port

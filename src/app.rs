@@ -29,7 +29,7 @@ use crate::provider::{Provider, ProviderError};
 use crate::refresher::{Deps, Refresher, STOP_GRACE};
 use crate::replica::{self, Keeper};
 use crate::sinks;
-use crate::store::{FileStore, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::token_cell::{AccountHandle, Registry, Status};
 
 /// Why the daemon could not start or keep running.
@@ -442,26 +442,55 @@ impl Daemon {
     }
 }
 
-/// What `tokend run` works with outside the process: the state directory and the
+/// What `tokend run` works with outside the process: the state store and the
 /// providers' token endpoints. Opened before anything starts, so a locked state
-/// directory or a broken TLS setup stops the start with its own error.
+/// directory, an unreachable shared store or a broken TLS setup stops the start with its
+/// own error.
 struct Backends {
     store: Arc<dyn Store>,
     provider: Provider,
+    /// The store's own background tasks (a shared store's change feed): stopped only
+    /// after the daemon, so that the refreshers' last saves still reach the store.
+    store_stop: CancellationToken,
+    store_tasks: TaskTracker,
 }
 
 impl Backends {
-    fn open(config: &Config) -> Result<Backends, RunError> {
+    async fn open(config: &Config) -> Result<Backends, RunError> {
+        let store_stop = CancellationToken::new();
+        let store_tasks = TaskTracker::new();
         Ok(Backends {
-            store: FileStore::open_sealed(&config.state.dir, config.state.keyring.clone())?,
+            store: crate::store::open(&config.state, &store_stop, &store_tasks).await?,
             provider: Provider::http(config.provider.connect_timeout)?
                 .with_host_limits(config.per_host),
+            store_stop,
+            store_tasks,
         })
     }
 
-    /// Starts every account on the system clock.
-    async fn start(self, config: Config) -> Daemon {
-        Daemon::start(config, self.store, self.provider, Clock::system()).await
+    /// Starts every account on the system clock; returns the daemon and what stops the
+    /// store's tasks once it has stopped ([`StoreTasks::stop`]).
+    async fn start(self, config: Config) -> (Daemon, StoreTasks) {
+        let tasks = StoreTasks {
+            stop: self.store_stop,
+            tasks: self.store_tasks,
+        };
+        let daemon = Daemon::start(config, self.store, self.provider, Clock::system()).await;
+        (daemon, tasks)
+    }
+}
+
+/// A shared store's background tasks, stopped after the daemon.
+struct StoreTasks {
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl StoreTasks {
+    async fn stop(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 }
 
@@ -470,13 +499,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), RunError> {
     // Installed first: a SIGHUP or SIGTERM during start-up must not kill the process
     // with its default action.
     let signals = signals()?;
-    let backends = Backends::open(&config)?;
+    let backends = Backends::open(&config).await?;
     let listeners = listen::bind_all(&config.server).await?;
     let addrs: Vec<String> = listeners.iter().map(|l| l.to_string()).collect();
     for warning in &config.warnings {
         warn!("{warning}");
     }
-    let daemon = backends.start(config).await;
+    let (daemon, store_tasks) = backends.start(config).await;
     daemon.serve(listeners, daemon.router(), Limits::default());
     info!(
         listen = %addrs.join(","),
@@ -484,14 +513,16 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), RunError> {
         version = env!("CARGO_PKG_VERSION"),
         "tokend started"
     );
-    supervise(daemon, signals, Some(&config_path)).await
+    let stopped = supervise(daemon, signals, Some(&config_path)).await;
+    store_tasks.stop().await;
+    stopped
 }
 
 /// `tokend run --once`: every account gets a token (or settles without one), sinks are
 /// written and hooks run, then the daemon stops, leaving the sinks. True when every
 /// account holds a valid token.
 pub async fn run_once(config: Config) -> Result<bool, RunError> {
-    let daemon = Backends::open(&config)?.start(config).await;
+    let (daemon, store_tasks) = Backends::open(&config).await?.start(config).await;
     let clock = daemon.clock.clone();
     daemon
         .wait_settled(tokio::time::Instant::now() + START_TIMEOUT)
@@ -524,6 +555,7 @@ pub async fn run_once(config: Config) -> Result<bool, RunError> {
         }
     }
     daemon.stop(SinksOnStop::Keep).await;
+    store_tasks.stop().await;
     Ok(ok)
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::config::{
     AccountConfig, ClientAuth, Config, Grant, HookAction, OnShutdown, RequestFormat, SinkFormat,
+    StateBackend,
 };
 use crate::store::state_path;
 
@@ -20,7 +21,20 @@ pub(super) fn report(path: &Path, config: &Config) -> String {
     }
     let listen: Vec<String> = config.server.listen.iter().map(|a| a.to_string()).collect();
     let _ = writeln!(out, "listen: {}", listen.join(", "));
-    let _ = writeln!(out, "state dir: {}", config.state.dir.display());
+    match &config.state.backend {
+        StateBackend::File => {
+            let _ = writeln!(out, "state dir: {}", config.state.dir.display());
+        }
+        shared => {
+            let _ = writeln!(
+                out,
+                "state: {} (shared by replicas), node id {}, lease_ttl {}s",
+                shared.name(),
+                config.state.node_id,
+                config.state.lease_ttl.as_secs()
+            );
+        }
+    }
     let encryption = match (
         &config.state.keyring,
         source(config, "state.encryption_key"),
@@ -114,7 +128,9 @@ fn delivery_rows(config: &Config, a: &AccountConfig) -> Vec<Row> {
         let origin = refresh_token_origin(config, a, seed.is_some(), &state);
         rows.push(("refresh token", origin));
     }
-    rows.push(("state file", state.display().to_string()));
+    if config.state.backend == StateBackend::File {
+        rows.push(("state file", state.display().to_string()));
+    }
     if a.sinks.is_empty() {
         rows.push(("sinks", "none".into()));
     }

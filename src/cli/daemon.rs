@@ -81,8 +81,37 @@ pub fn check(path: &Path) -> u8 {
             return exit::CONFIG;
         }
     };
-    let out = super::check::report(path, &config);
+    let mut out = super::check::report(path, &config);
+    let mut code = exit::OK;
+    if config.state.backend != crate::config::StateBackend::File {
+        // The one thing `check` reaches over the network: a shared store must answer, with
+        // a schema this tokend knows, before replicas are started on it.
+        let answer = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                rt.block_on(async {
+                    let opened = super::shared::open(&config)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let Some(opened) = opened else {
+                        return Ok(String::new());
+                    };
+                    let said = opened.store.check().await.map_err(|e| e.to_string());
+                    opened.close().await;
+                    said
+                })
+            });
+        match answer {
+            Ok(said) => out.push_str(&format!("state store: reachable: {said}\n")),
+            Err(e) => {
+                out.push_str(&format!("state store: UNREACHABLE: {e}\n"));
+                code = exit::UNAVAILABLE;
+            }
+        }
+    }
     // `tokend check | head -1` closes the pipe early: that is not a failure to report.
     let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
-    exit::OK
+    code
 }

@@ -568,9 +568,13 @@ pub async fn revoke_stored(
         return Ok(Revocation::NoEndpoint);
     }
     let keyring = config.state.keyring.as_ref();
+    let shared = super::shared::open(config).await?;
     let mut revoked: Vec<String> = Vec::new();
     for _ in 0..3 {
-        let state = store::peek_state(&config.state.dir, keyring, &account.name)?;
+        let state = match &shared {
+            Some(opened) => opened.store.load(&account.name).await?,
+            None => store::peek_state(&config.state.dir, keyring, &account.name)?,
+        };
         let Some(rt) = state.and_then(|s| s.refresh_token) else {
             break;
         };
@@ -582,6 +586,9 @@ pub async fn revoke_stored(
             .await
             .map_err(LoginError::Revoke)?;
         revoked.push(rt.fingerprint());
+    }
+    if let Some(opened) = shared {
+        opened.close().await;
     }
     Ok(if revoked.is_empty() {
         Revocation::NothingStored
@@ -604,7 +611,16 @@ pub async fn try_refresh_token(
     presented: Secret,
 ) -> Result<NewChain, LoginError> {
     let keyring = config.state.keyring.as_ref();
-    if let Some(why) = store::peek_spent(&config.state.dir, keyring, &presented)? {
+    let spent = match super::shared::open(config).await? {
+        Some(opened) => {
+            let why =
+                store::spent_by(opened.store.as_ref(), config.accounts.keys(), &presented).await;
+            opened.close().await;
+            why?
+        }
+        None => store::peek_spent(&config.state.dir, keyring, &presented)?,
+    };
+    if let Some(why) = spent {
         return Err(LoginError::Spent {
             account: account.name.to_string(),
             why,
@@ -645,6 +661,8 @@ pub enum HandedOff {
     Stored(PathBuf),
     /// The running daemon (this pid) took it.
     ToDaemon(i32),
+    /// Left in the shared store for the replica holding the account.
+    Shared(super::shared::Left),
 }
 
 /// Gives `handoff` to the account's state: directly when no daemon holds the state
@@ -660,6 +678,11 @@ pub async fn hand_off(
         Grant::RefreshToken { seed: Some(seed) } => Some(seed.fingerprint()),
         _ => None,
     };
+    if let Some(opened) = super::shared::open(config).await? {
+        let left = super::shared::hand_off(opened.store.as_ref(), account, &handoff, wait).await;
+        opened.close().await;
+        return Ok(HandedOff::Shared(left?));
+    }
     let dir = &config.state.dir;
     let keyring = config.state.keyring.clone();
     let deadline = Instant::now() + wait;

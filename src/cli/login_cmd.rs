@@ -302,6 +302,19 @@ pub(super) async fn report_handoff(
                 path.display()
             );
         }
+        login::HandedOff::Shared(left) if left.taken => {
+            println!(
+                "{name}: {done}; the replica holding the account took it from {}",
+                left.location
+            );
+        }
+        login::HandedOff::Shared(left) => {
+            println!(
+                "{name}: {done}; it waits in {} for the replica that holds the account (none took it within {}s: is a replica running?)",
+                left.location,
+                login::HANDOFF_WAIT.as_secs()
+            );
+        }
         login::HandedOff::ToDaemon(pid) => {
             println!("{name}: {done}; the running daemon (pid {pid}) took it");
             let endpoint = match config.server.listen.first() {

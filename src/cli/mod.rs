@@ -20,6 +20,7 @@ pub mod login;
 mod login_cmd;
 mod reload;
 mod remote;
+mod shared;
 mod state_cmd;
 mod target;
 

@@ -180,6 +180,34 @@ pub fn status(target: &Target, only: Option<&str>, json: bool) -> Result<u8, Com
         println!("{v}");
         return Ok(exit::OK);
     }
+    // Replicas on a shared store: say which one refreshes each account.
+    let node = v["node_id"].clone();
+    if accounts.iter().any(|a| a["lease_holder"] != node) {
+        let rows: Vec<[String; 6]> = accounts
+            .iter()
+            .map(|a| {
+                let [name, state, expires, last, error] = status_row(a);
+                let holder = a["lease_holder"].as_str().unwrap_or("-").to_string();
+                [name, state, expires, last, holder, error]
+            })
+            .collect();
+        println!("replica {}", node.as_str().unwrap_or("-"));
+        print!(
+            "{}",
+            table(
+                [
+                    "ACCOUNT",
+                    "STATE",
+                    "EXPIRES IN",
+                    "LAST REFRESH",
+                    "REFRESHED BY",
+                    "LAST ERROR"
+                ],
+                &rows
+            )
+        );
+        return Ok(exit::OK);
+    }
     let rows: Vec<[String; 5]> = accounts.iter().map(status_row).collect();
     print!(
         "{}",

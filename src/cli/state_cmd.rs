@@ -74,20 +74,50 @@ fn check_config(
 /// Checks what can be checked without the lock, hands the rename off, and says what
 /// became of it.
 async fn run(config: &Config, old: &AccountName, new: &AccountName) -> Result<String, LoginError> {
-    let dir = &config.state.dir;
-    let keyring = config.state.keyring.as_ref();
-    let peek = |name: &AccountName| store::peek_state(dir, keyring, name);
-    if peek(old)?.is_none() {
+    let shared = super::shared::open(config).await?;
+    let done = run_on(config, shared.as_ref().map(|o| o.store.as_ref()), old, new).await;
+    if let Some(opened) = shared {
+        opened.close().await;
+    }
+    done
+}
+
+/// An account's record and where it lives: read from the shared store when there is
+/// one, else from the state directory without its lock.
+async fn current(
+    config: &Config,
+    shared: Option<&dyn Store>,
+    name: &AccountName,
+) -> Result<(Option<State>, PathBuf), StoreError> {
+    match shared {
+        Some(s) => Ok((s.load(name).await?, PathBuf::from(s.location(name)))),
+        None => {
+            let dir = &config.state.dir;
+            let state = store::peek_state(dir, config.state.keyring.as_ref(), name)?;
+            Ok((state, store::state_path(dir, name)))
+        }
+    }
+}
+
+async fn run_on(
+    config: &Config,
+    shared: Option<&dyn Store>,
+    old: &AccountName,
+    new: &AccountName,
+) -> Result<String, LoginError> {
+    let (old_state, old_at) = current(config, shared, old).await?;
+    if old_state.is_none() {
         return Err(StoreError::NothingToMove {
             account: old.clone(),
-            path: store::state_path(dir, old),
+            path: old_at,
         }
         .into());
     }
-    if peek(new)?.is_some_and(|s| s.refresh_token.is_some()) {
+    let (new_state, new_at) = current(config, shared, new).await?;
+    if new_state.is_some_and(|s| s.refresh_token.is_some()) {
         return Err(StoreError::Occupied {
             account: new.clone(),
-            path: store::state_path(dir, new),
+            path: new_at,
         }
         .into());
     }
@@ -101,9 +131,21 @@ async fn run(config: &Config, old: &AccountName, new: &AccountName) -> Result<St
         HandedOff::ToDaemon(pid) => format!(
             "{new}: the running daemon (pid {pid}) took over the state of {old}; nothing was sent to the provider"
         ),
+        HandedOff::Shared(left) if !left.taken => {
+            return Ok(format!(
+                "{new}: the rename waits in {} for the replica that holds {new} (none took it within {}s: is a replica running?); nothing was sent to the provider",
+                left.location,
+                login::HANDOFF_WAIT.as_secs()
+            ));
+        }
+        HandedOff::Shared(_) => format!(
+            "{new}: the replica holding it took over the state of {old}; nothing was sent to the provider"
+        ),
     };
-    // The daemon applies it out of sight: the files tell whether it did.
-    if peek(old)?.is_some() || peek(new)?.is_none() {
+    // The daemon applies it out of sight: the records tell whether it did.
+    let moved_away = current(config, shared, old).await?.0.is_none();
+    let arrived = current(config, shared, new).await?.0.is_some();
+    if !moved_away || !arrived {
         return Err(LoginError::NotAdopted {
             old: old.to_string(),
             new: new.to_string(),

@@ -430,6 +430,32 @@ pub trait Store: Send + Sync + 'static {
     fn check(&self) -> StoreFuture<'_, String>;
 }
 
+/// Why `token` must not be presented, as `store` knows it: its ledger, then the current
+/// refresh token and the rotated-away ones of each of `accounts` (for `tokend login` and
+/// `import` against a shared store; [`peek_spent`] is the file store's, lock-free).
+pub async fn spent_by(
+    store: &dyn Store,
+    accounts: impl IntoIterator<Item = &AccountName>,
+    token: &Secret,
+) -> Result<Option<SpentBy>, StoreError> {
+    let fp = spent_fingerprint(token);
+    if let Some(spent) = store.spent(&fp).await? {
+        return Ok(Some(SpentBy::Ledger(spent)));
+    }
+    for account in accounts {
+        let Some(state) = store.load(account).await? else {
+            continue;
+        };
+        if state.refresh_token.as_ref() == Some(token) {
+            return Ok(Some(SpentBy::InUse(account.clone())));
+        }
+        if state.spent.contains(&fp) {
+            return Ok(Some(SpentBy::Rotated(account.clone())));
+        }
+    }
+    Ok(None)
+}
+
 /// Test fixtures shared by the store's submodules.
 #[cfg(test)]
 mod fixtures {

@@ -53,6 +53,14 @@ impl Follower<'_> {
                 _ = stop.cancelled() => break,
                 _ = seat.lease.changed() => continue,
                 _ = seat.records.changed() => self.reload(&mut served).await,
+                _ = seat.store_up.changed() => {
+                    if *seat.store_up.borrow() {
+                        self.reload(&mut served).await;
+                    } else {
+                        let state = None;
+                        self.publish(state, served.clone(), Some("the state store is unreachable: serving the last committed token while it is valid".into()));
+                    }
+                }
                 _ = poll.tick() => self.reload(&mut served).await,
                 demand = self.demands.recv() => {
                     if let Some(w) = self.on_demand(demand, served.as_ref()).await {

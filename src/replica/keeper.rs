@@ -25,6 +25,8 @@ pub struct Seat {
     pub records: watch::Receiver<u64>,
     /// A handoff waits for the account (the holder applies it).
     pub handoffs: Arc<Notify>,
+    /// Whether the store answered the keeper's last request.
+    pub store_up: watch::Receiver<bool>,
 }
 
 struct Slot {
@@ -43,6 +45,7 @@ pub struct Keeper {
     slots: Mutex<BTreeMap<AccountName, Slot>>,
     /// Demands forwarded from followers run here, so shutdown waits for them.
     tracker: TaskTracker,
+    store_up: watch::Sender<bool>,
 }
 
 /// How often a follower re-reads its record even when the feed is quiet: the safety net
@@ -59,6 +62,7 @@ impl Keeper {
             store,
             slots: Mutex::default(),
             tracker,
+            store_up: watch::Sender::new(true),
         })
     }
 
@@ -86,6 +90,7 @@ impl Keeper {
             lease: lease_rx,
             records: records_rx,
             handoffs,
+            store_up: self.store_up.subscribe(),
         }
     }
 
@@ -136,6 +141,13 @@ impl Keeper {
         }
     }
 
+    /// Records whether the store answers: the metric, and the followers' status.
+    fn set_store_up(&self, up: bool) {
+        crate::metrics::set_store_up(up);
+        self.store_up
+            .send_if_modified(|was| std::mem::replace(was, up) != up);
+    }
+
     /// Renews every lease held here in one request; those the store no longer grants
     /// (or that ran out while it could not be reached) are lost.
     async fn renew(&self) {
@@ -146,7 +158,7 @@ impl Keeper {
             .collect();
         match self.store.renew(&held).await {
             Ok(renewed) => {
-                crate::metrics::set_store_up(true);
+                self.set_store_up(true);
                 let renewed: BTreeMap<AccountName, Lease> = renewed.into_iter().collect();
                 let mut slots = self.slots();
                 for (account, _) in &held {
@@ -167,7 +179,7 @@ impl Keeper {
                 }
             }
             Err(e) => {
-                crate::metrics::set_store_up(false);
+                self.set_store_up(false);
                 warn!(error = %e, "cannot renew leases");
                 let now = Instant::now();
                 for (account, slot) in self.slots().iter_mut() {
@@ -188,7 +200,7 @@ impl Keeper {
         let replicas = match self.store.replicas().await {
             Ok(r) => r,
             Err(e) => {
-                crate::metrics::set_store_up(false);
+                self.set_store_up(false);
                 warn!(error = %e, "cannot list the replicas");
                 return;
             }
@@ -244,7 +256,7 @@ impl Keeper {
     async fn take(&self, account: &AccountName) -> Result<bool, ()> {
         match self.store.acquire(account, None).await {
             Ok(LeaseGrant::Held(lease)) => {
-                crate::metrics::set_store_up(true);
+                self.set_store_up(true);
                 crate::metrics::record_lease_acquired(account.as_str());
                 info!(account = %account, epoch = lease.epoch, "took the account's lease: this replica refreshes it");
                 if let Some(slot) = self.slots().get_mut(account) {
@@ -262,7 +274,7 @@ impl Keeper {
                 Ok(false)
             }
             Err(e) => {
-                crate::metrics::set_store_up(false);
+                self.set_store_up(false);
                 warn!(account = %account, error = %e, "cannot take the account's lease");
                 Err(())
             }

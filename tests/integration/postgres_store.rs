@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokend::config::{AccountName, StateBackend, StateConfig};
+use tokend::config::{AccountName, CaBundle, StateBackend, StateConfig};
 use tokend::seal::{Keyring, SealKey};
 use tokend::secret::Secret;
 use tokend::store::{
@@ -446,4 +446,68 @@ async fn check_names_no_password_and_an_unknown_schema_is_refused() {
     );
     assert!(!text.contains("pw-Zq81-hidden"), "{text}");
     a.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmode_is_honoured_and_verified_tls_trusts_the_configured_ca_only() {
+    let pg = Postgres::start_tls();
+    let ca = Arc::new(CaBundle {
+        path: PathBuf::from("test-ca.pem"),
+        pem: pg.ca_pem(),
+    });
+    let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
+    let connect = |host: &str, mode: &str, ca: Option<Arc<CaBundle>>| {
+        let mut cfg = state(
+            &format!(
+                "postgres://postgres@{host}:{}/postgres?sslmode={mode}",
+                pg.port()
+            ),
+            "node-a",
+            Duration::from_secs(5),
+            None,
+        );
+        if let StateBackend::Postgres { ca: slot, .. } = &mut cfg.backend {
+            *slot = ca;
+        }
+        let (cancel, tracker) = (cancel.clone(), tracker.clone());
+        async move { PostgresStore::connect(&cfg, &cancel, &tracker).await }
+    };
+    // The certificate names localhost, not 127.0.0.1: verify-full refuses, verify-ca not.
+    let err = connect("127.0.0.1", "verify-full", Some(Arc::clone(&ca)))
+        .await
+        .err()
+        .expect("the name does not match");
+    assert!(err.to_string().contains("certificate"), "{err}");
+    for (host, mode, with_ca, says) in [
+        ("localhost", "verify-full", true, "host name verified"),
+        ("127.0.0.1", "verify-ca", true, "host name not checked"),
+        ("127.0.0.1", "require", false, "NOT verified"),
+    ] {
+        let store = connect(host, mode, with_ca.then(|| Arc::clone(&ca)))
+            .await
+            .unwrap_or_else(|e| panic!("sslmode={mode}: {e}"));
+        let said = store.check().await.unwrap();
+        assert!(said.contains("this connection encrypted"), "{said}");
+        assert!(said.contains(says), "{said}");
+    }
+    // A verified mode without ca_file is refused before any connection.
+    let err = connect("localhost", "verify-full", None)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("state.ca_file"), "{err}");
+    // Another CA does not vouch for this server.
+    let other = Postgres::start_tls();
+    let stranger = Arc::new(CaBundle {
+        path: PathBuf::from("other-ca.pem"),
+        pem: other.ca_pem(),
+    });
+    let err = connect("localhost", "verify-ca", Some(stranger))
+        .await
+        .err()
+        .expect("an unknown issuer is refused");
+    assert!(err.to_string().contains("certificate"), "{err}");
+    cancel.cancel();
+    tracker.close();
+    tokio::time::timeout(WAIT, tracker.wait()).await.unwrap();
 }

@@ -9,7 +9,7 @@ use tokio::sync::broadcast::Sender;
 use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
-use super::link::{Connection, Link};
+use super::link::{Connection, Link, describe};
 use crate::config::AccountName;
 use crate::store::{Change, StoreError};
 
@@ -34,7 +34,7 @@ pub(super) async fn listen(
         let mut listen = std::pin::pin!(client.batch_execute(&statement));
         loop {
             tokio::select! {
-                done = &mut listen => return done.map_err(|e| link.unavailable(e)),
+                done = &mut listen => return done.map_err(|e| link.failed(&e)),
                 message = next(&mut connection) => forward(message, feed).map_err(|e| link.unavailable(e))?,
             }
         }
@@ -121,7 +121,7 @@ fn forward(
             Ok(())
         }
         Some(Ok(_)) => Ok(()),
-        Some(Err(e)) => Err(e.to_string()),
+        Some(Err(e)) => Err(describe(&e)),
         None => Err("the server closed it".into()),
     }
 }

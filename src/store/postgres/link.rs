@@ -47,14 +47,23 @@ impl Target {
         timeout: Duration,
         keepalive: Duration,
     ) -> Result<Target, StoreError> {
+        // Not yet parsed: scrubbed of the URL's password as written, should the
+        // parser ever quote it.
         let refuse = |detail: String| StoreError::Unavailable {
             backend: BACKEND,
             location: "(state.url)".into(),
-            detail,
+            detail: match password_in(url.expose()) {
+                Some(p) if !p.is_empty() => detail.replace(p, "***"),
+                _ => detail,
+            },
         };
         let (rest, mode) = take_sslmode(url.expose()).map_err(refuse)?;
-        let mut config = tokio_postgres::Config::from_str(rest.expose())
-            .map_err(|e| refuse(format!("state.url is not a usable libpq URL: {e}")))?;
+        let mut config = tokio_postgres::Config::from_str(rest.expose()).map_err(|e| {
+            refuse(format!(
+                "state.url is not a usable libpq URL: {}",
+                describe(&e)
+            ))
+        })?;
         let (tls, tls_checks) = client_config(mode, ca).map_err(refuse)?;
         config
             .ssl_mode(mode.negotiation())
@@ -87,6 +96,14 @@ impl Target {
     }
 }
 
+/// The password of `scheme://user:password@host…`, as written.
+fn password_in(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next()?;
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    Some(userinfo.split_once(':')?.1)
+}
+
 /// Splits `sslmode` (default `prefer`, as in libpq) off the URL's query string. The
 /// certificate parameters of libpq are refused: they would be silently ignored.
 fn take_sslmode(url: &str) -> Result<(Secret, SslMode), String> {
@@ -111,6 +128,18 @@ fn take_sslmode(url: &str) -> Result<(Secret, SslMode), String> {
         format!("{base}?{}", kept.join("&"))
     };
     Ok((Secret::new(rest), mode))
+}
+
+/// `e` and its causes, `: `-separated.
+pub(super) fn describe(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// `host:port/db` of the first host (libpq tries them in order).
@@ -172,6 +201,12 @@ impl Link {
         }
     }
 
+    /// A driver error, with its causes: the driver's own words alone ("db error",
+    /// "error performing TLS handshake") would not say what went wrong.
+    pub(super) fn failed(&self, e: &tokio_postgres::Error) -> StoreError {
+        self.unavailable(describe(e))
+    }
+
     fn late(&self) -> StoreError {
         self.unavailable(format!("no answer within {:?}", self.timeout))
     }
@@ -181,7 +216,7 @@ impl Link {
         let connect = self.target.config.connect(self.target.tls.clone());
         match tokio::time::timeout(self.timeout, connect).await {
             Ok(Ok(pair)) => Ok(pair),
-            Ok(Err(e)) => Err(self.unavailable(e)),
+            Ok(Err(e)) => Err(self.failed(&e)),
             Err(_) => Err(self.late()),
         }
     }
@@ -243,7 +278,7 @@ impl Link {
             .map_err(|_| self.late())??;
         match timeout_at(deadline, conn.run(sql, params)).await {
             Ok(Ok(rows)) => Ok(rows),
-            Ok(Err(e)) => Err(self.unavailable(e)),
+            Ok(Err(e)) => Err(self.failed(&e)),
             Err(_) => {
                 // Hung (a server gone without a word): do not wait on it again.
                 self.forget(&conn).await;
@@ -298,6 +333,13 @@ mod tests {
             "auth failed for ***"
         );
         assert_eq!(target("postgres://u@h").unwrap().location, "h:5432/u");
+        assert_eq!(password_in("postgres://u:p@ss@h:1/db"), Some("p@ss"));
+        assert_eq!(password_in("postgres://u@h/db?x=a:b@c"), None);
+        let err = target("postgres://u:hunter2@h:notaport/db")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("port") && !err.contains("hunter2"), "{err}");
     }
 
     #[test]

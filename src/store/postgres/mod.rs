@@ -161,7 +161,7 @@ impl PostgresStore {
         from: &AccountName,
         to: &AccountName,
     ) -> Result<(i64, i64), StoreError> {
-        let db = |e: tokio_postgres::Error| self.link.unavailable(e);
+        let db = |e: tokio_postgres::Error| self.link.failed(&e);
         let tx = client.transaction().await.map_err(db)?;
         let names = vec![from.as_str(), to.as_str()];
         let (mut moved, mut existing) = (None, None);
@@ -211,7 +211,10 @@ async fn ensure_schema(link: &Link, sql: &Sql, client: &mut Client) -> Result<i3
     let bound = link.timeout.max(Duration::from_secs(10));
     match tokio::time::timeout(bound, sql.ensure(client)).await {
         Ok(Ok(version)) => Ok(version),
-        Ok(Err(e)) => Err(link.unavailable(format!("cannot create or read the tables: {e}"))),
+        Ok(Err(e)) => Err(link.unavailable(format!(
+            "cannot create or read the tables: {}",
+            link::describe(&e)
+        ))),
         Err(_) => Err(link.unavailable(format!(
             "creating or reading the tables took longer than {bound:?}"
         ))),

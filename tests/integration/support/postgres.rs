@@ -15,12 +15,29 @@ pub struct Postgres {
     bin: PathBuf,
     port: u16,
     running: bool,
+    /// Serves TLS too, with a certificate for `localhost` signed by a CA of its own.
+    tls: bool,
 }
 
 impl Postgres {
     /// Initializes a cluster (trust authentication, no fsync: a test's data need not
     /// survive a power cut) and starts it.
     pub fn start() -> Postgres {
+        Postgres::init(false)
+    }
+
+    /// Like `start`, also serving TLS with a certificate for the name `localhost` (not
+    /// for 127.0.0.1), signed by a test CA: see [`Postgres::ca_pem`].
+    pub fn start_tls() -> Postgres {
+        Postgres::init(true)
+    }
+
+    /// The test CA (PEM) that signed the server's certificate.
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("ca.pem")).expect("a TLS server's CA")
+    }
+
+    fn init(tls: bool) -> Postgres {
         let bin = binaries();
         let dir = tempfile::Builder::new()
             .prefix("tokend-pg-")
@@ -49,11 +66,15 @@ impl Postgres {
             ],
         );
         assert!(out.status.success(), "initdb failed: {}", describe(&out));
+        if tls {
+            make_certificates(dir.path());
+        }
         let mut pg = Postgres {
             dir,
             bin,
             port: 0,
             running: false,
+            tls,
         };
         // A free port can be taken by another test between the probe and the bind.
         for _ in 0..5 {
@@ -65,12 +86,9 @@ impl Postgres {
         panic!("PostgreSQL did not start: {}", pg.log());
     }
 
-    /// `postgres://postgres@127.0.0.1:PORT/postgres`, TLS off.
+    /// `postgres://postgres@127.0.0.1:PORT/postgres` (trust authentication: no password).
     pub fn url(&self) -> String {
-        format!(
-            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
-            self.port
-        )
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
     pub fn port(&self) -> u16 {
@@ -107,11 +125,16 @@ impl Postgres {
     }
 
     fn try_start(&mut self) -> bool {
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c shared_buffers=16MB -c max_connections=60",
+        let dir = self.dir.path().display();
+        let mut options = format!(
+            "-p {} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off -c shared_buffers=16MB -c max_connections=60",
             self.port,
-            self.dir.path().display()
         );
+        if self.tls {
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={dir}/server.pem -c ssl_key_file={dir}/server.key"
+            ));
+        }
         let data = self.dir.path().join("data");
         let log = self.log_path();
         let out = run(
@@ -165,6 +188,83 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.ctl_stop("immediate");
+    }
+}
+
+/// A CA and a server certificate for `localhost` it signed, made with openssl(1) (which
+/// Debian's postgresql package pulls in), in `dir`; the key is the server's to read.
+fn make_certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run openssl(1) (Debian's postgresql package pulls it in)");
+        assert!(out.status.success(), "openssl {args:?}: {}", describe(&out));
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"],
+            &["-subj", "/CN=tokend test CA"],
+            &["-addext", "basicConstraints=critical,CA:TRUE"],
+            &["-addext", "keyUsage=critical,keyCertSign"],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write the certificate's extensions");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]);
+    // The server refuses a key that others may read, or that is not its user's.
+    let key = dir.join("server.key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod the server key");
+    if as_root() {
+        std::os::unix::fs::chown(&key, Some(id("-u")), Some(id("-g")))
+            .expect("chown the server key");
     }
 }
 

@@ -85,6 +85,12 @@ impl Replica {
     }
 }
 
+/// Replicas `node-a` and `node-b` of the store on `pg`.
+async fn two(pg: &Postgres, ttl: Duration, keyring: Option<Keyring>) -> (Replica, Replica) {
+    let a = Replica::open(&pg.url(), "node-a", ttl, keyring.clone()).await;
+    (a, Replica::open(&pg.url(), "node-b", ttl, keyring).await)
+}
+
 fn state(url: &str, node: &str, ttl: Duration, keyring: Option<Keyring>) -> StateConfig {
     StateConfig {
         dir: PathBuf::from("/nonexistent"),
@@ -135,8 +141,7 @@ async fn raw(url: &str) -> tokio_postgres::Client {
 async fn the_lease_is_exclusive_expires_by_the_database_clock_and_fences_stale_writes() {
     let pg = Postgres::start();
     let ttl = Duration::from_secs(2);
-    let a = Replica::open(&pg.url(), "node-a", ttl, None).await;
-    let b = Replica::open(&pg.url(), "node-b", ttl, None).await;
+    let (a, b) = two(&pg, ttl, None).await;
     let acct = name("acct");
 
     assert_eq!(a.store.load(&acct).await.unwrap(), None);
@@ -223,8 +228,7 @@ async fn the_lease_is_exclusive_expires_by_the_database_clock_and_fences_stale_w
 async fn a_commit_is_heard_and_read_by_the_other_replica_and_sealed_records_hold_no_token() {
     let pg = Postgres::start();
     let ttl = Duration::from_secs(5);
-    let a = Replica::open(&pg.url(), "node-a", ttl, Some(keyring())).await;
-    let b = Replica::open(&pg.url(), "node-b", ttl, Some(keyring())).await;
+    let (a, b) = two(&pg, ttl, Some(keyring())).await;
     let acct = name("acct");
     let mut b_feed = b.store.subscribe();
 
@@ -269,8 +273,7 @@ async fn a_commit_is_heard_and_read_by_the_other_replica_and_sealed_records_hold
 async fn the_ledger_copies_aside_and_renames_live_in_the_shared_tables() {
     let pg = Postgres::start();
     let ttl = Duration::from_secs(5);
-    let a = Replica::open(&pg.url(), "node-a", ttl, None).await;
-    let b = Replica::open(&pg.url(), "node-b", ttl, None).await;
+    let (a, b) = two(&pg, ttl, None).await;
     let (old, new, other) = (name("old"), name("new"), name("other"));
 
     a.store

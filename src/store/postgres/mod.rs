@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_postgres::Client;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
-use zeroize::Zeroize;
+use zeroize::Zeroizing;
 
 use super::spent::record;
 use super::wire::{decode, decode_handoff, encode, encode_handoff};
@@ -144,14 +144,10 @@ impl PostgresStore {
         }
     }
 
-    fn decode_record(
-        &self,
-        account: &AccountName,
-        mut bytes: Vec<u8>,
-    ) -> Result<State, StoreError> {
-        let state = decode(&bytes, account, self.keyring.as_ref());
-        bytes.zeroize();
-        state.map_err(|reason| self.unreadable(self.location(account), account, reason))
+    fn decode_record(&self, account: &AccountName, bytes: Vec<u8>) -> Result<State, StoreError> {
+        let bytes = Zeroizing::new(bytes);
+        decode(&bytes, account, self.keyring.as_ref())
+            .map_err(|reason| self.unreadable(self.location(account), account, reason))
     }
 
     /// [`Store::rename`] in one transaction on a connection of its own.
@@ -191,9 +187,8 @@ impl PostgresStore {
         }
         // A copy kept aside under the old name stays for a human.
         state.replaced = None;
-        let mut bytes = encode(to, &state, self.keyring.as_ref());
-        let saved = tx.query(&self.sql.save, &[&to.as_str(), &bytes]).await;
-        bytes.zeroize();
+        let bytes = Zeroizing::new(encode(to, &state, self.keyring.as_ref()));
+        let saved = tx.query(&self.sql.save, &[&to.as_str(), &*bytes]).await;
         let to_version = saved.map_err(db)?.first().map_or(0, |r| r.get(0));
         let removed = tx.query(&self.sql.remove, &[&from.as_str()]).await;
         let from_version = removed.map_err(db)?.first().map_or(0, |r| r.get(0));
@@ -249,13 +244,12 @@ impl Store for PostgresStore {
 
     fn save<'a>(&'a self, account: &'a AccountName, state: &'a State) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut bytes = encode(account, state, self.keyring.as_ref());
+            let bytes = Zeroizing::new(encode(account, state, self.keyring.as_ref()));
             let saved = self
                 .link
-                .query(&self.sql.save, &[&account.as_str(), &bytes])
-                .await;
-            bytes.zeroize();
-            if let Some(row) = saved?.first() {
+                .query(&self.sql.save, &[&account.as_str(), &*bytes])
+                .await?;
+            if let Some(row) = saved.first() {
                 self.seen(account, row.get(0));
             }
             Ok(())
@@ -295,15 +289,15 @@ impl Store for PostgresStore {
                 .link
                 .query(&self.sql.load_handoff, &[&account.as_str()])
                 .await?;
-            let Some(mut bytes) = rows.first().map(|r| r.get::<_, Vec<u8>>(0)) else {
+            let Some(bytes) = rows.first().map(|r| Zeroizing::new(r.get::<_, Vec<u8>>(0))) else {
                 return Ok(None);
             };
-            let handoff = decode_handoff(&bytes, account, self.keyring.as_ref());
-            bytes.zeroize();
-            handoff.map(Some).map_err(|reason| {
-                let at = self.row_location(&self.sql.handoffs, account);
-                self.unreadable(at, account, reason)
-            })
+            decode_handoff(&bytes, account, self.keyring.as_ref())
+                .map(Some)
+                .map_err(|reason| {
+                    let at = self.row_location(&self.sql.handoffs, account);
+                    self.unreadable(at, account, reason)
+                })
         })
     }
 
@@ -313,13 +307,11 @@ impl Store for PostgresStore {
         handoff: &'a Handoff,
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut bytes = encode_handoff(account, handoff, self.keyring.as_ref());
-            let put = self
-                .link
-                .query(&self.sql.put_handoff, &[&account.as_str(), &bytes])
-                .await;
-            bytes.zeroize();
-            put.map(drop)
+            let bytes = Zeroizing::new(encode_handoff(account, handoff, self.keyring.as_ref()));
+            self.link
+                .query(&self.sql.put_handoff, &[&account.as_str(), &*bytes])
+                .await
+                .map(drop)
         })
     }
 
@@ -528,11 +520,10 @@ impl Store for PostgresStore {
             // Never read here: nothing to say the record is still the one it replaces.
             let version = self.last_seen(account).ok_or_else(fenced)?;
             let epoch = i64::try_from(lease.epoch).map_err(|_| fenced())?;
-            let mut bytes = encode(account, state, self.keyring.as_ref());
+            let bytes = Zeroizing::new(encode(account, state, self.keyring.as_ref()));
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-                [&account.as_str(), &bytes, &self.node_id, &epoch, &version];
+                [&account.as_str(), &*bytes, &self.node_id, &epoch, &version];
             let saved = self.link.query(&self.sql.save_fenced, &params).await;
-            bytes.zeroize();
             let row = saved?.into_iter().next().ok_or_else(fenced)?;
             self.seen(account, row.get(0));
             Ok(())

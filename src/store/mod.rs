@@ -26,6 +26,7 @@ mod atomic;
 mod file;
 mod handoff;
 mod lease;
+mod postgres;
 mod safe_path;
 mod spent;
 mod wire;
@@ -37,6 +38,7 @@ pub use file::{
 };
 pub use handoff::{Delivery, apply_pending, deliver_handoff};
 pub use lease::{Change, FEED_CAPACITY, Lease, LeaseGrant};
+pub use postgres::PostgresStore;
 pub use safe_path::PathProblem;
 pub use spent::{LEDGER_FILE, spent_fingerprint};
 pub use wire::FORMAT_VERSION;

@@ -18,6 +18,7 @@ mod login;
 mod logs;
 mod openapi;
 mod ops;
+mod postgres_store;
 mod provider_http;
 mod retry_after;
 mod security;

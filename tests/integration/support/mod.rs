@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod postgres;
 pub mod process;
 pub mod provider;
 

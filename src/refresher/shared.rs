@@ -15,7 +15,7 @@ use crate::token_cell::Served;
 
 /// The shortest provider call worth starting: a lease with less left than this (beyond
 /// the commit's share) is renewed first, or the call waits.
-const MIN_CALL: Duration = Duration::from_secs(2);
+const MIN_CALL: Duration = Duration::from_secs(1);
 
 /// What a holder keeps back from its lease for the commit after a provider call: a
 /// fifth of the lease, from 1 s to 5 s.

@@ -3,6 +3,7 @@
 //! code it runs) needs no notion of leases to stay safe.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
@@ -15,11 +16,19 @@ use crate::store::{
 pub struct Fenced {
     inner: Arc<dyn Store>,
     lease: watch::Receiver<Option<Lease>>,
+    /// The last save's outcome is unknown (the store did not answer): the record's
+    /// version is read again before the next fenced save, else a write that did land
+    /// would make the retry look stale.
+    doubt: AtomicBool,
 }
 
 impl Fenced {
     pub fn new(inner: Arc<dyn Store>, lease: watch::Receiver<Option<Lease>>) -> Fenced {
-        Fenced { inner, lease }
+        Fenced {
+            inner,
+            lease,
+            doubt: AtomicBool::new(false),
+        }
     }
 
     fn current(&self, account: &AccountName) -> Result<Lease, StoreError> {
@@ -37,10 +46,18 @@ impl Store for Fenced {
     }
 
     fn save<'a>(&'a self, account: &'a AccountName, state: &'a State) -> StoreFuture<'a, ()> {
-        match self.current(account) {
-            Ok(lease) => self.inner.save_fenced(account, state, lease),
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
+        Box::pin(async move {
+            let lease = self.current(account)?;
+            if self.doubt.load(Ordering::Relaxed) {
+                // Only this replica writes the record while it holds the lease: what is
+                // there now is either our last write or the one before it.
+                self.inner.load(account).await?;
+            }
+            let saved = self.inner.save_fenced(account, state, lease).await;
+            let unknown = matches!(&saved, Err(e) if !matches!(e, StoreError::Fenced { .. }));
+            self.doubt.store(unknown, Ordering::Relaxed);
+            saved
+        })
     }
 
     fn remove<'a>(&'a self, account: &'a AccountName) -> StoreFuture<'a, ()> {

@@ -39,7 +39,9 @@ impl Follower<'_> {
     /// Serves the committed record until this replica gets the account's lease or `stop`
     /// ends. Demands still waiting then are answered with what there is.
     pub async fn run(&self, seat: &mut Seat, stop: &tokio_util::sync::CancellationToken) {
-        let mut served: Option<Arc<Served>> = None;
+        // What this replica served so far (as the holder, or before a restart of this
+        // task) stays served until the store says otherwise.
+        let mut served: Option<Arc<Served>> = self.handle.snapshot().token.clone();
         let mut waiting: Vec<Waiting> = Vec::new();
         self.reload(&mut served).await;
         let mut poll = tokio::time::interval_at(Instant::now() + POLL, POLL);

@@ -50,16 +50,14 @@ pub async fn open(
     cancel: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<Arc<dyn Store>, StoreError> {
-    let _ = (cancel, tracker);
     match &state.backend {
         StateBackend::File => Ok(FileStore::open_sealed(&state.dir, state.keyring.clone())?),
-        backend @ (StateBackend::Postgres { .. } | StateBackend::Etcd { .. }) => {
-            Err(StoreError::Unavailable {
-                backend: backend.name(),
-                location: String::new(),
-                detail: "not wired yet".into(),
-            })
-        }
+        StateBackend::Postgres { .. } => Ok(PostgresStore::connect(state, cancel, tracker).await?),
+        backend @ StateBackend::Etcd { .. } => Err(StoreError::Unavailable {
+            backend: backend.name(),
+            location: String::new(),
+            detail: "MERGE-ETCD".into(),
+        }),
     }
 }
 
@@ -414,7 +412,8 @@ pub trait Store: Send + Sync + 'static {
     fn replicas(&self) -> StoreFuture<'_, Vec<String>>;
     /// [`Store::save`] on two conditions checked by the store in the same atomic step as
     /// the write: `lease` is still the account's current, unexpired lease, and the record
-    /// is still the one this replica last loaded or wrote. Otherwise
+    /// is still the one this replica last loaded or wrote (a holder loads the record
+    /// before its first fenced save; one it never read is refused). Otherwise
     /// [`StoreError::Fenced`], and nothing is written.
     fn save_fenced<'a>(
         &'a self,

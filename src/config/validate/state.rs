@@ -29,10 +29,10 @@ impl Validator<'_> {
         let backend = self.backend(raw);
         let lease_ttl = match &raw.lease_ttl {
             Some(d)
-                if d.get_ref().0 < Duration::from_secs(2)
+                if d.get_ref().0 < Duration::from_secs(3)
                     || d.get_ref().0 > Duration::from_secs(600) =>
             {
-                self.report(d.span(), "state.lease_ttl", "must be from 2s to 10m: a holder renews at a third of it, and a dead holder's accounts wait out the rest");
+                self.report(d.span(), "state.lease_ttl", "must be from 3s to 10m: a holder renews at a third of it, and a dead holder's accounts wait out the rest");
                 DEFAULT_LEASE_TTL
             }
             Some(d) => d.get_ref().0,

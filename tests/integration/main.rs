@@ -21,6 +21,7 @@ mod ops;
 mod postgres_store;
 mod provider_http;
 mod replica;
+mod replicas;
 mod retry_after;
 mod security;
 mod state_copy;

@@ -19,6 +19,7 @@ use crate::config::AccountName;
 use crate::secret::Secret;
 
 mod atomic;
+mod etcd;
 mod file;
 mod handoff;
 mod lease;
@@ -27,6 +28,7 @@ mod spent;
 mod wire;
 
 pub(crate) use atomic::write_atomically;
+pub use etcd::EtcdStore;
 pub use file::{FileStore, handoff_path, lock_path, peek_spent, peek_state, state_path};
 pub use handoff::{Delivery, apply_pending, deliver_handoff};
 pub use lease::{Change, FEED_CAPACITY, Lease, LeaseGrant};

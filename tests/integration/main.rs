@@ -5,6 +5,7 @@ mod chain;
 mod check;
 mod cli;
 mod crash;
+mod etcd_store;
 mod exposure;
 mod faults;
 mod flows;

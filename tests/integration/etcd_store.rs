@@ -10,7 +10,8 @@ use tokend::config::StateConfig;
 use tokend::seal::{Keyring, SealKey};
 use tokend::secret::Secret;
 use tokend::store::{
-    AccessToken, Change, EtcdStore, Handoff, Lease, LeaseGrant, NewChain, State, Store, StoreError,
+    AccessToken, Change, EtcdStore, Handoff, Lease, LeaseGrant, NewChain, SpentKind, State, Store,
+    StoreError,
 };
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -62,6 +63,12 @@ impl Replicas {
             .unwrap_or_else(|e| panic!("connect: {e}"))
     }
 
+    /// A store on every member of `cluster`, as replica `node_id`.
+    async fn node(&self, cluster: &EtcdCluster, node_id: &str, ttl: Duration) -> Arc<EtcdStore> {
+        self.connect(&etcd_state_config(&cluster.endpoints(), node_id, ttl))
+            .await
+    }
+
     async fn stop(self) {
         self.cancel.cancel();
         self.tracker.close();
@@ -101,12 +108,8 @@ async fn the_lease_is_exclusive_passes_on_with_a_higher_epoch_and_fences_the_old
     let cluster = EtcdCluster::start(1);
     let replicas = Replicas::new();
     let ttl = Duration::from_secs(2);
-    let a = replicas
-        .connect(&etcd_state_config(&cluster.endpoints(), "node-a", ttl))
-        .await;
-    let b = replicas
-        .connect(&etcd_state_config(&cluster.endpoints(), "node-b", ttl))
-        .await;
+    let a = replicas.node(&cluster, "node-a", ttl).await;
+    let b = replicas.node(&cluster, "node-b", ttl).await;
     let acct = account("acct");
     assert_eq!(b.replicas().await.unwrap(), ["node-a", "node-b"]);
 
@@ -174,12 +177,8 @@ async fn commits_handoffs_demands_and_freed_leases_reach_the_other_replicas_feed
     let cluster = EtcdCluster::start(1);
     let replicas = Replicas::new();
     let ttl = Duration::from_secs(3);
-    let a = replicas
-        .connect(&etcd_state_config(&cluster.endpoints(), "node-a", ttl))
-        .await;
-    let b = replicas
-        .connect(&etcd_state_config(&cluster.endpoints(), "node-b", ttl))
-        .await;
+    let a = replicas.node(&cluster, "node-a", ttl).await;
+    let b = replicas.node(&cluster, "node-b", ttl).await;
     let (mut a_feed, mut b_feed) = (a.subscribe(), b.subscribe());
     let acct = account("acct");
 
@@ -219,9 +218,7 @@ async fn a_watch_cut_off_while_history_is_compacted_resyncs_and_keeps_delivering
     let gate = TcpGate::start(&cluster.endpoint(0)).await;
     let replicas = Replicas::new();
     let ttl = Duration::from_secs(3);
-    let writer = replicas
-        .connect(&etcd_state_config(&cluster.endpoints(), "writer", ttl))
-        .await;
+    let writer = replicas.node(&cluster, "writer", ttl).await;
     let reader = replicas
         .connect(&etcd_state_config(&[gate.endpoint()], "reader", ttl))
         .await;
@@ -263,12 +260,8 @@ async fn killing_the_leader_member_leaves_the_stores_working_and_the_records_int
     let mut cluster = EtcdCluster::start(3);
     let replicas = Replicas::new();
     let ttl = Duration::from_secs(3);
-    let a = replicas
-        .connect(&etcd_state_config(&cluster.endpoints(), "node-a", ttl))
-        .await;
-    let b = replicas
-        .connect(&etcd_state_config(&cluster.endpoints(), "node-b", ttl))
-        .await;
+    let a = replicas.node(&cluster, "node-a", ttl).await;
+    let b = replicas.node(&cluster, "node-b", ttl).await;
     let (acct, other) = (account("acct"), account("other"));
     let mut lease = held(a.acquire(&acct, None).await.unwrap());
     a.save_fenced(&acct, &state("rt-1"), lease).await.unwrap();
@@ -387,7 +380,7 @@ async fn sealed_records_round_trip_and_etcd_holds_no_plaintext_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_schema_is_refused_by_name() {
+async fn an_unknown_schema_and_an_unreachable_cluster_are_refused_by_name() {
     let cluster = EtcdCluster::start(1);
     let mut raw = etcd_client::Client::connect(cluster.endpoints(), None)
         .await
@@ -404,5 +397,76 @@ async fn an_unknown_schema_is_refused_by_name() {
         "{err}"
     );
     assert!(err.to_string().contains("tokend/schema"), "{err}");
+
+    // Nothing listens there: a bounded wait, then an error naming the endpoint.
+    let nowhere = format!("http://127.0.0.1:{}", crate::support::free_port());
+    let config = etcd_state_config(
+        std::slice::from_ref(&nowhere),
+        "node-a",
+        Duration::from_secs(3),
+    );
+    let started = Instant::now();
+    let err = EtcdStore::connect(&config, &replicas.cancel, &replicas.tracker)
+        .await
+        .err()
+        .expect("an unreachable cluster is refused");
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
+    assert!(err.to_string().contains(&nowhere), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    replicas.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rename_set_aside_and_the_spent_ledger_work_on_shared_keys() {
+    let cluster = EtcdCluster::start(1);
+    let replicas = Replicas::new();
+    let config = etcd_state_config(&cluster.endpoints(), "node-a", Duration::from_secs(3));
+    let store = replicas.connect(&config).await;
+    let (old, new, other) = (account("old"), account("new"), account("other"));
+    assert_eq!(store.location(&old), "etcd tokend/record/old");
+
+    // The ledger keeps at least the newest 64 entries per account.
+    for i in 0..70 {
+        store
+            .record_spent(&old, &format!("fp-{i}"), SpentKind::Seed)
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.spent("fp-69").await.unwrap().unwrap().account, old);
+    assert!(store.spent("fp-6").await.unwrap().is_some());
+    assert_eq!(store.spent("fp-5").await.unwrap(), None, "the oldest go");
+    assert_eq!(store.spent("never").await.unwrap(), None);
+
+    // A rename moves the record and the ledger entries, and never overwrites a chain.
+    let err = store.rename(&other, &new).await.unwrap_err();
+    assert!(matches!(err, StoreError::NothingToMove { .. }), "{err}");
+    store.save(&old, &state("rt-old")).await.unwrap();
+    store.rename(&old, &new).await.unwrap();
+    assert_eq!(store.load(&old).await.unwrap(), None);
+    assert_eq!(store.load(&new).await.unwrap(), Some(state("rt-old")));
+    assert_eq!(store.spent("fp-69").await.unwrap().unwrap().account, new);
+    store.save(&other, &state("rt-other")).await.unwrap();
+    let err = store.rename(&other, &new).await.unwrap_err();
+    assert!(matches!(err, StoreError::Occupied { .. }), "{err}");
+    assert_eq!(store.load(&new).await.unwrap(), Some(state("rt-old")));
+
+    // A copy set aside is the record as it was, and only this account's copy is dropped.
+    assert_eq!(store.set_aside(&account("nothing")).await.unwrap(), None);
+    let kept = store.set_aside(&new).await.unwrap().unwrap();
+    assert!(kept.starts_with("tokend/aside/new/replaced-"), "{kept}");
+    store.save(&new, &state("rt-next")).await.unwrap();
+    let mut raw = etcd_client::Client::connect(cluster.endpoints(), None)
+        .await
+        .unwrap();
+    let copy = raw.get(kept.as_str(), None).await.unwrap();
+    assert!(String::from_utf8_lossy(copy.kvs()[0].value()).contains("rt-old"));
+    store.drop_aside(&other, &kept).await.unwrap();
+    assert_eq!(raw.get(kept.as_str(), None).await.unwrap().count(), 1);
+    store.drop_aside(&new, &kept).await.unwrap();
+    assert_eq!(raw.get(kept.as_str(), None).await.unwrap().count(), 0);
     replicas.stop().await;
 }

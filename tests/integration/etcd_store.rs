@@ -470,3 +470,24 @@ async fn rename_set_aside_and_the_spent_ledger_work_on_shared_keys() {
     assert_eq!(raw.get(kept.as_str(), None).await.unwrap().count(), 0);
     replicas.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_feed_stays_connected_without_resyncs() {
+    // A connection etcd drops (for pinging more often than it allows, say) costs a
+    // Resync, after which every follower reads every account again.
+    let cluster = EtcdCluster::start(1);
+    let replicas = Replicas::new();
+    let store = replicas
+        .node(&cluster, "node-a", Duration::from_secs(2))
+        .await;
+    let mut feed = store.subscribe();
+    let quiet = Duration::from_secs(8);
+    let heard = tokio::time::timeout(quiet, feed.recv()).await;
+    assert!(
+        heard.is_err(),
+        "{heard:?} within {quiet:?} of a quiet store"
+    );
+    store.save(&account("acct"), &state("rt-1")).await.unwrap();
+    next_change(&mut feed, |c| *c == Change::Record(account("acct"))).await;
+    replicas.stop().await;
+}

@@ -112,8 +112,14 @@ impl EtcdStore {
         let deadline = Instant::now() + self.timeout;
         let (sent, kept) = loop {
             let sent = Instant::now();
+            // A keep-alive is idempotent: a stream that broke (its member died) is opened
+            // again at once, on whichever member answers.
+            let on_open_stream = lease.keeper.is_some();
             match tokio::time::timeout_at(deadline, keep_alive_once(self, &mut lease)).await {
-                Ok(Err(e)) if refused(&e) && Instant::now() + RETRY_PAUSE < deadline => {
+                Ok(Err(e))
+                    if (on_open_stream || refused(&e))
+                        && Instant::now() + RETRY_PAUSE < deadline =>
+                {
                     lease.keeper = None;
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }

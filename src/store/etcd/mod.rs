@@ -91,7 +91,12 @@ impl EtcdStore {
         };
         let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
-            .with_keep_alive(timeout, timeout)
+            // HTTP/2 pings find a dead connection under the watch; no more often than
+            // etcd's --grpc-keepalive-min-time (5 s by default) allows, and only while a
+            // stream is open (the watch's always is), or etcd drops the connection
+            // ("too many pings") and every watch with it.
+            .with_keep_alive(KEEPALIVE_INTERVAL, timeout)
+            .with_keep_alive_while_idle(false)
             // A member cut off from the others answers "no leader" instead of stale data,
             // and ends its watches.
             .with_require_leader(true);
@@ -304,6 +309,9 @@ impl EtcdStore {
         ))
     }
 }
+
+/// How often an idle connection is pinged: twice etcd's default minimum.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How long to wait before sending a refused request again.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);

@@ -23,6 +23,7 @@ use crate::config::{AccountName, StateBackend, StateConfig};
 use crate::secret::Secret;
 
 mod atomic;
+mod etcd;
 mod file;
 mod handoff;
 mod lease;
@@ -32,6 +33,7 @@ mod spent;
 mod wire;
 
 pub(crate) use atomic::write_atomically;
+pub use etcd::EtcdStore;
 pub use file::{
     FileStore, handoff_path, lock_path, moved_path, peek_handoff, peek_spent, peek_state,
     state_path,
@@ -53,11 +55,7 @@ pub async fn open(
     match &state.backend {
         StateBackend::File => Ok(FileStore::open_sealed(&state.dir, state.keyring.clone())?),
         StateBackend::Postgres { .. } => Ok(PostgresStore::connect(state, cancel, tracker).await?),
-        backend @ StateBackend::Etcd { .. } => Err(StoreError::Unavailable {
-            backend: backend.name(),
-            location: String::new(),
-            detail: "MERGE-ETCD".into(),
-        }),
+        StateBackend::Etcd { .. } => Ok(EtcdStore::connect(state, cancel, tracker).await?),
     }
 }
 

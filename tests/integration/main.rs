@@ -6,6 +6,7 @@ mod check;
 mod cli;
 mod crash;
 mod deploy_k8s;
+mod etcd_store;
 mod exposure;
 mod faults;
 mod flows;

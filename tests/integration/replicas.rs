@@ -13,6 +13,7 @@ use serde_json::Value;
 use tokend::clock::Clock;
 use tokend::demo::fake_provider::{ClientSpec, FakeProvider};
 
+use crate::support::etcd::EtcdCluster;
 use crate::support::postgres::Postgres;
 use crate::support::*;
 
@@ -223,6 +224,21 @@ async fn postgres_replicas_survive_kills_freezes_and_a_database_restart() {
         pg.lock().unwrap().restart();
         // Serving goes on while it restarts; leases and feeds come back by themselves.
         tokio::time::sleep(Duration::from_secs(6)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_replicas_survive_kills_freezes_and_the_leader_killed() {
+    let etcd = std::sync::Mutex::new(EtcdCluster::start(3));
+    let endpoints = format!("{:?}", etcd.lock().unwrap().endpoints());
+    let store = format!("backend = \"etcd\"\nendpoints = {endpoints}\n");
+    holders_die_and_freeze_yet_nothing_forks(&store, async || {
+        let leader = etcd.lock().unwrap().leader();
+        etcd.lock().unwrap().kill(leader);
+        // A new leader is elected and every lease TTL restarts; the member comes back.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        etcd.lock().unwrap().restart(leader);
     })
     .await;
 }

@@ -12,12 +12,14 @@ use tokend::store::{self, Change, LeaseGrant, State, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::support::etcd::EtcdCluster;
 use crate::support::postgres::Postgres;
 
 /// A backend's servers, and how to open a replica's store on them.
 enum Backend {
     File(tempfile::TempDir),
     Postgres(Postgres),
+    Etcd(EtcdCluster),
 }
 
 /// The stores opened in a test, and what stops their background tasks.
@@ -36,6 +38,10 @@ impl Replicas {
         Replicas::on(Backend::Postgres(Postgres::start()))
     }
 
+    fn etcd() -> Replicas {
+        Replicas::on(Backend::Etcd(EtcdCluster::start(1)))
+    }
+
     fn on(backend: Backend) -> Replicas {
         Replicas {
             backend,
@@ -51,6 +57,10 @@ impl Replicas {
             Backend::Postgres(pg) => format!(
                 "[state]\nbackend = \"postgres\"\nurl = \"{}\"\nlease_ttl = \"3s\"\nnode_id = \"{node}\"\n{key}",
                 pg.url()
+            ),
+            Backend::Etcd(etcd) => format!(
+                "[state]\nbackend = \"etcd\"\nendpoints = {:?}\nlease_ttl = \"3s\"\nnode_id = \"{node}\"\n{key}",
+                etcd.endpoints()
             ),
         }
     }
@@ -73,6 +83,10 @@ impl Replicas {
         match &mut self.backend {
             Backend::File(_) => {}
             Backend::Postgres(pg) => pg.restart(),
+            Backend::Etcd(etcd) => {
+                etcd.kill(0);
+                etcd.restart(0);
+            }
         }
     }
 
@@ -257,6 +271,9 @@ macro_rules! conformance {
     ($($case:ident),*) => {
         mod file {
             $( #[tokio::test] async fn $case() { super::$case(super::Replicas::file()).await } )*
+        }
+        mod etcd {
+            $( #[tokio::test] async fn $case() { super::$case(super::Replicas::etcd()).await } )*
         }
         mod postgres {
             $( #[tokio::test] async fn $case() { super::$case(super::Replicas::postgres()).await } )*

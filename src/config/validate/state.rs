@@ -234,6 +234,7 @@ impl Validator<'_> {
             );
         }
         let mut out = Vec::new();
+        let https_needs_ca = raw.ca_file.is_none();
         for e in list.get_ref() {
             match Url::parse(e.get_ref()) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {
@@ -242,6 +243,14 @@ impl Validator<'_> {
                             "state.endpoints: {u} is plain http: account records cross the network in clear{}",
                             if raw.encryption_key.is_some() { "" } else { " (set state.encryption_key to seal them)" }
                         ));
+                    }
+                    if u.scheme() == "https" && https_needs_ca {
+                        // tokend carries no public roots for etcd: clusters use private CAs.
+                        self.report(
+                            e.span(),
+                            "state.endpoints",
+                            format!("{u} is https: set state.ca_file to the cluster's CA (PEM)"),
+                        );
                     }
                     out.push(u);
                 }

@@ -17,6 +17,7 @@ mod layout;
 mod local_attacker;
 mod login;
 mod logs;
+mod moving_in;
 mod openapi;
 mod ops;
 mod postgres_store;

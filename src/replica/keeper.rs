@@ -250,6 +250,29 @@ impl Keeper {
                 Err(()) => return,
             }
         }
+        if full {
+            self.learn_holders().await;
+        }
+    }
+
+    /// Asks the store who holds the accounts whose holder this replica does not know
+    /// (freed since, or never tried here): what `/v1/accounts` and `tokend status` show.
+    async fn learn_holders(&self) {
+        let unknown: Vec<AccountName> = self
+            .slots()
+            .iter()
+            .filter(|(_, s)| s.holder.is_none() && s.lease.borrow().is_none())
+            .map(|(a, _)| a.clone())
+            .collect();
+        for account in unknown {
+            let Ok(holder) = self.store.holder(&account).await else {
+                return;
+            };
+            if let Some(slot) = self.slots().get_mut(&account) {
+                slot.handle.set_lease_holder(holder.clone(), false);
+                slot.holder = holder;
+            }
+        }
     }
 
     /// Tries to take `account`'s lease. `Err`: the store did not answer.

@@ -235,7 +235,7 @@ OTHER=$(foreign_since)%
 pp() { get "$1" "$OUT/prop/propagation.txt"; }
 ms() { [ -n "$1" ] && calc "sprintf(\"%.3f\", $1 / 1000)"; }
 row "HA2 propagation: holder's commit -> served by each follower, p99" "$(ms "$(pp p99_us)")" "$(ms "$(pp refresh_p99_us)")" "<" 100 ms \
-  "$(pp samples) follower observations ($REFRESHES POST /v1/accounts/acct-00000/refresh on the holder x 2 followers polled back to back), failures $(pp failures), wrong token $(pp mismatched); timed from the holder's answer, which it sends only after the fenced commit: p50 $(ms "$(pp p50_us)") ms, max $(ms "$(pp max_us)") ms, $(pp before_answer) seen before the answer arrived; from the request: p50 $(ms "$(pp request_p50_us)") ms, p99 $(ms "$(pp request_p99_us)") ms. Baseline: the holder's own forced refresh (request -> answer: in-flight mark committed, provider call, token committed), p99; p50 $(ms "$(pp refresh_p50_us)") ms"
+  "$(pp samples) follower observations ($REFRESHES POST /v1/accounts/acct-00000/refresh on the holder x 2 followers, each polled every ~1 ms), failures $(pp failures), wrong token $(pp mismatched); timed from the holder's answer, which it sends only after the fenced commit: p50 $(ms "$(pp p50_us)") ms, max $(ms "$(pp max_us)") ms, $(pp before_answer) seen before the answer arrived; from the request: p50 $(ms "$(pp request_p50_us)") ms, p99 $(ms "$(pp request_p99_us)") ms. Baseline: the holder's own forced refresh (request -> answer: in-flight mark committed, provider call, token committed), p99; p50 $(ms "$(pp refresh_p50_us)") ms"
 stop_cluster prop r1 r2 r3; stop "$prop_PID"
 
 # ---------------------------------------------------------------------------------------

@@ -263,8 +263,10 @@ fn access_token(body: &[u8]) -> Option<String> {
     v["access_token"].as_str().map(str::to_string)
 }
 
-/// Polls `request` on `conn` (to `addr`) back to back until it serves a token `wanted`
-/// accepts; returns when that answer arrived and the token, or `None` at `deadline`.
+/// Polls `request` on `conn` (to `addr`) every millisecond until it serves a token
+/// `wanted` accepts; returns when that answer arrived and the token, or `None` at
+/// `deadline`. Not back to back: two client/follower ping-pongs would fill both cores of
+/// a small machine and slow the very propagation being timed.
 async fn first_served(
     (addr, conn): (SocketAddr, &mut Conn),
     request: &[u8],
@@ -285,6 +287,7 @@ async fn first_served(
         {
             return Some((Instant::now(), token));
         }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     None
 }

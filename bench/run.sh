@@ -7,6 +7,9 @@
 #                                #   with a warm target dir; a cold release build adds ~5 min)
 #   bash bench/run.sh --quick    # smoke test: small sizes, ~70 s after the build
 #
+# The high-availability rows (several replicas on one PostgreSQL) come last, from
+# bench/ha.sh (also runnable alone); --no-ha leaves them out.
+#
 # Options:
 #   --quick                 small sizes and short durations
 #   --scale-seconds N       duration of the scale test (full: 600, quick: 40)
@@ -22,18 +25,22 @@
 #   --strict                exit 1 when a target fails (default: exit 0 once the run completes;
 #                           exit 3 whenever a row could not be measured at all)
 #   --no-install            do not install missing tools (wrk, hyperfine)
+#   --no-ha                 skip the high-availability section (bench/ha.sh)
 #
-# Needs: cargo, taskset, curl, awk. Installs wrk and hyperfine from the OS packages when
-# they are missing and apt-get can (root); otherwise (or with --no-install) it falls back
-# to the bundled Rust client and a timing loop, and the table says which was used.
+# Needs: cargo, taskset, curl, awk; PostgreSQL (Debian's package) for bench/ha.sh. Installs
+# wrk and hyperfine from the OS packages when they are missing and apt-get can (root);
+# otherwise (or with --no-install) it falls back to the bundled Rust client and a timing
+# loop, and the table says which was used.
 #
 # CPU pinning (2-core machine): in the throughput and latency tests the server under test
 # runs on CPU 0 and the load generator on CPU 1, for tokend and the hello baseline alike.
 # The scale, start and idle tests are not pinned (they measure the daemon's own CPU time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
-QUICK=0 BUILD=1 STRICT=0 INSTALL=1 OUT="" GRANT=refresh_token
+QUICK=0 BUILD=1 STRICT=0 INSTALL=1 HA=1 OUT="" GRANT=refresh_token
 SCALE_SECONDS="" SCALE_ACCOUNTS="" SCALE_LIFETIME="" SCALE_RATE="" START_ACCOUNTS="" IDLE_SECONDS=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -41,6 +48,7 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD=0 ;;
     --strict) STRICT=1 ;;
     --no-install) INSTALL=0 ;;
+    --no-ha) HA=0 ;;
     --out) OUT=$2; shift ;;
     --grant) GRANT=$2; shift ;;
     --scale-seconds) SCALE_SECONDS=$2; shift ;;
@@ -49,7 +57,7 @@ while [ $# -gt 0 ]; do
     --scale-rate) SCALE_RATE=$2; shift ;;
     --start-accounts) START_ACCOUNTS=$2; shift ;;
     --idle-seconds) IDLE_SECONDS=$2; shift ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -65,214 +73,24 @@ else
   WRK_SECONDS=5 WRK_ROUNDS=3 RATE_SECONDS=10 HF_RUNS=200 FORCED=200 READ_ACCOUNTS=100
 fi
 : "${IDLE_SECONDS:=$(( SCALE_SECONDS > 30 ? (SCALE_SECONDS > 315 ? 300 : SCALE_SECONDS - 15) : 15 ))}"
-CONNS=64
 
 OUT=${OUT:-target/bench/$(date +%Y%m%d-%H%M%S)-$MODE}
 mkdir -p "$OUT"
 # Absolute: the configs written below name paths in it, and tokend resolves a relative
 # path against the config file's directory, not the harness's.
 OUT=$(cd "$OUT" && pwd)
-RESULTS=$OUT/results.tsv
-: > "$RESULTS"
-CLK_TCK=$(getconf CLK_TCK)
-NCPU=$(nproc)
-T_BEGIN=$SECONDS
-
-PIDS=()
-cleanup() {
-  local pid
-  # The start test's daemon is spawned by bench_client, which prints its pid first.
-  [ -f "$OUT/start/start.txt" ] && PIDS+=("$(sed -n 's/^pid=//p' "$OUT/start/start.txt")")
-  for pid in "${PIDS[@]}"; do
-    [ -n "$pid" ] || continue
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-  done
-}
-trap cleanup EXIT
-stop() { # stop PID: SIGTERM, wait up to 10 s, then SIGKILL
-  local pid=$1
-  kill "$pid" 2>/dev/null || return 0
-  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  kill -9 "$pid" 2>/dev/null || true
-}
-
-log() { printf '[%4ds] %s\n' $((SECONDS - T_BEGIN)) "$*" | tee -a "$OUT/run.log" >&2; }
-# get KEY FILE: the value of a key=value line
-get() { sed -n "s/^$1=//p" "$2" | tail -1; }
-# pin CPU CMD...: run on one CPU when there are at least two (foreground use only; for a
-# background process use "${ON_CPU0[@]}" so that $! is the process itself)
-pin() { local cpu=$1; shift; if [ "$NCPU" -ge 2 ]; then taskset -c "$cpu" "$@"; else "$@"; fi; }
-if [ "$NCPU" -ge 2 ]; then ON_CPU0=(taskset -c 0); else ON_CPU0=(); fi
-calc() { awk "BEGIN { printf \"%s\", ($*) }"; }
-
-# row TARGET MEASURED BASELINE LIMIT_OP LIMIT UNIT [NOTE]: one line of the table.
-# ratio = measured / baseline when a baseline is given; verdict = measured OP limit.
-row() {
-  local target=$1 measured=$2 baseline=$3 op=$4 limit=$5 unit=$6 note=${7:-}
-  local ratio="-" verdict="-"
-  if [[ "$baseline" =~ ^[0-9.]+$ && "$measured" =~ ^-?[0-9.]+$ ]] && [ "$(calc "$baseline > 0")" = 1 ]; then
-    ratio=$(calc "sprintf(\"%.2f\", $measured / $baseline)")
-  fi
-  if [ "$op" != "-" ]; then
-    local lhs=$measured
-    case "$op" in *ratio) lhs=$ratio; op=${op%ratio} ;; esac
-    if [[ "$lhs" =~ ^-?[0-9.]+$ ]]; then
-      if [ "$(calc "$lhs $op $limit")" = 1 ]; then verdict=PASS; else verdict=FAIL; fi
-    else
-      verdict=FAIL
-    fi
-  fi
-  local shown_limit="-"
-  [ "$op" != "-" ] && shown_limit="$op $limit"
-  case "$4" in *ratio) shown_limit="ratio $op $limit" ;; esac
-  printf '%s\t%s %s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$measured" "$unit" "$baseline" "$ratio" \
-    "$shown_limit" "$verdict" "${OTHER:--}" "$note" >> "$RESULTS"
-  log "result: $target = $measured $unit (baseline $baseline, ratio $ratio, limit $shown_limit): $verdict"
-}
-
-# sample PID FILE: every second, "unix_ms cpu_ticks rss_kb" until the process ends
-sample() {
-  local pid=$1 file=$2
-  while [ -r "/proc/$pid/stat" ]; do
-    local stat rss
-    stat=$(cut -d' ' -f14,15 "/proc/$pid/stat" 2>/dev/null) || break
-    rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null) || break
-    echo "$(date +%s%3N) $(( ${stat% *} + ${stat#* } )) $rss" >> "$file"
-    sleep 1
-  done
-}
-cpu_ticks() { local s; s=$(cut -d' ' -f14,15 "/proc/$1/stat"); echo $(( ${s% *} + ${s#* } )); }
-rss_kb() { awk "/^$2:/ { print \$2 }" "/proc/$1/status"; }
-
-# provider KEY ARGS...: start examples/fake_provider; sets ${KEY}_PID and sources its addresses
-provider() {
-  local key=$1; shift
-  local dir=$OUT/$key
-  mkdir -p "$dir"
-  rm -rf "$dir/state" "$dir/addrs"
-  mkdir -m 700 "$dir/state"
-  "$EX/fake_provider" --config-out "$dir/tokend.toml" --state-dir "$dir/state" \
-    --addr-file "$dir/addrs" "$@" > "$dir/provider.out" 2>&1 &
-  local pid=$!
-  PIDS+=("$pid")
-  eval "${key}_PID=$pid"
-  for _ in $(seq 1200); do [ -f "$dir/addrs" ] && break; sleep 0.1; done
-  [ -f "$dir/addrs" ] || { log "fake provider $key did not start"; cat "$dir/provider.out" >&2; exit 1; }
-  eval "$(sed "s/^/${key}_/" "$dir/addrs")"
-}
-hostport() { echo "${1#http://}"; }
-
-# daemon KEY [pinned]: start tokend (on CPU 0 when a second argument is given) on $OUT/KEY/tokend.toml; sets ${KEY}_DPID; waits for /readyz
-daemon() {
-  local key=$1 cpu=${2:-} dir=$OUT/$1
-  if [ -n "$cpu" ]; then
-    RUST_LOG=info "${ON_CPU0[@]}" "$TOKEND" run --config "$dir/tokend.toml" 2> "$dir/tokend.log" &
-  else
-    RUST_LOG=info "$TOKEND" run --config "$dir/tokend.toml" 2> "$dir/tokend.log" &
-  fi
-  local pid=$!
-  PIDS+=("$pid")
-  eval "${key}_DPID=$pid"
-  local url
-  url=$(get daemon "$dir/addrs")
-  for _ in $(seq 1200); do
-    curl -sf -o /dev/null "$url/readyz" && return 0
-    kill -0 "$pid" 2>/dev/null || { log "tokend ($key) exited"; tail -20 "$dir/tokend.log" >&2; exit 1; }
-    sleep 0.1
-  done
-  log "tokend ($key) not ready after 120 s"; exit 1
-}
-
-# Other people's CPU use (this machine is shared: builds, tests): the sum of
-# utime+stime+cutime+cstime over every process outside this run's process group. A
-# process that exits hands its time to its parent's cutime, so deltas stay meaningful.
-OUR_PGID=$(ps -o pgid= $$ | tr -d ' ')
-foreign_ticks() {
-  cat /proc/[0-9]*/stat 2>/dev/null | awk -v pg="$OUR_PGID" '{
-    # the command name may hold spaces: count fields from the closing parenthesis
-    i = index($0, ") "); n = split(substr($0, i + 2), f, " ")
-    if (f[3] != pg) t += f[12] + f[13] + f[14] + f[15] } END { printf "%d", t }'
-}
-FOREIGN_T=0 FOREIGN_C=0
-foreign_mark() { FOREIGN_T=$(date +%s%N); FOREIGN_C=$(foreign_ticks); }
-# foreign_since: other processes' CPU since foreign_mark, in % of one core
-foreign_since() {
-  local c t; c=$(foreign_ticks); t=$(date +%s%N)
-  calc "sprintf(\"%.0f\", ($c - $FOREIGN_C) * 100 / $CLK_TCK / (($t - $FOREIGN_T) / 1e9))"
-}
-# quiet: wait (full mode: up to ~40 s) until the machine is mostly idle before a
-# timing-sensitive test
-quiet() {
-  local b tries=20
-  [ "$QUICK" = 1 ] && tries=1
-  for _ in $(seq "$tries"); do
-    b=$(busy_percent)
-    [ "$b" -le 10 ] && return 0
-    log "  waiting for a quieter machine (${b}% busy)"
-  done
-  log "  WARNING: the machine stayed busy; measuring anyway"
-}
-
-busy_percent() { # CPU busy share of the whole machine over 2 s
-  local a b
-  a=$(awk '/^cpu / { print $2+$3+$4+$6+$7+$8, $5 }' /proc/stat); sleep 2
-  b=$(awk '/^cpu / { print $2+$3+$4+$6+$7+$8, $5 }' /proc/stat)
-  awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
-    busy = y[1] - x[1]; idle = y[2] - x[2]; printf "%.0f", 100 * busy / (busy + idle + 1e-9) }'
+bench_init
+# The start test's daemon is spawned by bench_client, which prints its pid first.
+cleanup_first() {
+  if [ -f "$OUT/start/start.txt" ]; then PIDS+=("$(sed -n 's/^pid=//p' "$OUT/start/start.txt")"); fi
 }
 
 # ---------------------------------------------------------------------------------------
 log "mode: $MODE; output in $OUT"
-# The load generator and the CLI timer are well-known tools from the OS packages.
-if [ "$INSTALL" = 1 ] && { ! command -v wrk > /dev/null || ! command -v hyperfine > /dev/null; }; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
-    log "installing wrk and hyperfine (apt-get)"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk hyperfine; } \
-      > "$OUT/install.log" 2>&1 || log "could not install wrk/hyperfine (see $OUT/install.log): using the fallbacks"
-  else
-    log "wrk or hyperfine missing and not root: using the fallbacks"
-  fi
-fi
-{
-  echo "mode=$MODE"
-  echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src 2>/dev/null || echo '+uncommitted src changes')"
-  echo "nproc=$NCPU"
-  echo "cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
-  echo "mem_total_kb=$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo)"
-  echo "kernel=$(uname -r)"
-  echo "rustc=$(rustc --version 2>/dev/null || echo unknown)"
-  echo "wrk=$(if command -v wrk > /dev/null; then (wrk -v 2>&1 || true) | head -1; else echo none; fi)"
-  echo "hyperfine=$(command -v hyperfine > /dev/null && hyperfine --version || echo none)"
-  echo "scale: accounts=$SCALE_ACCOUNTS lifetime=${SCALE_LIFETIME}s duration=${SCALE_SECONDS}s grant=$GRANT"
-  echo "start: accounts=$START_ACCOUNTS; idle: ${IDLE_SECONDS}s"
-} > "$OUT/machine.txt"
-BUSY=$(busy_percent)
-echo "busy_before_percent=$BUSY" >> "$OUT/machine.txt"
-if [ "$BUSY" -gt 10 ]; then
-  log "WARNING: the machine is ${BUSY}% busy before the run (other processes); numbers will be noisy"
-fi
-
-if [ "$BUILD" = 1 ]; then
-  # Two builds: together, the examples' dev-dependency features (tokio test-util, ...)
-  # would be unified into the measured tokend, a bigger binary than users get (~45 more
-  # page faults per start of `tokend token`).
-  log "building release binaries (cargo build --release --examples; then --bins, as users build it)"
-  t=$SECONDS
-  cargo build --release --locked --examples 2>&1 | tail -3 >&2
-  cargo build --release --locked --bins 2>&1 | tail -3 >&2
-  log "build took $((SECONDS - t)) s"
-fi
-TARGET_DIR=${CARGO_TARGET_DIR:-target}
-TOKEND=$TARGET_DIR/release/tokend
-EX=$TARGET_DIR/release/examples
-for b in "$TOKEND" "$EX/fake_provider" "$EX/bench_client" "$EX/hello" "$EX/true_bin"; do
-  [ -x "$b" ] || { echo "missing $b: run without --no-build" >&2; exit 1; }
-done
+install_tools
+machine_info "scale: accounts=$SCALE_ACCOUNTS lifetime=${SCALE_LIFETIME}s duration=${SCALE_SECONDS}s grant=$GRANT" \
+  "start: accounts=$START_ACCOUNTS; idle: ${IDLE_SECONDS}s"
+build_binaries
 
 # ---------------------------------------------------------------------------------------
 # 1. Token reads: throughput vs hello, and p99 at half of tokend's peak rate.
@@ -287,36 +105,10 @@ HELLO_PID=$!; PIDS+=("$HELLO_PID")
 for _ in $(seq 100); do grep -q listening= "$OUT/reads/hello.out" && break; sleep 0.1; done
 HELLO_ADDR=$(get listening "$OUT/reads/hello.out")
 
-# throughput ADDR LABEL PID: prints "requests/s cpu_us_per_request" (the server's own
-# utime+stime per request: unlike req/s, it barely moves when other processes compete)
-if command -v wrk > /dev/null; then
-  LOADGEN="wrk -t1 -c$CONNS (Lua: random account)"
-  throughput() {
-    local c0 c1
-    c0=$(cpu_ticks "$3")
-    pin 1 timeout 60 wrk -t1 -c"$CONNS" -d"${WRK_SECONDS}s" --latency -s bench/token.lua "http://$1" -- "$READ_ACCOUNTS" \
-      > "$OUT/reads/wrk-$2.txt" 2>&1
-    c1=$(cpu_ticks "$3")
-    awk -v c=$((c1 - c0)) -v tck="$CLK_TCK" '/ requests in / { n = $1 } /^Requests\/sec:/ { r = $2 }
-      END { printf "%.0f %.2f\n", r, c * 1e6 / tck / n }' "$OUT/reads/wrk-$2.txt"
-  }
-else
-  LOADGEN="bench_client closed loop, $CONNS connections (wrk not installed)"
-  throughput() {
-    local c0 c1
-    c0=$(cpu_ticks "$3")
-    pin 1 timeout 60 "$EX/bench_client" rate --addr "$1" --accounts "$READ_ACCOUNTS" --rate 1000000 \
-      --duration "$WRK_SECONDS" --warmup 0.5 --connections "$CONNS" > "$OUT/reads/closed-$2.txt"
-    c1=$(cpu_ticks "$3")
-    awk -v c=$((c1 - c0)) -v tck="$CLK_TCK" -v s="$WRK_SECONDS" '/^achieved_rps=/ { split($0, a, "="); r = a[2] }
-      END { printf "%.0f %.2f\n", r, c * 1e6 / tck / (r * (s + 0.5)) }' "$OUT/reads/closed-$2.txt"
-  }
-fi
-median() { tr ' ' '\n' | grep . | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 H_ALL="" T_ALL="" HC_ALL="" TC_ALL=""
 for r in $(seq "$WRK_ROUNDS"); do
-  read -r h hc < <(throughput "$HELLO_ADDR" "hello-$r" "$HELLO_PID")
-  read -r t tc < <(throughput "$READS_ADDR" "tokend-$r" "$reads_DPID")
+  read -r h hc < <(throughput "$HELLO_ADDR" "hello-$r" "$HELLO_PID" "$OUT/reads")
+  read -r t tc < <(throughput "$READS_ADDR" "tokend-$r" "$reads_DPID" "$OUT/reads")
   log "  round $r: hello $h req/s ($hc us CPU/req), tokend $t req/s ($tc us CPU/req)"
   H_ALL="$H_ALL $h" T_ALL="$T_ALL $t" HC_ALL="$HC_ALL $hc" TC_ALL="$TC_ALL $tc"
 done
@@ -500,32 +292,18 @@ row "5b connection reuse, steady state: new provider connections" "$(s connectio
   "after the first lifetime; baseline = token requests then. Whole run: $PROV_CONN connections for $PROV_REQ requests. Fake provider RSS $(calc "sprintf(\"%.1f\", $PROV_RSS / 1024)") MB, max handling $(sed -n 's/.*"max_handle_us":\([0-9]*\).*/\1/p' "$OUT/scale/provider-stats.json") us"
 
 # ---------------------------------------------------------------------------------------
-{
-  printf 'target\tmeasured\tbaseline\tratio\tlimit\tresult\tother load\tnotes\n'
-  cat "$RESULTS"
-} > "$OUT/table.tsv"
-{
-  echo "| target | measured | baseline | ratio | limit | result | other load | how / notes |"
-  echo "|---|---|---|---|---|---|---|---|"
-  awk -F'\t' '{ printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8 }' "$RESULTS"
-} > "$OUT/table.md"
-echo
-cut -f1-7 "$OUT/table.tsv" | column -t -s $'\t'
-echo
-echo "other load: CPU used by processes outside this run during the test, in % of one core"
-echo "(this machine may be shared; above ~10% the timing rows are unreliable)"
-echo "machine: $(get cpu "$OUT/machine.txt"), $NCPU CPUs, $(( $(get mem_total_kb "$OUT/machine.txt") / 1024 )) MB; busy before run: ${BUSY}%"
-echo "notes per row: $OUT/table.md; logs: $OUT"
-log "done in $((SECONDS - T_BEGIN)) s"
-FAILS=$(awk -F'\t' '$6 == "FAIL"' "$RESULTS" | wc -l)
-echo "$(awk -F'\t' '$6 == "PASS"' "$RESULTS" | wc -l) passed, $FAILS failed"
-# A row without a number means the harness itself broke (a server did not start, a tool
-# failed): that fails the run whatever --strict says, so CI's smoke run catches it.
-UNMEASURED=$(awk -F'\t' '{ split($2, m, " ") } m[1] !~ /^-?[0-9.]+$/ { print $1 }' "$RESULTS")
-if [ -n "$UNMEASURED" ]; then
-  echo "not measured (harness failure):" >&2
-  echo "$UNMEASURED" | sed 's/^/  /' >&2
-  exit 3
+# HA. Several replicas on one PostgreSQL: failover, propagation, provider calls, reads.
+if [ "$HA" = 1 ]; then
+  OTHER=""
+  ha_args=(--no-build --no-install --out "$OUT/ha")
+  [ "$QUICK" = 1 ] && ha_args+=(--quick)
+  log "HA. high availability: bash bench/ha.sh ${ha_args[*]}"
+  bash bench/ha.sh "${ha_args[@]}" > "$OUT/ha.out" 2>&1 || log "bench/ha.sh exited with $? (see $OUT/ha.out)"
+  if [ -s "$OUT/ha/results.tsv" ]; then
+    cat "$OUT/ha/results.tsv" >> "$RESULTS"
+  else
+    row "HA high availability (bench/ha.sh)" "-" - "-" - "" "bench/ha.sh produced no rows: see $OUT/ha.out"
+  fi
 fi
-if [ "$STRICT" = 1 ] && [ "$FAILS" -gt 0 ]; then exit 1; fi
-exit 0
+
+finish

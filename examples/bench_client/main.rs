@@ -22,6 +22,8 @@
 //!   whether each served access token is valid at that moment.
 //! - `scale-report`: lateness, missed expiries and refresh-rate smoothness from the fake
 //!   provider's event log.
+//! - `ha-failover`, `ha-propagation`, `ha-accounts`, `free-port`: the high-availability
+//!   rows (`bench/ha.sh`), in `ha.rs`.
 //!
 //! The HTTP client is a minimal HTTP/1.1 one on raw tokio sockets (reqwest's per-request
 //! overhead would count against the server being measured).
@@ -36,6 +38,8 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+mod ha;
 
 #[derive(Parser)]
 struct Cli {
@@ -151,6 +155,8 @@ enum Cmd {
         #[arg(long, default_value_t = 0.75)]
         ratio_min: f64,
     },
+    #[command(flatten)]
+    Ha(ha::HaCmd),
 }
 
 // ---------------------------------------------------------------------------------------
@@ -962,6 +968,7 @@ fn main() {
                 )
                 .await
             }
+            Cmd::Ha(cmd) => ha::run(cmd).await,
         }
     });
 }

@@ -25,7 +25,7 @@ use crate::config::{AccountConfig, AccountName, Config, ConfigError};
 use crate::http::{ApiState, ReloadStatus, router};
 use crate::listen::{self, Limits, ListenError, Listener};
 use crate::notify;
-use crate::provider::{Provider, ProviderError};
+use crate::provider::{HttpClients, Provider, ProviderError};
 use crate::refresher::{Deps, Refresher, STOP_GRACE};
 use crate::replica::{self, Keeper};
 use crate::sinks;
@@ -78,6 +78,8 @@ pub struct Daemon {
     access: Arc<ArcSwap<Access>>,
     /// The outcome of the last reload, published to the API (see [`reload_from`]).
     reloads: Arc<ArcSwap<ReloadStatus>>,
+    /// The proxy's HTTP clients to the accounts' upstream APIs.
+    upstreams: Arc<HttpClients>,
 }
 
 /// What stopping the daemon does with the token files whose `on_shutdown` is `remove`.
@@ -137,6 +139,7 @@ impl Daemon {
                 Access::new(config.consumers.clone()).with_metrics(&config.server),
             )),
             reloads: Arc::new(ArcSwap::from_pointee(ReloadStatus::started(clock.now()))),
+            upstreams: Arc::new(HttpClients::new(config.provider.connect_timeout)),
             clock,
         };
         // State files are read concurrently: with thousands of accounts a sequential
@@ -215,6 +218,7 @@ impl Daemon {
             access: self.access.clone(),
             reload: self.reloads.clone(),
             node_id: Arc::from(self.store.node_id()),
+            upstreams: self.upstreams.clone(),
         }
     }
 

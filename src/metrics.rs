@@ -25,6 +25,8 @@ pub const LEASE_HELD: &str = "tokend_lease_held";
 pub const LEASE_ACQUISITIONS: &str = "tokend_lease_acquisitions_total";
 pub const FENCED_WRITES_REJECTED: &str = "tokend_fenced_writes_rejected_total";
 pub const STORE_UP: &str = "tokend_store_up";
+pub const PROXY_REQUESTS: &str = "tokend_proxy_requests_total";
+pub const PROXY_DURATION: &str = "tokend_proxy_request_duration_seconds";
 /// Prometheus's own names for the same thing (`prometheus_config_last_reload_*`).
 pub const CONFIG_RELOAD_SUCCESSFUL: &str = "tokend_config_last_reload_successful";
 pub const CONFIG_RELOAD_SUCCESS_TIME: &str = "tokend_config_last_reload_success_timestamp_seconds";
@@ -39,6 +41,14 @@ pub fn handle() -> &'static PrometheusHandle {
                 Matcher::Full(REFRESH_DURATION.to_string()),
                 &[
                     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+            )
+            .expect("bucket list is not empty")
+            .set_buckets_for_metric(
+                Matcher::Full(PROXY_DURATION.to_string()),
+                &[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0, 60.0,
                 ],
             )
             .expect("bucket list is not empty")
@@ -105,6 +115,15 @@ fn describe() {
         STORE_UP,
         "1 when the state store answered this replica's last request, 0 when it did not."
     );
+    describe_counter!(
+        PROXY_REQUESTS,
+        "Requests forwarded by /proxy/{account}/..., by account and the status answered (the upstream's, or tokend's own 502, 503, 504)."
+    );
+    describe_histogram!(
+        PROXY_DURATION,
+        Unit::Seconds,
+        "Time from a proxied request to its answer's headers, retry included, by account."
+    );
     describe_gauge!(
         CONFIG_RELOAD_SUCCESSFUL,
         "1 when the last config (re)load was applied, 0 when it was refused."
@@ -153,6 +172,16 @@ static STORE_IS_UP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBoo
 
 pub fn set_store_up(up: bool) {
     STORE_IS_UP.store(up, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// One proxied exchange: its status (the upstream's, or tokend's own) and how long until
+/// the answer's headers were ready. Only accounts with a proxy have these series.
+pub fn record_proxy(account: &str, status: u16, took: Duration) {
+    handle();
+    let account = account.to_string();
+    counter!(PROXY_REQUESTS, "account" => account.clone(), "code" => status.to_string())
+        .increment(1);
+    histogram!(PROXY_DURATION, "account" => account).record(took.as_secs_f64());
 }
 
 pub fn record_persist_failure(account: &str) {

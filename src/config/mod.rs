@@ -396,6 +396,23 @@ pub struct AccountConfig {
     pub sinks: Vec<SinkConfig>,
     /// Run after the sinks are written, on every refresh.
     pub on_refresh: Option<HookConfig>,
+    /// `/proxy/NAME/…` forwards here with the account's token and headers.
+    pub proxy: Option<ProxyConfig>,
+}
+
+/// `[accounts.NAME.proxy]`: the API the account's token is for, reached through tokend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyConfig {
+    /// The base URL: its path always ends in `/`, so a request's path is appended below it
+    /// and never replaces its last segment.
+    pub upstream: Url,
+    /// The whole upstream exchange, from connecting to the last byte of the answer.
+    pub timeout: Duration,
+}
+
+impl ProxyConfig {
+    /// Without `timeout`: a minute, enough for most API calls and not forever.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 }
 
 /// A token file (Vault Agent style sink).

@@ -141,6 +141,15 @@ pub(super) struct RawAccount {
     #[serde(default)]
     pub(super) sinks: Vec<Spanned<RawSink>>,
     pub(super) on_refresh: Option<Spanned<RawHook>>,
+    pub(super) proxy: Option<Spanned<RawProxy>>,
+}
+
+/// `[accounts.NAME.proxy]`: the API `/proxy/NAME/…` forwards to.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProxy {
+    pub(super) upstream: Spanned<String>,
+    pub(super) timeout: Option<Spanned<RawDuration>>,
 }
 
 #[derive(Deserialize)]

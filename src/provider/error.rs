@@ -148,7 +148,7 @@ pub(super) fn client_error(e: &reqwest::Error) -> ProviderError {
 /// reqwest's Display stops at the outermost layer ("error sending request"); the cause
 /// chain says what actually failed (refused, DNS, TLS). A failed TLS handshake is told
 /// as one, in words, instead of rustls' internals. A URL is told by its origin only.
-pub(super) fn transport_message(e: &reqwest::Error) -> String {
+pub fn transport_message(e: &reqwest::Error) -> String {
     if let Some(tls) = tls_failure(e) {
         let place = e
             .url()

@@ -19,7 +19,7 @@ mod request;
 mod response;
 mod transport;
 
-pub use error::{ErrorClass, ProviderError, RetryAfter};
+pub use error::{ErrorClass, ProviderError, RetryAfter, transport_message};
 pub use gate::Turn;
 pub use request::{DEVICE_CODE_GRANT, TokenGrant};
 pub use response::{DeviceAuthorization, TokenResponse, jwt_exp, normalize_scope, parse_response};
@@ -66,7 +66,9 @@ impl Provider {
 
     /// Real HTTP(S) with the system's trust roots (and accounts' extra CA bundles).
     pub fn http(connect_timeout: Duration) -> Result<Provider, ProviderError> {
-        let clients = HttpClients::new(connect_timeout)?;
+        let clients = HttpClients::new(connect_timeout);
+        // Built now, so a TLS setup that cannot work stops the start with its own error.
+        clients.check()?;
         Ok(Provider::new(Transport::Http(Arc::new(clients))))
     }
 

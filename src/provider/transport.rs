@@ -47,51 +47,57 @@ impl Transport {
     }
 }
 
-/// One shared HTTPS client with the system's trust roots, plus one per extra CA bundle
-/// (accounts with `ca_file`), built on first use and kept so connections are reused.
+/// One HTTPS client per trust setting: the system's roots, or those plus an account's
+/// extra CA bundle (`ca_file`); each built on first use and kept so connections are
+/// reused. Token requests and the proxy's upstream calls both take their clients here.
 pub struct HttpClients {
     connect_timeout: Duration,
-    system: reqwest::Client,
-    with_ca: Mutex<HashMap<Arc<CaBundle>, reqwest::Client>>,
+    /// `None`: the system's roots only.
+    clients: Mutex<HashMap<Option<Arc<CaBundle>>, reqwest::Client>>,
 }
 
 impl HttpClients {
-    pub(super) fn new(connect_timeout: Duration) -> Result<HttpClients, ProviderError> {
-        let system = HttpClients::builder(connect_timeout)
-            .build()
-            .map_err(|e| client_error(&e))?;
-        Ok(HttpClients {
+    pub fn new(connect_timeout: Duration) -> HttpClients {
+        HttpClients {
             connect_timeout,
-            system,
-            with_ca: Mutex::new(HashMap::new()),
-        })
+            clients: Mutex::new(HashMap::new()),
+        }
     }
 
     fn builder(connect_timeout: Duration) -> reqwest::ClientBuilder {
-        // Redirects are not followed: a token request carries credentials and must go
-        // only where the config says.
+        // Redirects are not followed: a request carries credentials and must go only
+        // where the config says (a proxied API's redirect goes back to its consumer).
         reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(90))
     }
 
-    fn client(&self, account: &AccountConfig) -> Result<reqwest::Client, ProviderError> {
-        let Some(bundle) = &account.ca_bundle else {
-            return Ok(self.system.clone());
-        };
-        let mut cache = self.with_ca.lock().expect("client cache lock");
-        if let Some(c) = cache.get(bundle) {
+    /// Builds the system roots' client now: without a usable TLS setup (no CA
+    /// certificates installed) the daemon should not start.
+    pub fn check(&self) -> Result<(), ProviderError> {
+        self.client_for(None).map(drop)
+    }
+
+    /// The client for `account`'s trust setting.
+    pub fn client(&self, account: &AccountConfig) -> Result<reqwest::Client, ProviderError> {
+        self.client_for(account.ca_bundle.clone())
+    }
+
+    fn client_for(&self, key: Option<Arc<CaBundle>>) -> Result<reqwest::Client, ProviderError> {
+        let mut cache = self.clients.lock().expect("client cache lock");
+        if let Some(c) = cache.get(&key) {
             return Ok(c.clone());
         }
-        let certs = reqwest::Certificate::from_pem_bundle(&bundle.pem).map_err(|e| {
-            ProviderError::Transport(format!("ca_file {}: {e}", bundle.path.display()))
-        })?;
-        let client = HttpClients::builder(self.connect_timeout)
-            .tls_certs_merge(certs)
-            .build()
-            .map_err(|e| client_error(&e))?;
-        cache.insert(bundle.clone(), client.clone());
+        let mut builder = HttpClients::builder(self.connect_timeout);
+        if let Some(bundle) = &key {
+            let certs = reqwest::Certificate::from_pem_bundle(&bundle.pem).map_err(|e| {
+                ProviderError::Transport(format!("ca_file {}: {e}", bundle.path.display()))
+            })?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        let client = builder.build().map_err(|e| client_error(&e))?;
+        cache.insert(key, client.clone());
         Ok(client)
     }
 }

@@ -22,6 +22,7 @@ mod openapi;
 mod ops;
 mod postgres_store;
 mod provider_http;
+mod proxy;
 mod replica;
 mod replicas;
 mod retry_after;

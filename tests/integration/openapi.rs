@@ -14,17 +14,18 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::routing::post;
-use http::{HeaderMap, HeaderValue, Method, header};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::{Value, json};
 use tokend::listen::Peer;
 use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::support::{
-    Harness, MARK, call, client_credentials_account, manual_provider, request, zywave_account,
+    Harness, MARK, call, client_credentials_account, free_port, manual_provider, request,
+    zywave_account,
 };
 
 const SPEC: &str = include_str!("../../docs/openapi.yaml");
-const ROUTER_SOURCE: &str = include_str!("../../src/http.rs");
+const ROUTER_SOURCE: &str = include_str!("../../src/http/mod.rs");
 
 const BILLING: (&str, &str) = ("Authorization", "Bearer billing-key-0123456789");
 const OPS: (&str, &str) = ("Authorization", "Bearer ops-key-0123456789");
@@ -32,6 +33,9 @@ const OPS: (&str, &str) = ("Authorization", "Bearer ops-key-0123456789");
 const HTTP_METHODS: &[&str] = &[
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
 ];
+
+/// The methods `any(..)` stands for in the router: what the proxy forwards.
+const PROXIED_METHODS: &[&str] = &["get", "put", "post", "delete", "patch", "options"];
 
 // ---------------------------------------------------------------------------------------
 // The spec: YAML to JSON, lookups, and the schema validator.
@@ -391,7 +395,7 @@ fn calls(code: &str, name: &str) -> bool {
     })
 }
 
-/// (method, path) of every `.route(..)` in `src/http.rs` (outside its unit tests). Any
+/// (method, path) of every `.route(..)` in `src/http/mod.rs` (outside its unit tests). Any
 /// way of adding routes this reader does not follow fails, rather than being missed.
 fn router_routes(source: &str) -> BTreeSet<(String, String)> {
     let code: String = source
@@ -407,13 +411,12 @@ fn router_routes(source: &str) -> BTreeSet<(String, String)> {
         "nest_service",
         "route_service",
         "fallback_service",
-        "any",
         "on",
         "on_service",
     ] {
         assert!(
             !calls(&code, construct),
-            "src/http.rs calls `{construct}(..)`: teach router_routes() in tests/integration/openapi.rs to read it"
+            "src/http/mod.rs calls `{construct}(..)`: teach router_routes() in tests/integration/openapi.rs to read it"
         );
     }
     // `.merge(x)` is followed only for routers built in this file (`let x = Router::new()`).
@@ -421,7 +424,7 @@ fn router_routes(source: &str) -> BTreeSet<(String, String)> {
         let name = merged.split(')').next().unwrap().trim();
         assert!(
             code.contains(&format!("let {name} = Router::new()")),
-            "src/http.rs merges `{name}`, a router built elsewhere: its routes would be missed"
+            "src/http/mod.rs merges `{name}`, a router built elsewhere: its routes would be missed"
         );
     }
     let mut routes = BTreeSet::new();
@@ -457,8 +460,17 @@ fn router_routes(source: &str) -> BTreeSet<(String, String)> {
                 }
                 let word = &methods[start..i];
                 let method = word.strip_suffix("_service").unwrap_or(word);
+                // OpenAPI has no catch-all template: `{*path}` is documented as `{path}`.
+                let path = path.replace("{*", "{");
                 if methods[i..].starts_with('(') && HTTP_METHODS.contains(&method) {
-                    routes.insert((method.to_string(), path.to_string()));
+                    routes.insert((method.to_string(), path));
+                    found = true;
+                } else if methods[i..].starts_with('(') && method == "any" {
+                    // The proxy's: every method a request can be forwarded with (HEAD
+                    // comes with GET, as everywhere; TRACE and CONNECT answer 405).
+                    for m in PROXIED_METHODS {
+                        routes.insert((m.to_string(), path.clone()));
+                    }
                     found = true;
                 }
             } else {
@@ -467,7 +479,7 @@ fn router_routes(source: &str) -> BTreeSet<(String, String)> {
         }
         assert!(found, "no method found in .route({args})");
     }
-    assert!(!routes.is_empty(), "no route found in src/http.rs");
+    assert!(!routes.is_empty(), "no route found in src/http/mod.rs");
     routes
 }
 
@@ -547,13 +559,19 @@ impl Contract {
         let m = method.as_str().to_ascii_lowercase();
         let key = status.to_string();
         let label = format!("{method} {uri} → {status}");
-        self.seen
-            .insert((m.clone(), template.to_string(), key.clone()));
-        let response = self.spec["paths"]
+        let responses = self.spec["paths"]
             .get(template)
             .and_then(|item| item.get(&m))
-            .and_then(|op| op["responses"].get(&key))
-            .cloned();
+            .map(|op| &op["responses"]);
+        // A status an operation does not list is its `default` (the proxy's upstream).
+        let (key, response) = match responses.and_then(|r| r.get(&key)) {
+            Some(r) => (key, Some(r.clone())),
+            None => (
+                "default".to_string(),
+                responses.and_then(|r| r.get("default")).cloned(),
+            ),
+        };
+        self.seen.insert((m.clone(), template.to_string(), key));
         match response {
             Some(response) => self.check_response(&response, &reply, &label),
             None => self
@@ -635,10 +653,12 @@ impl Contract {
         }
     }
 
-    /// Every documented (route, status) was answered, and every answer matched.
-    fn finish(self) {
+    /// Every documented (route, status) of the paths `covers` accepts was answered, and
+    /// every answer matched.
+    fn finish(self, covers: impl Fn(&str) -> bool) {
         let missing: Vec<_> = spec_statuses(&self.spec)
             .difference(&self.seen)
+            .filter(|(_, path, _)| covers(path))
             .cloned()
             .collect();
         assert!(
@@ -736,14 +756,14 @@ fn openapi_documents_exactly_the_routes_of_the_router() {
     assert_eq!(
         served.difference(&documented).collect::<Vec<_>>(),
         Vec::<&(String, String)>::new(),
-        "routes of src/http.rs router() missing from docs/openapi.yaml"
+        "routes of src/http/mod.rs router() missing from docs/openapi.yaml"
     );
     assert_eq!(
         documented.difference(&served).collect::<Vec<_>>(),
         Vec::<&(String, String)>::new(),
-        "routes in docs/openapi.yaml that src/http.rs router() does not serve"
+        "routes in docs/openapi.yaml that src/http/mod.rs router() does not serve"
     );
-    // Routes are built in src/http.rs only (the fake provider's are its own).
+    // Routes are built in src/http/mod.rs only (the fake provider's are its own).
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut pending = vec![src.clone()];
     while let Some(dir) = pending.pop() {
@@ -756,7 +776,7 @@ fn openapi_documents_exactly_the_routes_of_the_router() {
                 }
                 continue;
             }
-            if name == "http.rs" || !name.ends_with(".rs") {
+            if name == "http/mod.rs" || !name.ends_with(".rs") {
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap();
@@ -1110,5 +1130,65 @@ async fn openapi_every_route_and_status_matches_the_daemon() {
         .await;
     d.stop().await;
 
-    c.finish();
+    // The proxy's answers need a real clock: `openapi_the_proxy_answers_as_documented`.
+    c.finish(|path| !path.starts_with("/proxy/"));
+}
+
+/// A request's URI and headers, and the status it must get.
+type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], u16);
+
+/// The proxy's routes against the spec, on a real clock: its upstream calls are real
+/// loopback HTTP, which tokio's paused clock would time out at once. Every method, every
+/// documented status: the upstream's own answer (`default`), each guard, no such account
+/// or no proxy, an unreachable upstream, no token, a slow upstream.
+#[tokio::test]
+async fn openapi_the_proxy_answers_as_documented() {
+    const PROXY: &str = "/proxy/{account}/{path}";
+    let upstream = Router::new()
+        .route(
+            "/base/slow",
+            axum::routing::any(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                StatusCode::NO_CONTENT
+            }),
+        )
+        .fallback(|| async { StatusCode::NO_CONTENT });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, upstream).await.unwrap() });
+    let dead = free_port();
+    let extra = format!(
+        "{}{SHORT_ACCOUNT}{CONSUMERS}\n[accounts.zy.proxy]\nupstream = \"http://{up}/base\"\ntimeout = \"200ms\"\n\
+         \n[accounts.cc.proxy]\nupstream = \"http://127.0.0.1:{dead}/\"\n\
+         \n[accounts.bad.proxy]\nupstream = \"http://{up}/\"\n",
+        zywave_account("bad", "rt-unknown")
+    );
+    let d = start_daemon(&extra).await;
+    let api = &d.api;
+    let mut c = Contract::new();
+    for name in PROXIED_METHODS {
+        let m = Method::from_bytes(name.to_ascii_uppercase().as_bytes()).unwrap();
+        let cases: [Case; 10] = [
+            ("/proxy/zy/items?x=1", &[MARK, OPS], 204),
+            ("/proxy/zy/a/%2e%2e/b", &[MARK, OPS], 400),
+            ("/proxy/zy/items", &[MARK], 401),
+            ("/proxy/zy/items", &[OPS], 403),
+            ("/proxy/cc/items", &[MARK, BILLING], 403),
+            ("/proxy/nope/items", &[MARK, OPS], 404),
+            ("/proxy/short/items", &[MARK, OPS], 404),
+            ("/proxy/cc/items", &[MARK, OPS], 502),
+            ("/proxy/bad/items", &[MARK, OPS], 503),
+            ("/proxy/zy/slow", &[MARK, OPS], 504),
+        ];
+        for (uri, headers, status) in cases {
+            c.expect(api, m.clone(), PROXY, uri, headers, status).await;
+        }
+    }
+    let head = send(api, Method::HEAD, "/proxy/zy/items", &[MARK, OPS]).await;
+    assert_eq!(head.status, 204, "HEAD goes with GET");
+    let trace = send(api, Method::TRACE, "/proxy/zy/items", &[MARK, OPS]).await;
+    assert_eq!(trace.status, 405, "TRACE would echo the credentials");
+    assert!(trace.body.is_empty());
+    d.stop().await;
+    c.finish(|path| path == PROXY);
 }

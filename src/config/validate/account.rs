@@ -12,11 +12,11 @@ use reqwest::Url;
 use toml::Spanned;
 
 use super::Validator;
-use crate::config::raw::{RawAccount, RawGrant, RawHook, RawSecret, RawSink};
+use crate::config::raw::{RawAccount, RawGrant, RawHook, RawProxy, RawSecret, RawSink};
 use crate::config::url_rules::check_endpoint_url;
 use crate::config::{
     AccountConfig, AccountName, CaBundle, ClientAuth, Endpoints, Grant, HOOK_SIGNALS, HookAction,
-    HookConfig, ProviderLimits, RefreshPolicy, RequestFormat, SinkConfig,
+    HookConfig, ProviderLimits, ProxyConfig, RefreshPolicy, RequestFormat, SinkConfig,
 };
 use crate::secret::Secret;
 
@@ -61,6 +61,10 @@ impl Validator<'_> {
             .and_then(|f| self.ca_bundle(f, &k("ca_file")));
         let mut limits = global_limits;
         self.timeout(&mut limits.timeout, raw.timeout.as_ref(), &k("timeout"));
+        let proxy = raw
+            .proxy
+            .as_ref()
+            .and_then(|p| self.proxy(p.get_ref(), raw.allow_insecure_http, &k));
 
         AccountConfig {
             name,
@@ -79,7 +83,40 @@ impl Validator<'_> {
             ca_bundle,
             sinks,
             on_refresh,
+            proxy,
         }
+    }
+
+    /// `[accounts.NAME.proxy]`: an upstream base URL under the same rules as the token
+    /// endpoint (https, or http to loopback), without a query or credentials of its own.
+    fn proxy(
+        &mut self,
+        raw: &RawProxy,
+        allow_http: bool,
+        k: &dyn Fn(&str) -> String,
+    ) -> Option<ProxyConfig> {
+        let key = k("proxy.upstream");
+        let mut upstream = self.endpoint_url(&raw.upstream, allow_http, &key)?;
+        let why = if upstream.query().is_some() {
+            Some("an upstream base URL has no ?query: each request brings its own")
+        } else if !upstream.username().is_empty() || upstream.password().is_some() {
+            Some(
+                "an upstream base URL carries no user or password: the account's token is the credential",
+            )
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            self.report(raw.upstream.span(), key, why);
+            return None;
+        }
+        if !upstream.path().ends_with('/') {
+            let path = format!("{}/", upstream.path());
+            upstream.set_path(&path);
+        }
+        let mut timeout = ProxyConfig::DEFAULT_TIMEOUT;
+        self.timeout(&mut timeout, raw.timeout.as_ref(), &k("proxy.timeout"));
+        Some(ProxyConfig { upstream, timeout })
     }
 
     /// The token endpoint (or the issuer to discover it from), and the endpoints of the
@@ -556,5 +593,56 @@ mod tests {
         let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["accounts.a.ca_file", "accounts.b.ca_file"], "{err}");
         assert!(err.to_string().contains("no PEM certificate"), "{err}");
+    }
+
+    #[test]
+    fn a_proxy_upstream_follows_the_endpoint_rules_and_is_a_base() {
+        let account = |proxy: &str| {
+            format!(
+                "[accounts.a]\ngrant = \"client_credentials\"\ntoken_url = \"https://x/t\"\nclient_id = \"c\"\nclient_secret = \"s\"\n[accounts.a.proxy]\n{proxy}\n"
+            )
+        };
+        let c = load(&account("upstream = \"https://api.example.com/v2\"")).unwrap();
+        let proxy = c.accounts[&AccountName::parse("a").unwrap()]
+            .proxy
+            .clone()
+            .unwrap();
+        assert_eq!(
+            proxy.upstream.as_str(),
+            "https://api.example.com/v2/",
+            "a base ends in /"
+        );
+        assert_eq!(proxy.timeout, crate::config::ProxyConfig::DEFAULT_TIMEOUT);
+        let c = load(&account(
+            "upstream = \"http://127.0.0.1:9000\"\ntimeout = \"5s\"",
+        ))
+        .unwrap();
+        let proxy = c.accounts[&AccountName::parse("a").unwrap()].proxy.clone();
+        assert_eq!(proxy.unwrap().timeout, std::time::Duration::from_secs(5));
+        for (bad, why) in [
+            (
+                "upstream = \"http://api.example.com\"",
+                "allow_insecure_http",
+            ),
+            ("upstream = \"https://api.example.com/?key=1\"", "no ?query"),
+            (
+                "upstream = \"https://user:pw@api.example.com/\"",
+                "no user or password",
+            ),
+            (
+                "upstream = \"ftp://api.example.com/\"",
+                "unsupported scheme",
+            ),
+        ] {
+            let err = load(&account(bad)).unwrap_err();
+            assert_eq!(err.problems[0].key, "accounts.a.proxy.upstream", "{err}");
+            assert!(err.to_string().contains(why), "{bad}: {err}");
+            assert!(!err.to_string().contains("pw@"), "{err}");
+        }
+        let err = load(&account("upstream = \"https://a/\"\nretries = 3")).unwrap_err();
+        assert!(
+            err.to_string().contains("retries"),
+            "unknown keys are named: {err}"
+        );
     }
 }

@@ -166,6 +166,17 @@ fn delivery_rows(config: &Config, a: &AccountConfig) -> Vec<Row> {
         }
     };
     rows.push(("hook", hook));
+    if let Some(proxy) = &a.proxy {
+        rows.push((
+            "proxy",
+            format!(
+                "/proxy/{}/… → {} (timeout {})",
+                a.name,
+                proxy.upstream,
+                human(proxy.timeout)
+            ),
+        ));
+    }
     rows
 }
 

@@ -107,7 +107,7 @@ async fn check_prints_the_plan_of_each_shipped_example() {
 
 /// A config that uses every part of a plan: a seed from a file others may read (a
 /// warning), a stored state file, sinks, a hook, extra params, headers, an issuer to
-/// discover from and an account's own refresh policy.
+/// discover from, an account's own refresh policy and a proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_prints_every_part_of_a_plan_and_warns_about_open_secret_files() {
     let setup = Setup::new();
@@ -122,7 +122,7 @@ async fn check_prints_every_part_of_a_plan_and_warns_about_open_secret_files() {
         "cs-literal-secret-7",
         "unused",
         &format!(
-            "extra_params = {{ audience = \"aud-value-secret\" }}\nheaders = {{ Profile = \"Token pt-header-secret\" }}\nsinks = [{{ path = \"{}\", format = \"json\", mode = \"0640\", on_shutdown = \"keep\" }}]\non_refresh = {{ exec = [\"/bin/true\", \"--reload\"], timeout = \"5s\" }}\n[accounts.a.refresh]\nmin_interval = \"30s\"\nmax_interval = \"6h\"\n",
+            "extra_params = {{ audience = \"aud-value-secret\" }}\nheaders = {{ Profile = \"Token pt-header-secret\" }}\nsinks = [{{ path = \"{}\", format = \"json\", mode = \"0640\", on_shutdown = \"keep\" }}]\non_refresh = {{ exec = [\"/bin/true\", \"--reload\"], timeout = \"5s\" }}\n[accounts.a.refresh]\nmin_interval = \"30s\"\nmax_interval = \"6h\"\n[accounts.a.proxy]\nupstream = \"https://api.example.com/v2\"\ntimeout = \"30s\"\n",
             sink.display()
         ),
     )
@@ -170,6 +170,11 @@ async fn check_prints_every_part_of_a_plan_and_warns_about_open_secret_files() {
             "a",
             "hook",
             r#"runs ["/bin/true", "--reload"] after each refresh, within 5s"#.into(),
+        ),
+        (
+            "a",
+            "proxy",
+            "/proxy/a/… → https://api.example.com/v2/ (timeout 30s)".into(),
         ),
         (
             "b",

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::config::{AccountConfig, Config, Grant, is_loopback_host};
+use crate::config::{AccountConfig, Config, Grant, Prompt, is_loopback_host};
 use crate::provider::discovery::DiscoveryError;
 use crate::provider::{Provider, ProviderError, TokenGrant};
 use crate::secret::Secret;
@@ -229,10 +229,7 @@ pub fn login_scope(account: &AccountConfig) -> Option<String> {
         .as_ref()
         .is_some_and(|s| s.iter().any(|x| x == "offline_access"));
     let scope = account.scope.clone();
-    let has = scope.as_deref().is_some_and(|s| {
-        s.split(|c: char| c == ',' || c.is_whitespace())
-            .any(|x| x == "offline_access")
-    });
+    let has = scope.as_deref().is_some_and(asks_offline);
     match scope {
         _ if !supported || has => scope,
         None => Some("offline_access".into()),
@@ -269,8 +266,32 @@ pub fn authorize_url(
         q.append_pair("state", state)
             .append_pair("code_challenge", code_challenge)
             .append_pair("code_challenge_method", "S256");
+        if let Some(prompt) = prompt(account, scope) {
+            q.append_pair("prompt", prompt);
+        }
+        for (k, v) in &account.authorize.params {
+            q.append_pair(k, v);
+        }
     }
     Ok(url)
+}
+
+/// The `prompt` to send: as configured, else `consent` when the scope asks for
+/// `offline_access` — OIDC Core §11 has a provider ignore `offline_access` without it,
+/// and then the login ends without a refresh token.
+fn prompt<'a>(account: &'a AccountConfig, scope: Option<&str>) -> Option<&'a str> {
+    match &account.authorize.prompt {
+        Prompt::Value(v) => Some(v),
+        Prompt::Omit => None,
+        Prompt::Auto => scope.is_some_and(asks_offline).then_some("consent"),
+    }
+}
+
+/// Whether a scope (space- or comma-separated) holds `offline_access`.
+fn asks_offline(scope: &str) -> bool {
+    scope
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .any(|x| x == "offline_access")
 }
 
 // ---------------------------------------------------------------------------------------

@@ -386,6 +386,8 @@ pub struct AccountConfig {
     /// Sent as configured (space- or comma-separated, as the provider wants it).
     pub scope: Option<String>,
     pub extra_params: BTreeMap<String, String>,
+    /// What `tokend login` adds to the authorization request.
+    pub authorize: AuthorizeOptions,
     /// Extra headers consumers must send with the token (e.g. Zywave's `Profile`).
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub refresh: RefreshPolicy,
@@ -464,6 +466,29 @@ pub struct Endpoints {
     /// `allow_insecure_http`: plain http to a host that is not loopback, for discovered
     /// endpoints as for configured ones.
     pub allow_insecure_http: bool,
+}
+
+/// What `tokend login` adds to its authorization request (RFC 6749 §4.1.1).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AuthorizeOptions {
+    pub prompt: Prompt,
+    /// `authorize_params`: provider-specific parameters (Google's `access_type`, Auth0's
+    /// `audience`), none of those tokend sets itself.
+    pub params: BTreeMap<String, String>,
+}
+
+/// The OpenID Connect `prompt` parameter (OIDC Core §3.1.2.1).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Prompt {
+    /// Unset: `consent` when the scope asks for `offline_access`, since OIDC Core §11
+    /// has a provider ignore `offline_access` without it (and then issue no refresh
+    /// token); nothing otherwise.
+    #[default]
+    Auto,
+    /// `prompt = "…"`: sent as written.
+    Value(String),
+    /// `prompt = ""`: never sent.
+    Omit,
 }
 
 /// The PEM certificates of an account's `ca_file`, read and checked at load time.

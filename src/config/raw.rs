@@ -127,6 +127,9 @@ pub(super) struct RawAccount {
     pub(super) refresh_token: Option<Spanned<RawSecret>>,
     #[serde(default)]
     pub(super) extra_params: BTreeMap<String, Spanned<String>>,
+    pub(super) prompt: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) authorize_params: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     pub(super) headers: BTreeMap<String, Spanned<String>>,
     #[serde(default)]

@@ -15,8 +15,9 @@ use super::Validator;
 use crate::config::raw::{RawAccount, RawGrant, RawHook, RawSecret, RawSink};
 use crate::config::url_rules::check_endpoint_url;
 use crate::config::{
-    AccountConfig, AccountName, CaBundle, ClientAuth, Endpoints, Grant, HOOK_SIGNALS, HookAction,
-    HookConfig, ProviderLimits, RefreshPolicy, RequestFormat, SinkConfig,
+    AccountConfig, AccountName, AuthorizeOptions, CaBundle, ClientAuth, Endpoints, Grant,
+    HOOK_SIGNALS, HookAction, HookConfig, Prompt, ProviderLimits, RefreshPolicy, RequestFormat,
+    SinkConfig,
 };
 use crate::secret::Secret;
 
@@ -44,6 +45,7 @@ impl Validator<'_> {
         let client = self.client(&raw, account_span, &k);
         let scope = raw.scope.as_ref().and_then(|s| self.scope(s, &k("scope")));
         let extra_params = self.extra_params(raw.extra_params, &k);
+        let authorize = self.authorize(raw.prompt.as_ref(), raw.authorize_params, &k);
         let headers = self.headers(raw.headers, &raw.profile, &raw.profile_token, &k);
         let sinks = raw
             .sinks
@@ -73,6 +75,7 @@ impl Validator<'_> {
             request_format: client.request_format,
             scope,
             extra_params,
+            authorize,
             headers,
             refresh,
             limits,
@@ -241,6 +244,52 @@ impl Validator<'_> {
             }
         }
         extra_params
+    }
+
+    /// `prompt` and `authorize_params`: what `tokend login` adds to the authorization
+    /// request, none of the parameters it sets itself.
+    fn authorize(
+        &mut self,
+        prompt: Option<&Spanned<String>>,
+        raw: BTreeMap<String, Spanned<String>>,
+        k: &dyn Fn(&str) -> String,
+    ) -> AuthorizeOptions {
+        const RESERVED: &[&str] = &[
+            "response_type",
+            "client_id",
+            "redirect_uri",
+            "state",
+            "code_challenge",
+            "code_challenge_method",
+            "scope",
+        ];
+        let prompt = match prompt.map(|p| (p.span(), p.get_ref().trim())) {
+            None => Prompt::Auto,
+            Some((_, "")) => Prompt::Omit,
+            Some((span, v)) if !v.chars().all(|c| c.is_ascii_graphic() || c == ' ') => {
+                self.report(span, k("prompt"), "must be printable ASCII, such as \"consent\" or \"login consent\" (\"\" sends none)");
+                Prompt::Auto
+            }
+            Some((_, v)) => Prompt::Value(v.to_string()),
+        };
+        let mut params = BTreeMap::new();
+        for (key, value) in raw {
+            let place = k(&format!("authorize_params.{key}"));
+            if RESERVED.contains(&key.as_str()) {
+                self.report(
+                    value.span(),
+                    place,
+                    format!("`{key}` is set by tokend itself and cannot be overridden"),
+                );
+            } else if key == "prompt" {
+                self.report(value.span(), place, "set `prompt` in the account instead");
+            } else if key.is_empty() {
+                self.report(value.span(), place, "a parameter name must not be empty");
+            } else {
+                params.insert(key, value.into_inner());
+            }
+        }
+        AuthorizeOptions { prompt, params }
     }
 
     /// The headers consumers must send with the token: `headers`, then the `Profile`
@@ -544,6 +593,32 @@ mod tests {
         let e = &c.accounts[&AccountName::parse("a").unwrap()].endpoints;
         assert_eq!(e.redirect_uri.as_ref().unwrap().port(), Some(9499));
         assert_eq!(e.authorization.as_ref().unwrap().query(), Some("tenant=1"));
+    }
+
+    #[test]
+    fn authorize_params_may_not_replace_what_login_sets_itself() {
+        let base = "[accounts.a]\ngrant = \"refresh_token\"\ntoken_url = \"https://x/t\"\nclient_id = \"c\"\n";
+        let c = load(&format!(
+            "{base}prompt = \"\"\nauthorize_params = {{ access_type = \"offline\" }}\n"
+        ))
+        .unwrap();
+        let a = &c.accounts[&AccountName::parse("a").unwrap()].authorize;
+        assert_eq!(a.prompt, crate::config::Prompt::Omit);
+        assert_eq!(a.params["access_type"], "offline");
+        let err = load(&format!(
+            "{base}authorize_params = {{ state = \"x\", prompt = \"login\", audience = \"api\" }}\n"
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "accounts.a.authorize_params.prompt",
+                "accounts.a.authorize_params.state"
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("set by tokend itself"), "{err}");
     }
 
     #[test]

@@ -68,6 +68,11 @@ pub(super) async fn authorize(
     }
     let code = inner.mint("code");
     let scope = q.get("scope").cloned();
+    let has = |list: Option<&String>, word: &str| {
+        list.is_some_and(|l| l.split([' ', ',']).any(|w| w == word))
+    };
+    let offline = !inner.offline_needs_consent
+        || (has(scope.as_ref(), "offline_access") && has(q.get("prompt"), "consent"));
     inner.codes.insert(
         code.clone(),
         CodeRecord {
@@ -75,6 +80,7 @@ pub(super) async fn authorize(
             redirect_uri: redirect_uri.clone(),
             challenge,
             scope,
+            offline,
             used: false,
         },
     );

@@ -170,6 +170,9 @@ struct Inner {
     codes: HashMap<String, CodeRecord>,
     /// The next authorization is refused by the "user" (`error=access_denied`).
     deny_next: bool,
+    /// Like a certified OpenID provider (OIDC Core §11): `offline_access` counts only
+    /// with `prompt=consent`, and a code grants a refresh token only then.
+    offline_needs_consent: bool,
     devices: HashMap<String, DeviceRecord>,
     device_script: VecDeque<DevicePoll>,
     device_interval: u64,
@@ -182,6 +185,8 @@ struct CodeRecord {
     redirect_uri: String,
     challenge: String,
     scope: Option<String>,
+    /// The exchange may issue a refresh token.
+    offline: bool,
     used: bool,
 }
 
@@ -235,6 +240,7 @@ impl FakeProvider {
                 redirect_uris: HashMap::new(),
                 codes: HashMap::new(),
                 deny_next: false,
+                offline_needs_consent: false,
                 devices: HashMap::new(),
                 device_script: VecDeque::new(),
                 device_interval: 5,
@@ -358,6 +364,12 @@ impl FakeProvider {
     /// The user refuses the next authorization: it redirects with `error=access_denied`.
     pub fn deny_next_authorization(&self) {
         self.lock().deny_next = true;
+    }
+
+    /// Behaves like a certified OpenID provider: a login yields a refresh token only
+    /// when it asked for `offline_access` with `prompt=consent` (OIDC Core §11).
+    pub fn set_offline_needs_consent(&self, on: bool) {
+        self.lock().offline_needs_consent = on;
     }
 
     /// The `interval` device authorization responses name, in seconds (default 5).

@@ -214,8 +214,10 @@ impl Inner {
             ));
         }
         let scope = record.scope.clone();
-        let token = self.new_refresh_token(client_id, scope.clone());
-        Ok((scope, Some(token)))
+        let token = record
+            .offline
+            .then(|| self.new_refresh_token(client_id, scope.clone()));
+        Ok((scope, token))
     }
 
     /// RFC 8628 §3.4, §3.5, with the scripted poll answers first.

@@ -704,7 +704,9 @@ impl Refresher {
                     self.doubt.lost_response |= rotating && e.oauth_error().is_none();
                 }
                 let hint = match e.oauth_error() {
-                    Some("invalid_client") => " (check client_id, client_secret and client_auth)",
+                    Some("invalid_client") => {
+                        " (check client_id, client_auth and its client_secret, private_key or client_assertion)"
+                    }
                     _ => "",
                 };
                 self.retry_later(class, retry_after, message, hint, elapsed);

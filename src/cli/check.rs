@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::{
-    AccountConfig, ClientAuth, Config, Grant, HookAction, OnShutdown, RequestFormat, SinkFormat,
-    StateBackend,
+    AccountConfig, AssertionSource, ClientAssertion, Config, Grant, HookAction, OnShutdown,
+    RequestFormat, SinkFormat, StateBackend,
 };
 use crate::store::state_path;
 
@@ -87,14 +87,7 @@ fn request_rows(config: &Config, a: &AccountConfig) -> Vec<Row> {
             format!("the system's CAs and {}", ca.path.display()),
         ));
     }
-    let auth = match a.client_auth {
-        ClientAuth::ClientSecretPost => "client_secret_post",
-        ClientAuth::ClientSecretBasic => "client_secret_basic",
-    };
-    let client = match source(config, &format!("accounts.{}.client_secret", a.name)) {
-        Some(from) => format!("{auth}, secret from {from}"),
-        None => "no secret (public client)".into(),
-    };
+    let client = client_auth(config, a);
     rows.push(("client", format!("{} ({client})", a.client_id)));
     let format = match a.request_format {
         RequestFormat::Form => "form (application/x-www-form-urlencoded)",
@@ -118,6 +111,50 @@ fn request_rows(config: &Config, a: &AccountConfig) -> Vec<Row> {
         ));
     }
     rows
+}
+
+/// How the client authenticates and where its secret or key comes from (never the
+/// value).
+fn client_auth(config: &Config, a: &AccountConfig) -> String {
+    let auth = a.client_auth.as_str();
+    let secret = source(config, &format!("accounts.{}.client_secret", a.name));
+    let kid = |key_id: &Option<String>| {
+        key_id
+            .as_ref()
+            .map(|k| format!(", kid {k}"))
+            .unwrap_or_default()
+    };
+    let aud = |assertion: &ClientAssertion| match &assertion.audience {
+        Some(aud) => format!(", aud {aud}"),
+        None => ", aud the token URL".into(),
+    };
+    match (&a.assertion, secret) {
+        (Some(assertion), secret) => match &assertion.source {
+            AssertionSource::PrivateKey { key, key_id } => {
+                let from =
+                    source(config, &format!("accounts.{}.private_key", a.name)).unwrap_or_default();
+                format!(
+                    "{auth}, {} {} key from {from}{}{}",
+                    key.alg().name(),
+                    key.describe(),
+                    kid(key_id),
+                    aud(assertion)
+                )
+            }
+            AssertionSource::ClientSecret { key_id } => format!(
+                "{auth}, HS256 over the secret from {}{}{}",
+                secret.unwrap_or_default(),
+                kid(key_id),
+                aud(assertion)
+            ),
+            AssertionSource::File(path) => format!(
+                "{auth}, ready-made assertion read from {} at every request",
+                path.display()
+            ),
+        },
+        (None, Some(from)) => format!("{auth}, secret from {from}"),
+        (None, None) => "no secret (public client)".into(),
+    }
 }
 
 /// Where the refresh token comes from and where the tokens go.

@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::seal::Keyring;
 use crate::secret::Secret;
+use crate::signing::SigningKey;
 
 mod locate;
 mod raw;
@@ -275,12 +276,52 @@ impl Grant {
     }
 }
 
-/// RFC 6749 §2.3.1: where the client credentials travel.
+/// How the client authenticates: RFC 6749 §2.3.1 (the secret in the body or in Basic),
+/// or a client assertion (RFC 7523 §2.2, OIDC Core §9).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuth {
     ClientSecretPost,
     ClientSecretBasic,
+    /// A JWT signed with the client's private key, or a ready-made one from a file.
+    PrivateKeyJwt,
+    /// A JWT signed with HS256 over the client secret.
+    ClientSecretJwt,
+}
+
+impl ClientAuth {
+    /// The name used in `client_auth`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAuth::ClientSecretPost => "client_secret_post",
+            ClientAuth::ClientSecretBasic => "client_secret_basic",
+            ClientAuth::PrivateKeyJwt => "private_key_jwt",
+            ClientAuth::ClientSecretJwt => "client_secret_jwt",
+        }
+    }
+}
+
+/// How `private_key_jwt` and `client_secret_jwt` make their client assertion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientAssertion {
+    pub source: AssertionSource,
+    /// `assertion_audience`: the `aud` claim. Unset: the token endpoint URL.
+    pub audience: Option<String>,
+}
+
+/// Where a client assertion comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AssertionSource {
+    /// Signed by tokend for every request with `private_key`; `key_id` is its `kid`.
+    PrivateKey {
+        key: SigningKey,
+        key_id: Option<String>,
+    },
+    /// `client_secret_jwt`: HS256 over `client_secret`, with `key_id` as `kid` if set.
+    ClientSecret { key_id: Option<String> },
+    /// `client_assertion = { file = … }`: a ready-made assertion (a Kubernetes projected
+    /// token), read again at every request because its issuer replaces it.
+    File(PathBuf),
 }
 
 /// The token request body's encoding: RFC 6749 form, or JSON as Zephr expects.
@@ -382,6 +423,8 @@ pub struct AccountConfig {
     pub client_id: String,
     pub client_secret: Option<Secret>,
     pub client_auth: ClientAuth,
+    /// Set exactly when `client_auth` is `private_key_jwt` or `client_secret_jwt`.
+    pub assertion: Option<ClientAssertion>,
     pub request_format: RequestFormat,
     /// Sent as configured (space- or comma-separated, as the provider wants it).
     pub scope: Option<String>,

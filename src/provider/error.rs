@@ -64,6 +64,10 @@ pub enum ProviderError {
     TooLarge(usize),
     #[error("no {0} is configured or discovered for this account")]
     NoEndpoint(&'static str),
+    /// The client assertion could not be made (its file unreadable, signing failed):
+    /// nothing was sent.
+    #[error("{0}")]
+    Assertion(String),
 }
 
 fn describe(description: &Option<String>) -> String {
@@ -97,6 +101,9 @@ impl ProviderError {
             | ProviderError::Timeout(_)
             | ProviderError::Malformed(_)
             | ProviderError::TooLarge(_) => ErrorClass::Transient,
+            // The file's writer (the kubelet, an agent) replaces it now and then: retried
+            // with backoff like an outage rather than slowly like a registration problem.
+            ProviderError::Assertion(_) => ErrorClass::Transient,
             ProviderError::NoEndpoint(_) => ErrorClass::Permanent,
             ProviderError::Http { status, .. } => {
                 if is_transient_status(*status) {

@@ -9,6 +9,7 @@ use reqwest::Url;
 use serde_json::Value;
 use zeroize::Zeroize;
 
+use super::assertion::CLIENT_ASSERTION_TYPE;
 use super::error::ProviderError;
 use crate::config::{AccountConfig, ClientAuth, RequestFormat};
 use crate::secret::Secret;
@@ -100,15 +101,25 @@ pub(super) struct PreparedRequest {
     pub(super) body: Vec<u8>,
 }
 
-/// Adds the account's client authentication (and, with `extra`, its `extra_params`) to
+/// Adds the account's client authentication (with `assertion`, its client assertion) (and, with `extra`, its `extra_params`) to
 /// `params` and encodes them in the account's request format.
 pub(super) fn build_request<'a>(
     account: &'a AccountConfig,
     mut params: Vec<(&'a str, &'a str)>,
     extra: bool,
+    assertion: Option<&'a Secret>,
 ) -> PreparedRequest {
     let mut headers = HeaderMap::new();
     match account.client_auth {
+        // RFC 7523 §2.2; `client_id` too, which OIDC Core §9 allows and some providers
+        // (Entra ID) want.
+        ClientAuth::PrivateKeyJwt | ClientAuth::ClientSecretJwt => {
+            params.push(("client_id", &account.client_id));
+            if let Some(assertion) = assertion {
+                params.push(("client_assertion_type", CLIENT_ASSERTION_TYPE));
+                params.push(("client_assertion", assertion.expose()));
+            }
+        }
         ClientAuth::ClientSecretPost => {
             params.push(("client_id", &account.client_id));
             if let Some(secret) = &account.client_secret {

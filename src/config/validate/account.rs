@@ -15,9 +15,9 @@ use super::Validator;
 use crate::config::raw::{RawAccount, RawGrant, RawHook, RawSecret, RawSink};
 use crate::config::url_rules::check_endpoint_url;
 use crate::config::{
-    AccountConfig, AccountName, AuthorizeOptions, CaBundle, ClientAuth, Endpoints, Grant,
-    HOOK_SIGNALS, HookAction, HookConfig, Prompt, ProviderLimits, RefreshPolicy, RequestFormat,
-    SinkConfig,
+    AccountConfig, AccountName, AuthorizeOptions, CaBundle, ClientAssertion, ClientAuth, Endpoints,
+    Grant, HOOK_SIGNALS, HookAction, HookConfig, Prompt, ProviderLimits, RefreshPolicy,
+    RequestFormat, SinkConfig,
 };
 use crate::secret::Secret;
 
@@ -27,6 +27,7 @@ struct Client {
     id: String,
     secret: Option<Secret>,
     auth: ClientAuth,
+    assertion: Option<ClientAssertion>,
     request_format: RequestFormat,
 }
 
@@ -72,6 +73,7 @@ impl Validator<'_> {
             client_id: client.id,
             client_secret: client.secret,
             client_auth: client.auth,
+            assertion: client.assertion,
             request_format: client.request_format,
             scope,
             extra_params,
@@ -178,11 +180,16 @@ impl Validator<'_> {
                         "a client_credentials account takes no refresh_token",
                     );
                 }
-                if raw.client_secret.is_none() {
+                // The assertion methods report their own needs (`credentials`).
+                let asserts = matches!(
+                    auth,
+                    ClientAuth::PrivateKeyJwt | ClientAuth::ClientSecretJwt
+                );
+                if raw.client_secret.is_none() && !asserts {
                     self.report(
                         account_span.clone(),
                         k("client_secret"),
-                        "a client_credentials account needs a client_secret",
+                        "a client_credentials account needs a client_secret (or client_auth = \"private_key_jwt\")",
                     );
                 }
                 Grant::ClientCredentials
@@ -190,16 +197,18 @@ impl Validator<'_> {
         };
         if auth == ClientAuth::ClientSecretBasic && raw.client_secret.is_none() {
             self.report(
-                account_span,
+                account_span.clone(),
                 k("client_secret"),
                 "client_auth = \"client_secret_basic\" needs a client_secret",
             );
         }
+        let assertion = self.client_assertion(raw, auth, &account_span, k);
         Client {
             grant,
             id,
             secret,
             auth,
+            assertion,
             request_format,
         }
     }

@@ -8,7 +8,7 @@
 //! code exchange, device authorization with scriptable polling answers, revocation
 //! (RFC 7009) and RFC 8414 metadata naming its own base URL as issuer.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -18,8 +18,11 @@ use rand::Rng;
 
 use crate::clock::Clock;
 
+mod assertion;
 mod interactive;
 mod token;
+
+pub use assertion::{JwtClient, JwtKey};
 
 use interactive::{authorize, device_authorization, metadata, revoke, whoami};
 use token::token_endpoint;
@@ -35,6 +38,8 @@ pub enum ClientAuth {
     Post,
     /// HTTP Basic, id and secret form-urlencoded first.
     Basic,
+    /// A client assertion (RFC 7523 §2.2), checked against the spec's `jwt`.
+    Jwt,
 }
 
 /// How a registered client encodes its token requests.
@@ -59,6 +64,8 @@ pub struct ClientSpec {
     pub comma_scope: bool,
     /// Issue JWT access tokens and omit `expires_in`: the lifetime is in the `exp` claim.
     pub jwt_without_expires_in: bool,
+    /// With `auth: Jwt`: the key and claims its assertions must carry.
+    pub jwt: Option<JwtClient>,
 }
 
 impl ClientSpec {
@@ -72,6 +79,18 @@ impl ClientSpec {
             expires_in_as_string: false,
             comma_scope: false,
             jwt_without_expires_in: false,
+            jwt: None,
+        }
+    }
+
+    /// A client authenticating with assertions (`private_key_jwt`, `client_secret_jwt`):
+    /// form body, `expires_in` as a number.
+    pub fn assertion(id: &str, jwt: JwtClient) -> ClientSpec {
+        ClientSpec {
+            client_secret: None,
+            auth: ClientAuth::Jwt,
+            jwt: Some(jwt),
+            ..ClientSpec::zywave(id, "")
         }
     }
 
@@ -178,6 +197,10 @@ struct Inner {
     device_interval: u64,
     device_polls: Vec<SystemTime>,
     revoked: Vec<String>,
+    /// Every `jti` of an accepted client assertion.
+    seen_jtis: HashSet<String>,
+    /// Why each refused client assertion was refused, in order.
+    assertion_rejections: Vec<&'static str>,
 }
 
 struct CodeRecord {
@@ -246,6 +269,8 @@ impl FakeProvider {
                 device_interval: 5,
                 device_polls: Vec::new(),
                 revoked: Vec::new(),
+                seen_jtis: HashSet::new(),
+                assertion_rejections: Vec::new(),
             })),
             clock,
         }
@@ -410,6 +435,17 @@ impl FakeProvider {
     /// Every token revoked through `POST /revoke`, in order.
     pub fn revoked(&self) -> Vec<String> {
         self.lock().revoked.clone()
+    }
+
+    /// How many distinct `jti`s client assertions have carried.
+    pub fn distinct_jtis(&self) -> usize {
+        self.lock().seen_jtis.len()
+    }
+
+    /// Why each refused client assertion was refused (`"jti replayed"`,
+    /// `"wrong audience"`, `"the assertion has expired"`, …), in order.
+    pub fn assertion_rejections(&self) -> Vec<&'static str> {
+        self.lock().assertion_rejections.clone()
     }
 
     /// `POST /token` (the token endpoint), `GET /api/whoami` (a resource that checks the

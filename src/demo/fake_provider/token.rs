@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde_json::{Map, Value, json};
 
+use super::assertion;
 use super::interactive::s256;
 use super::{
     BodyFormat, ClientAuth, ClientSpec, DEVICE_CODE_GRANT, DevicePoll, FakeProvider, Fault, Inner,
@@ -73,6 +74,11 @@ impl FakeProvider {
                     ));
                 }
                 basic.map(|(_, s)| s)
+            }
+            ClientAuth::Jwt => {
+                let now = self.clock.now();
+                assertion::authenticate(inner, &spec, basic.is_some(), &params, now)?;
+                return Ok((client_id, params));
             }
             ClientAuth::Post => {
                 if basic.is_some() {

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::{
-    AccountConfig, AssertionSource, ClientAssertion, Config, Grant, HookAction, OnShutdown,
-    RequestFormat, SinkFormat, StateBackend,
+    AccountConfig, AssertionSource, BearerAssertion, ClientAssertion, Config, Grant, HookAction,
+    OnShutdown, RequestFormat, SinkFormat, StateBackend,
 };
 use crate::store::state_path;
 
@@ -87,8 +87,13 @@ fn request_rows(config: &Config, a: &AccountConfig) -> Vec<Row> {
             format!("the system's CAs and {}", ca.path.display()),
         ));
     }
-    let client = client_auth(config, a);
-    rows.push(("client", format!("{} ({client})", a.client_id)));
+    if let Grant::JwtBearer(b) = &a.grant {
+        rows.push(("assertion", bearer_row(config, a, b)));
+    }
+    match a.client_id.as_str() {
+        "" => rows.push(("client", "none (the assertion is the grant)".into())),
+        id => rows.push(("client", format!("{id} ({})", client_auth(config, a)))),
+    }
     let format = match a.request_format {
         RequestFormat::Form => "form (application/x-www-form-urlencoded)",
         RequestFormat::Json => "json (application/json)",
@@ -111,6 +116,33 @@ fn request_rows(config: &Config, a: &AccountConfig) -> Vec<Row> {
         ));
     }
     rows
+}
+
+/// What the `jwt_bearer` assertion says and where its key comes from.
+fn bearer_row(config: &Config, a: &AccountConfig, b: &BearerAssertion) -> String {
+    let from = ["credentials_file", "private_key"]
+        .iter()
+        .find_map(|k| source(config, &format!("accounts.{}.{k}", a.name)))
+        .unwrap_or_default();
+    let mut row = format!(
+        "{} {} key from {from}, iss {}",
+        b.key.alg().name(),
+        b.key.describe(),
+        b.issuer
+    );
+    for (label, value) in [
+        ("kid", &b.key_id),
+        ("sub", &b.subject),
+        ("aud", &b.audience),
+    ] {
+        if let Some(v) = value {
+            row.push_str(&format!(", {label} {v}"));
+        }
+    }
+    if b.scope_in_claim {
+        row.push_str(", scope in the assertion");
+    }
+    row
 }
 
 /// How the client authenticates and where its secret or key comes from (never the

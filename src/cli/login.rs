@@ -43,10 +43,16 @@ pub const SLOW_DOWN_STEP: Duration = Duration::from_secs(5);
 pub enum LoginError {
     #[error("no account named {0:?} is configured")]
     UnknownAccount(String),
+    /// `login`, `import`, `logout` and `state` handle refresh tokens; `how` says where
+    /// the account's tokens come from instead.
     #[error(
-        "account {0} uses the client_credentials grant: it needs no login (tokend gets its tokens with the client secret)"
+        "account {account} uses the {grant} grant: it has no refresh token to log in, import or revoke ({how})"
     )]
-    NotRefreshToken(String),
+    NotRefreshToken {
+        account: String,
+        grant: &'static str,
+        how: &'static str,
+    },
     #[error("account {account} has no {what}: set it in the config, or set issuer to discover it")]
     Missing { account: String, what: &'static str },
     #[error(
@@ -142,7 +148,7 @@ impl LoginError {
         use super::exit;
         match self {
             LoginError::UnknownAccount(_)
-            | LoginError::NotRefreshToken(_)
+            | LoginError::NotRefreshToken { .. }
             | LoginError::NotListenable(_) => exit::USAGE,
             LoginError::Missing { .. } | LoginError::ManualNeedsRedirect(_) => exit::CONFIG,
             LoginError::Refused(e) if is_client_refused(e) => exit::NOPERM,
@@ -176,7 +182,16 @@ pub fn refresh_account(config: &Config, name: &str) -> Result<Arc<AccountConfig>
         .ok_or_else(|| LoginError::UnknownAccount(name.to_string()))?;
     match account.grant {
         Grant::RefreshToken { .. } => Ok(account),
-        Grant::ClientCredentials => Err(LoginError::NotRefreshToken(name.to_string())),
+        Grant::ClientCredentials => Err(LoginError::NotRefreshToken {
+            account: name.to_string(),
+            grant: "client_credentials",
+            how: "tokend gets each token with the client's credentials",
+        }),
+        Grant::JwtBearer(_) => Err(LoginError::NotRefreshToken {
+            account: name.to_string(),
+            grant: "jwt_bearer",
+            how: "tokend signs a new assertion for each token with its key",
+        }),
     }
 }
 

@@ -265,6 +265,8 @@ pub enum Grant {
     RefreshToken { seed: Option<Secret> },
     /// RFC 6749 §4.4.
     ClientCredentials,
+    /// RFC 7523 §2.1: a JWT signed by tokend is the grant.
+    JwtBearer(BearerAssertion),
 }
 
 impl Grant {
@@ -272,8 +274,25 @@ impl Grant {
         match self {
             Grant::RefreshToken { .. } => "refresh_token",
             Grant::ClientCredentials => "client_credentials",
+            Grant::JwtBearer(_) => "jwt_bearer",
         }
     }
+}
+
+/// The assertion of the `jwt_bearer` grant: from a Google service-account key file
+/// (`credentials_file`), or `private_key` + `assertion_issuer` + `assertion_subject`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BearerAssertion {
+    pub key: SigningKey,
+    pub key_id: Option<String>,
+    /// `iss`: the service account's email, or `assertion_issuer`.
+    pub issuer: String,
+    /// `sub`: `assertion_subject` (with a key file only for domain-wide delegation).
+    pub subject: Option<String>,
+    /// `aud`: `assertion_audience`; unset, the token endpoint URL.
+    pub audience: Option<String>,
+    /// The scope travels in the assertion's `scope` claim (Google), not as a parameter.
+    pub scope_in_claim: bool,
 }
 
 /// How the client authenticates: RFC 6749 §2.3.1 (the secret in the body or in Basic),
@@ -652,6 +671,16 @@ mod test_env {
         e.files
             .insert(PathBuf::from("/run/secrets/zywave-rt"), "rt-seed\n".into());
         e
+    }
+
+    /// A fresh EC P-256 private key, PKCS#8 PEM: what `private_key` files hold.
+    pub(super) fn ec_key_pem() -> String {
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+        use base64::Engine as _;
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref());
+        format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n")
     }
 
     /// Validates `text` as `/etc/tokend/tokend.toml` in [`env`].

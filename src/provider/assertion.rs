@@ -1,6 +1,6 @@
 //! Client assertions (RFC 7523 §2.2, OIDC Core §9): for `private_key_jwt` and
 //! `client_secret_jwt`, a JWT made fresh for each request (its own `jti`), or the
-//! ready-made one read again from its file.
+//! ready-made one read again from its file; and the `jwt_bearer` grant's (§2.1).
 
 use std::time::{Duration, SystemTime};
 
@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::error::ProviderError;
 use super::request::token_url;
-use crate::config::{AccountConfig, AssertionSource};
+use crate::config::{AccountConfig, AssertionSource, BearerAssertion};
 use crate::secret::Secret;
 use crate::signing::SigningAlg;
 
@@ -52,6 +52,34 @@ pub(super) fn client_assertion(
     }
     let claims = claims(&account.client_id, &account.client_id, &audience, now);
     sign_jwt(&header, &claims, &sign).map(Some)
+}
+
+/// The `jwt_bearer` grant's assertion (RFC 7523 §2.1): `iss` the service account or
+/// `assertion_issuer`, `sub` if configured, the scope in a `scope` claim for a Google key.
+pub(super) fn bearer_assertion(
+    account: &AccountConfig,
+    bearer: &BearerAssertion,
+    now: SystemTime,
+) -> Result<Secret, ProviderError> {
+    let audience = match &bearer.audience {
+        Some(aud) => aud.clone(),
+        None => token_url(account)?.to_string(),
+    };
+    let mut claims = claims(&bearer.issuer, "", &audience, now);
+    match &bearer.subject {
+        Some(sub) => claims["sub"] = Value::from(sub.as_str()),
+        None => _ = claims.as_object_mut().map(|c| c.remove("sub")),
+    }
+    if bearer.scope_in_claim
+        && let Some(scope) = &account.scope
+    {
+        claims["scope"] = Value::from(scope.as_str());
+    }
+    let mut header = json!({ "alg": bearer.key.alg().name(), "typ": "JWT" });
+    if let Some(kid) = &bearer.key_id {
+        header["kid"] = Value::from(kid.as_str());
+    }
+    sign_jwt(&header, &claims, &|m: &[u8]| bearer.key.sign(m))
 }
 
 /// RFC 7523 §3's claims: who (`iss`, `sub`), for whom (`aud`), when (`iat`, `exp`), and a

@@ -10,7 +10,7 @@ use serde_json::Value;
 use zeroize::Zeroize;
 
 use crate::clock::Clock;
-use crate::config::{AccountConfig, HostLimits};
+use crate::config::{AccountConfig, Grant, HostLimits};
 use crate::secret::Secret;
 
 mod assertion;
@@ -23,11 +23,11 @@ mod transport;
 
 pub use error::{ErrorClass, ProviderError, RetryAfter};
 pub use gate::Turn;
-pub use request::{DEVICE_CODE_GRANT, TokenGrant};
+pub use request::{DEVICE_CODE_GRANT, JWT_BEARER_GRANT, TokenGrant};
 pub use response::{DeviceAuthorization, TokenResponse, jwt_exp, normalize_scope, parse_response};
 pub use transport::{HttpClients, Transport};
 
-use assertion::client_assertion;
+use assertion::{bearer_assertion, client_assertion};
 use gate::HostGates;
 use request::{PreparedRequest, build_request, token_url};
 use response::{error_answer, parse_device_authorization, success_object};
@@ -103,13 +103,30 @@ impl Provider {
     ) -> Result<TokenResponse, ProviderError> {
         let url = token_url(account)?;
         let mut params = grant.params();
+        let bearer = match (grant, &account.grant) {
+            (TokenGrant::JwtBearer, Grant::JwtBearer(b)) => {
+                Some((bearer_assertion(account, b, self.clock.now())?, b))
+            }
+            (TokenGrant::JwtBearer, _) => {
+                return Err(ProviderError::Assertion(
+                    "the account's grant is not jwt_bearer".into(),
+                ));
+            }
+            _ => None,
+        };
+        if let Some((assertion, _)) = &bearer {
+            params.push(("assertion", assertion.expose()));
+        }
+        let in_claim = bearer.as_ref().is_some_and(|(_, b)| b.scope_in_claim);
         if grant.sends_scope()
+            && !in_claim
             && let Some(scope) = &account.scope
         {
             params.push(("scope", scope));
         }
         let assertion = client_assertion(account, self.clock.now())?;
         let mut secrets = grant.secrets();
+        secrets.extend(bearer.as_ref().map(|(a, _)| a));
         secrets.extend(account.client_secret.as_ref());
         secrets.extend(assertion.as_ref());
         let request = build_request(account, params, true, assertion.as_ref());

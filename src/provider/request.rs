@@ -29,10 +29,14 @@ pub enum TokenGrant<'a> {
     },
     /// RFC 8628 §3.4.
     DeviceCode(&'a Secret),
+    /// RFC 7523 §2.1: the account's `jwt_bearer` assertion, made for each request.
+    JwtBearer,
 }
 
 /// RFC 8628 §3.4's grant type.
 pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+/// RFC 7523 §2.1's grant type.
+pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 impl TokenGrant<'_> {
     pub fn as_str(&self) -> &'static str {
@@ -41,6 +45,7 @@ impl TokenGrant<'_> {
             TokenGrant::ClientCredentials => "client_credentials",
             TokenGrant::AuthorizationCode { .. } => "authorization_code",
             TokenGrant::DeviceCode(_) => DEVICE_CODE_GRANT,
+            TokenGrant::JwtBearer => JWT_BEARER_GRANT,
         }
     }
 
@@ -60,6 +65,8 @@ impl TokenGrant<'_> {
                 params.push(("code_verifier", code_verifier.expose()));
             }
             TokenGrant::DeviceCode(dc) => params.push(("device_code", dc.expose())),
+            // The assertion is made at send time (it is dated): `Provider::request_token_in`.
+            TokenGrant::JwtBearer => {}
         }
         params
     }
@@ -68,7 +75,7 @@ impl TokenGrant<'_> {
     pub(super) fn secrets(&self) -> Vec<&Secret> {
         match self {
             TokenGrant::RefreshToken(rt) => vec![rt],
-            TokenGrant::ClientCredentials => vec![],
+            TokenGrant::ClientCredentials | TokenGrant::JwtBearer => vec![],
             TokenGrant::AuthorizationCode {
                 code,
                 code_verifier,
@@ -80,10 +87,11 @@ impl TokenGrant<'_> {
 
     /// The configured scope goes with the grants that request one (RFC 6749 §4.4.2,
     /// §6); the code and device grants carry the scope their authorization fixed.
+    /// A `jwt_bearer` grant from a key file carries it in the assertion instead.
     pub(super) fn sends_scope(&self) -> bool {
         matches!(
             self,
-            TokenGrant::RefreshToken(_) | TokenGrant::ClientCredentials
+            TokenGrant::RefreshToken(_) | TokenGrant::ClientCredentials | TokenGrant::JwtBearer
         )
     }
 }
@@ -120,6 +128,8 @@ pub(super) fn build_request<'a>(
                 params.push(("client_assertion", assertion.expose()));
             }
         }
+        // A jwt_bearer account may be no client at all (RFC 7523 §2.1).
+        ClientAuth::ClientSecretPost if account.client_id.is_empty() => {}
         ClientAuth::ClientSecretPost => {
             params.push(("client_id", &account.client_id));
             if let Some(secret) = &account.client_secret {

@@ -14,6 +14,7 @@ mod flows;
 mod handoff;
 mod hardening;
 mod journal;
+mod jwt_bearer;
 mod layout;
 mod local_attacker;
 mod login;

@@ -23,6 +23,8 @@ use crate::secret::Secret;
 
 /// Who the client is, how it authenticates, and the grant it uses.
 struct Client {
+    /// The token endpoint a service-account key file names.
+    token_uri: Option<Url>,
     grant: Grant,
     id: String,
     secret: Option<Secret>,
@@ -44,6 +46,7 @@ impl Validator<'_> {
         let k = |field: &str| format!("accounts.{name}.{field}");
         let (token_url, endpoints) = self.endpoints(&raw, &account_span, &k);
         let client = self.client(&raw, account_span, &k);
+        let token_url = token_url.or(client.token_uri);
         let scope = raw.scope.as_ref().and_then(|s| self.scope(s, &k("scope")));
         let extra_params = self.extra_params(raw.extra_params, &k);
         let authorize = self.authorize(raw.prompt.as_ref(), raw.authorize_params, &k);
@@ -112,7 +115,9 @@ impl Validator<'_> {
             }
             Some(i.get_ref().trim().to_string())
         });
-        if raw.token_url.is_none() && raw.issuer.is_none() {
+        // A service-account key file names its token endpoint (`bearer`).
+        let key_file_names_it = raw.grant == RawGrant::JwtBearer && raw.credentials_file.is_some();
+        if raw.token_url.is_none() && raw.issuer.is_none() && !key_file_names_it {
             self.report(
                 account_span.clone(),
                 k("token_url"),
@@ -153,10 +158,19 @@ impl Validator<'_> {
         account_span: Range<usize>,
         k: &dyn Fn(&str) -> String,
     ) -> Client {
-        let id = raw.client_id.get_ref().trim().to_string();
-        if id.is_empty() {
-            self.report(raw.client_id.span(), k("client_id"), "must not be empty");
-        }
+        let id = match &raw.client_id {
+            Some(id) if id.get_ref().trim().is_empty() => {
+                self.report(id.span(), k("client_id"), "must not be empty");
+                String::new()
+            }
+            Some(id) => id.get_ref().trim().to_string(),
+            // RFC 7523 §2.1: the assertion is the grant; a client is optional.
+            None if raw.grant == RawGrant::JwtBearer => String::new(),
+            None => {
+                self.report(account_span.clone(), k("client_id"), "is required");
+                String::new()
+            }
+        };
         let secret = raw
             .client_secret
             .as_ref()
@@ -164,6 +178,7 @@ impl Validator<'_> {
         let auth = raw.client_auth.unwrap_or(ClientAuth::ClientSecretPost);
         let request_format = raw.request_format.unwrap_or(RequestFormat::Form);
 
+        let mut token_uri = None;
         let grant = match raw.grant {
             RawGrant::RefreshToken => {
                 let seed = raw
@@ -194,7 +209,27 @@ impl Validator<'_> {
                 }
                 Grant::ClientCredentials
             }
+            RawGrant::JwtBearer => {
+                if let Some(rt) = &raw.refresh_token {
+                    self.report(
+                        rt.span(),
+                        k("refresh_token"),
+                        "a jwt_bearer account takes no refresh_token",
+                    );
+                }
+                match self.bearer_assertion(raw, &account_span, k) {
+                    Some((assertion, uri)) => {
+                        token_uri = uri;
+                        Grant::JwtBearer(assertion)
+                    }
+                    // Reported; a stand-in, since a config with problems is not used.
+                    None => Grant::ClientCredentials,
+                }
+            }
         };
+        if raw.grant != RawGrant::JwtBearer {
+            self.refuse_bearer_keys(raw, k);
+        }
         if auth == ClientAuth::ClientSecretBasic && raw.client_secret.is_none() {
             self.report(
                 account_span.clone(),
@@ -204,6 +239,7 @@ impl Validator<'_> {
         }
         let assertion = self.client_assertion(raw, auth, &account_span, k);
         Client {
+            token_uri,
             grant,
             id,
             secret,

@@ -7,9 +7,8 @@ use std::ops::Range;
 use toml::Spanned;
 
 use super::Validator;
-use crate::config::raw::{RawAccount, RawSecret};
+use crate::config::raw::{RawAccount, RawGrant, RawSecret};
 use crate::config::{AssertionSource, ClientAssertion, ClientAuth};
-use crate::signing::{SigningAlg, SigningKey};
 
 impl Validator<'_> {
     /// The assertion `auth` makes, if it makes one; every key that does not fit the
@@ -42,6 +41,17 @@ impl Validator<'_> {
             }
         };
         let source = match auth {
+            // The jwt_bearer grant signs with these keys (`bearer`).
+            ClientAuth::ClientSecretPost | ClientAuth::ClientSecretBasic
+                if raw.grant == RawGrant::JwtBearer =>
+            {
+                refuse(
+                    self,
+                    &["client_assertion"],
+                    "is for client_auth = \"private_key_jwt\": the jwt_bearer grant signs its own assertion with credentials_file or private_key",
+                );
+                return None;
+            }
             ClientAuth::ClientSecretPost | ClientAuth::ClientSecretBasic => {
                 let why = format!(
                     "is for client_auth = \"private_key_jwt\" or \"client_secret_jwt\", not \"{}\"",
@@ -123,28 +133,13 @@ impl Validator<'_> {
         k: &dyn Fn(&str) -> String,
     ) -> Option<AssertionSource> {
         let alg = match &raw.signing_alg {
+            Some(_) => Some(self.signing_alg(raw, k)?),
             None => None,
-            Some(a) => match SigningAlg::parse(a.get_ref()) {
-                Some(SigningAlg::Hs256) | None => {
-                    self.report(
-                        a.span(),
-                        k("signing_alg"),
-                        "a private key signs with RS256, PS256 or ES256",
-                    );
-                    return None;
-                }
-                alg => alg,
-            },
         };
         let key_id = self.non_empty(raw.key_id.as_ref(), &k("key_id"));
         let pem = self.secret(key, &k("private_key"))?;
-        match SigningKey::from_pem(&pem, alg) {
-            Ok(key) => Some(AssertionSource::PrivateKey { key, key_id }),
-            Err(msg) => {
-                self.report(key.span(), k("private_key"), msg);
-                None
-            }
-        }
+        let key = self.signing_key(&pem, alg, key.span(), &k("private_key"))?;
+        Some(AssertionSource::PrivateKey { key, key_id })
     }
 
     /// `client_assertion`: a file only (its issuer replaces it), read once now so a
@@ -173,11 +168,7 @@ impl Validator<'_> {
 mod tests {
     use std::path::{Path, PathBuf};
 
-    use aws_lc_rs::rand::SystemRandom;
-    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
-    use base64::Engine as _;
-
-    use crate::config::test_env::env;
+    use crate::config::test_env::{ec_key_pem, env};
     use crate::config::{AccountName, AssertionSource, Config, ConfigError};
     use crate::signing::SigningAlg;
 
@@ -188,7 +179,7 @@ mod tests {
     fn load(rest: &str) -> Result<Config, ConfigError> {
         let mut e = env();
         e.files
-            .insert(PathBuf::from("/etc/tokend/ec.pem"), ec_pem());
+            .insert(PathBuf::from("/etc/tokend/ec.pem"), ec_key_pem());
         e.files.insert(
             PathBuf::from("/etc/tokend/locked.pem"),
             "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIF\n-----END ENCRYPTED PRIVATE KEY-----\n"
@@ -201,15 +192,6 @@ mod tests {
             Path::new("/etc/tokend/tokend.toml"),
             &e,
         )
-    }
-
-    /// A fresh EC P-256 key, PKCS#8 PEM.
-    fn ec_pem() -> String {
-        let pkcs8 =
-            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
-                .unwrap();
-        let b64 = base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref());
-        format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n")
     }
 
     fn keys(err: &ConfigError) -> Vec<&str> {
@@ -295,7 +277,7 @@ mod tests {
     fn the_shipped_assertion_examples_are_valid() {
         let mut e = env();
         e.files
-            .insert(PathBuf::from("/etc/tokend/okta.pem"), ec_pem());
+            .insert(PathBuf::from("/etc/tokend/okta.pem"), ec_key_pem());
         e.files.insert(
             PathBuf::from("/var/run/secrets/azure/tokens/azure-identity-token"),
             "eyJ.eyJ.sig".into(),

@@ -24,6 +24,7 @@ use crate::seal::{Keyring, SealKey};
 use crate::secret::Secret;
 
 mod account;
+mod bearer;
 mod credentials;
 mod secret_files;
 mod state;

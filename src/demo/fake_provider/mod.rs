@@ -30,6 +30,8 @@ use token::token_endpoint;
 /// RFC 8628 §3.4. Spelled out here rather than taken from the daemon: a test peer that
 /// shares the tested code's types would mirror its mistakes.
 const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+/// RFC 7523 §2.1.
+const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 /// Where a registered client puts its secret (RFC 6749 §2.3.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +152,7 @@ pub struct Counts {
     pub token_requests: u64,
     pub refresh_grants: u64,
     pub client_credentials_grants: u64,
+    pub jwt_bearer_grants: u64,
     pub issued: u64,
     pub rejected: u64,
     /// Rotated-out refresh tokens presented again after the grace period: each one
@@ -201,6 +204,8 @@ struct Inner {
     seen_jtis: HashSet<String>,
     /// Why each refused client assertion was refused, in order.
     assertion_rejections: Vec<&'static str>,
+    /// Who may sign `jwt-bearer` grants, by `iss`.
+    bearer_issuers: HashMap<String, JwtClient>,
 }
 
 struct CodeRecord {
@@ -271,6 +276,7 @@ impl FakeProvider {
                 revoked: Vec::new(),
                 seen_jtis: HashSet::new(),
                 assertion_rejections: Vec::new(),
+                bearer_issuers: HashMap::new(),
             })),
             clock,
         }
@@ -435,6 +441,14 @@ impl FakeProvider {
     /// Every token revoked through `POST /revoke`, in order.
     pub fn revoked(&self) -> Vec<String> {
         self.lock().revoked.clone()
+    }
+
+    /// Accepts `jwt-bearer` grants (RFC 7523 §2.1) signed as `issuer` says: a service
+    /// account's key, its `iss`, `sub` and `aud`.
+    pub fn register_bearer_issuer(&self, issuer: JwtClient) {
+        self.lock()
+            .bearer_issuers
+            .insert(issuer.issuer.clone(), issuer);
     }
 
     /// How many distinct `jti`s client assertions have carried.

@@ -17,6 +17,7 @@ use super::assertion;
 use super::interactive::s256;
 use super::{
     BodyFormat, ClientAuth, ClientSpec, DEVICE_CODE_GRANT, DevicePoll, FakeProvider, Fault, Inner,
+    JWT_BEARER_GRANT,
 };
 
 impl FakeProvider {
@@ -106,6 +107,11 @@ impl FakeProvider {
     fn answer(&self, headers: &HeaderMap, body: &[u8]) -> Result<Value, Reject> {
         let mut inner = self.lock();
         let now = self.clock.now();
+        if let Some(params) = unauthenticated_bearer(headers, body) {
+            let scope = assertion::bearer_grant(&mut inner, &params, now)?;
+            let spec = ClientSpec::zywave("", "");
+            return Ok(inner.token_answer(&spec, "jwt-bearer", scope, None, now));
+        }
         let (client_id, params) = self.authenticate(&mut inner, headers, body)?;
         let spec = inner.clients[&client_id].clone();
         let (scope, new_refresh) = match params.get("grant_type").map(String::as_str) {
@@ -116,6 +122,7 @@ impl FakeProvider {
             }
             Some("authorization_code") => inner.code_grant(&client_id, &params)?,
             Some(DEVICE_CODE_GRANT) => inner.device_grant(&client_id, &params, now)?,
+            Some(JWT_BEARER_GRANT) => (assertion::bearer_grant(&mut inner, &params, now)?, None),
             _ => {
                 inner.counts.rejected += 1;
                 return Err(oauth_error(
@@ -318,6 +325,14 @@ impl Inner {
         response["user_id"] = Value::from(format!("user-of-{client_id}"));
         response
     }
+}
+
+/// The form of a `jwt-bearer` grant that names no client (RFC 7523 §2.1 allows it).
+fn unauthenticated_bearer(headers: &HeaderMap, body: &[u8]) -> Option<HashMap<String, String>> {
+    let params: HashMap<String, String> = form_urlencoded::parse(body).into_owned().collect();
+    let anonymous = basic_credentials(headers).is_none() && !params.contains_key("client_id");
+    (anonymous && params.get("grant_type").map(String::as_str) == Some(JWT_BEARER_GRANT))
+        .then_some(params)
 }
 
 fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {

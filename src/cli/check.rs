@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::config::{
     AccountConfig, AssertionSource, BearerAssertion, ClientAssertion, Config, Grant, HookAction,
-    OnShutdown, RequestFormat, SinkFormat, StateBackend,
+    OnShutdown, RequestFormat, SinkFormat, StateBackend, TlsIdentity,
 };
 use crate::store::state_path;
 
@@ -148,6 +148,34 @@ fn bearer_row(config: &Config, a: &AccountConfig, b: &BearerAssertion) -> String
 /// How the client authenticates and where its secret or key comes from (never the
 /// value).
 fn client_auth(config: &Config, a: &AccountConfig) -> String {
+    let method = client_method(config, a);
+    match (&a.tls_identity, a.client_auth.is_mutual_tls()) {
+        (Some(id), true) => format!("{}, {}", a.client_auth.as_str(), certificate(config, a, id)),
+        (Some(id), false) => format!("{method}; and {}", certificate(config, a, id)),
+        (None, _) => method,
+    }
+}
+
+/// The TLS client certificate (RFC 8705) by its subject, expiry and fingerprint, and where
+/// its key comes from; never the key.
+fn certificate(config: &Config, a: &AccountConfig, id: &TlsIdentity) -> String {
+    let from = source(config, &format!("accounts.{}.client_key", a.name)).unwrap_or_default();
+    let expiry = if id.not_after <= std::time::SystemTime::now() {
+        "EXPIRED"
+    } else {
+        "expires"
+    };
+    format!(
+        "certificate {} from {}, {expiry} {}, SHA-256 {}, key from {from}",
+        id.subject,
+        id.certificate_path.display(),
+        crate::clock::rfc3339(id.not_after),
+        id.fingerprint
+    )
+}
+
+/// How the client authenticates at the application layer (secret or assertion).
+fn client_method(config: &Config, a: &AccountConfig) -> String {
     let auth = a.client_auth.as_str();
     let secret = source(config, &format!("accounts.{}.client_secret", a.name));
     let kid = |key_id: &Option<String>| {

@@ -7,7 +7,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderName, HeaderValue};
 use reqwest::Url;
@@ -306,6 +306,10 @@ pub enum ClientAuth {
     PrivateKeyJwt,
     /// A JWT signed with HS256 over the client secret.
     ClientSecretJwt,
+    /// Mutual TLS with a certificate of the provider's PKI (RFC 8705 §2.1).
+    TlsClientAuth,
+    /// Mutual TLS with a self-signed certificate registered with the provider (RFC 8705 §2.2).
+    SelfSignedTlsClientAuth,
 }
 
 impl ClientAuth {
@@ -316,7 +320,17 @@ impl ClientAuth {
             ClientAuth::ClientSecretBasic => "client_secret_basic",
             ClientAuth::PrivateKeyJwt => "private_key_jwt",
             ClientAuth::ClientSecretJwt => "client_secret_jwt",
+            ClientAuth::TlsClientAuth => "tls_client_auth",
+            ClientAuth::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
         }
+    }
+
+    /// The methods whose only credential is the TLS client certificate (RFC 8705 §2).
+    pub fn is_mutual_tls(self) -> bool {
+        matches!(
+            self,
+            ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth
+        )
     }
 }
 
@@ -456,6 +470,9 @@ pub struct AccountConfig {
     pub limits: ProviderLimits,
     /// Extra CA certificates to trust for this provider (private PKI).
     pub ca_bundle: Option<Arc<CaBundle>>,
+    /// The TLS client certificate and key presented to every endpoint of the account
+    /// (`tls_client_auth`, or certificate-bound tokens with another method; RFC 8705).
+    pub tls_identity: Option<Arc<TlsIdentity>>,
     /// Files the current token is written to on every refresh.
     pub sinks: Vec<SinkConfig>,
     /// Run after the sinks are written, on every refresh.
@@ -558,6 +575,50 @@ pub enum Prompt {
 pub struct CaBundle {
     pub path: PathBuf,
     pub pem: Vec<u8>,
+}
+
+/// An account's TLS client certificate and key (`client_certificate`, `client_key`),
+/// read and checked at load time: the key parses, is not encrypted, and belongs to the
+/// certificate. Equal (and hashed) by the certificate and the key's fingerprint, so one
+/// HTTP client serves every account with the same identity.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    /// Where the certificate chain was read (for messages and `tokend check`).
+    pub certificate_path: PathBuf,
+    /// The chain as DER, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// The chain and the key as one PEM text, as the TLS client takes them.
+    pub pem: Secret,
+    /// The leaf's subject (RFC 4514), its end of validity, its SHA-256 fingerprint (hex).
+    pub subject: String,
+    pub not_after: SystemTime,
+    pub fingerprint: String,
+}
+
+impl fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsIdentity")
+            .field("certificate_path", &self.certificate_path)
+            .field("subject", &self.subject)
+            .field("fingerprint", &self.fingerprint)
+            .field("key", &"[redacted]")
+            .finish()
+    }
+}
+
+impl PartialEq for TlsIdentity {
+    fn eq(&self, other: &Self) -> bool {
+        self.chain == other.chain && self.pem == other.pem
+    }
+}
+
+impl Eq for TlsIdentity {}
+
+impl std::hash::Hash for TlsIdentity {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.chain.hash(state);
+        self.pem.fingerprint().hash(state);
+    }
 }
 
 /// What the loader may read besides the config text: environment variables and secret

@@ -129,6 +129,9 @@ pub(super) struct RawAccount {
     pub(super) signing_alg: Option<Spanned<String>>,
     pub(super) assertion_audience: Option<Spanned<String>>,
     pub(super) client_assertion: Option<Spanned<RawSecret>>,
+    /// RFC 8705: a PEM certificate chain (a path, not a secret) and its key (a secret).
+    pub(super) client_certificate: Option<Spanned<String>>,
+    pub(super) client_key: Option<Spanned<RawSecret>>,
     pub(super) credentials_file: Option<Spanned<String>>,
     pub(super) assertion_issuer: Option<Spanned<String>>,
     pub(super) assertion_subject: Option<Spanned<String>>,

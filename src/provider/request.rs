@@ -140,6 +140,11 @@ pub(super) fn build_request<'a>(
             let secret = account.client_secret.as_ref().map_or("", |s| s.expose());
             headers.insert(AUTHORIZATION, basic_auth(&account.client_id, secret));
         }
+        // RFC 8705 §2: the certificate in the handshake authenticates; the body names
+        // the client, and carries no secret.
+        ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => {
+            params.push(("client_id", &account.client_id));
+        }
     }
     if extra {
         for (k, v) in &account.extra_params {

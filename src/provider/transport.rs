@@ -12,9 +12,9 @@ use http_body_util::BodyExt;
 use reqwest::Url;
 use tower::ServiceExt;
 
-use super::error::{ProviderError, client_error, transport_message};
+use super::error::{ProviderError, client_error, transport_error};
 use super::request::PreparedRequest;
-use crate::config::{AccountConfig, CaBundle};
+use crate::config::{AccountConfig, CaBundle, TlsIdentity};
 
 /// How request bytes reach the provider: real HTTP, or an in-process router (the demo's
 /// embedded provider in tests that run on tokio's paused clock, where real sockets and
@@ -47,13 +47,19 @@ impl Transport {
     }
 }
 
-/// One shared HTTPS client with the system's trust roots, plus one per extra CA bundle
-/// (accounts with `ca_file`), built on first use and kept so connections are reused.
+/// One shared HTTPS client with the system's trust roots, plus one per distinct pair of
+/// extra CA bundle (`ca_file`) and TLS client identity (`client_certificate` +
+/// `client_key`, RFC 8705), built on first use and kept so connections are reused. A
+/// client holds at most one identity, so an identity is never presented to an account
+/// that did not configure it.
 pub struct HttpClients {
     connect_timeout: Duration,
     system: reqwest::Client,
-    with_ca: Mutex<HashMap<Arc<CaBundle>, reqwest::Client>>,
+    custom: Mutex<HashMap<ClientKey, reqwest::Client>>,
 }
+
+/// What makes a client other than the shared one.
+type ClientKey = (Option<Arc<CaBundle>>, Option<Arc<TlsIdentity>>);
 
 impl HttpClients {
     pub(super) fn new(connect_timeout: Duration) -> Result<HttpClients, ProviderError> {
@@ -63,7 +69,7 @@ impl HttpClients {
         Ok(HttpClients {
             connect_timeout,
             system,
-            with_ca: Mutex::new(HashMap::new()),
+            custom: Mutex::new(HashMap::new()),
         })
     }
 
@@ -77,21 +83,34 @@ impl HttpClients {
     }
 
     fn client(&self, account: &AccountConfig) -> Result<reqwest::Client, ProviderError> {
-        let Some(bundle) = &account.ca_bundle else {
+        let key: ClientKey = (account.ca_bundle.clone(), account.tls_identity.clone());
+        if key == (None, None) {
             return Ok(self.system.clone());
-        };
-        let mut cache = self.with_ca.lock().expect("client cache lock");
-        if let Some(c) = cache.get(bundle) {
+        }
+        let mut cache = self.custom.lock().expect("client cache lock");
+        if let Some(c) = cache.get(&key) {
             return Ok(c.clone());
         }
-        let certs = reqwest::Certificate::from_pem_bundle(&bundle.pem).map_err(|e| {
-            ProviderError::Transport(format!("ca_file {}: {e}", bundle.path.display()))
-        })?;
-        let client = HttpClients::builder(self.connect_timeout)
-            .tls_certs_merge(certs)
-            .build()
-            .map_err(|e| client_error(&e))?;
-        cache.insert(bundle.clone(), client.clone());
+        let mut builder = HttpClients::builder(self.connect_timeout);
+        if let Some(bundle) = &key.0 {
+            let certs = reqwest::Certificate::from_pem_bundle(&bundle.pem).map_err(|e| {
+                ProviderError::Transport(format!("ca_file {}: {e}", bundle.path.display()))
+            })?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        if let Some(identity) = &key.1 {
+            // Checked when the config loaded; a failure here names the file, not the key.
+            let id =
+                reqwest::Identity::from_pem(identity.pem.expose().as_bytes()).map_err(|_| {
+                    ProviderError::Transport(format!(
+                        "the client certificate {} and its key cannot be used for TLS",
+                        identity.certificate_path.display()
+                    ))
+                })?;
+            builder = builder.identity(id);
+        }
+        let client = builder.build().map_err(|e| client_error(&e))?;
+        cache.insert(key, client.clone());
         Ok(client)
     }
 }
@@ -112,21 +131,14 @@ async fn send_http(
             .header(ACCEPT, "application/json")
             .header(USER_AGENT, concat!("tokend/", env!("CARGO_PKG_VERSION"))),
     };
-    let mut response = builder
-        .send()
-        .await
-        .map_err(|e| ProviderError::Transport(transport_message(&e)))?;
+    let mut response = builder.send().await.map_err(|e| transport_error(&e))?;
     let status = response.status();
     let headers = response.headers().clone();
     if response.content_length().is_some_and(|n| n > limit as u64) {
         return Err(ProviderError::TooLarge(limit));
     }
     let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| ProviderError::Transport(transport_message(&e)))?
-    {
+    while let Some(chunk) = response.chunk().await.map_err(|e| transport_error(&e))? {
         if body.len() + chunk.len() > limit {
             return Err(ProviderError::TooLarge(limit));
         }

@@ -19,6 +19,7 @@ mod layout;
 mod local_attacker;
 mod login;
 mod logs;
+mod mtls;
 mod openapi;
 mod ops;
 mod postgres_store;

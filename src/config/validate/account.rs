@@ -45,7 +45,8 @@ impl Validator<'_> {
     ) -> AccountConfig {
         let k = |field: &str| format!("accounts.{name}.{field}");
         let (token_url, endpoints) = self.endpoints(&raw, &account_span, &k);
-        let client = self.client(&raw, account_span, &k);
+        let client = self.client(&raw, account_span.clone(), &k);
+        let tls_identity = self.tls_identity(&raw, client.auth, &account_span, &k);
         let token_url = token_url.or(client.token_uri);
         let scope = raw.scope.as_ref().and_then(|s| self.scope(s, &k("scope")));
         let extra_params = self.extra_params(raw.extra_params, &k);
@@ -85,6 +86,7 @@ impl Validator<'_> {
             refresh,
             limits,
             ca_bundle,
+            tls_identity,
             sinks,
             on_refresh,
         }
@@ -196,10 +198,11 @@ impl Validator<'_> {
                     );
                 }
                 // The assertion methods report their own needs (`credentials`).
-                let asserts = matches!(
-                    auth,
-                    ClientAuth::PrivateKeyJwt | ClientAuth::ClientSecretJwt
-                );
+                let asserts = auth.is_mutual_tls()
+                    || matches!(
+                        auth,
+                        ClientAuth::PrivateKeyJwt | ClientAuth::ClientSecretJwt
+                    );
                 if raw.client_secret.is_none() && !asserts {
                     self.report(
                         account_span.clone(),
@@ -229,6 +232,11 @@ impl Validator<'_> {
         };
         if raw.grant != RawGrant::JwtBearer {
             self.refuse_bearer_keys(raw, k);
+        }
+        self.refuse_secret_with_mutual_tls(raw, auth, k);
+        if auth.is_mutual_tls() && raw.client_id.is_none() && raw.grant == RawGrant::JwtBearer {
+            let msg = "is required with mutual TLS client authentication (RFC 8705 §2)";
+            self.report(account_span.clone(), k("client_id"), msg);
         }
         if auth == ClientAuth::ClientSecretBasic && raw.client_secret.is_none() {
             self.report(

@@ -42,7 +42,10 @@ impl Validator<'_> {
         };
         let source = match auth {
             // The jwt_bearer grant signs with these keys (`bearer`).
-            ClientAuth::ClientSecretPost | ClientAuth::ClientSecretBasic
+            ClientAuth::ClientSecretPost
+            | ClientAuth::ClientSecretBasic
+            | ClientAuth::TlsClientAuth
+            | ClientAuth::SelfSignedTlsClientAuth
                 if raw.grant == RawGrant::JwtBearer =>
             {
                 refuse(
@@ -52,7 +55,10 @@ impl Validator<'_> {
                 );
                 return None;
             }
-            ClientAuth::ClientSecretPost | ClientAuth::ClientSecretBasic => {
+            ClientAuth::ClientSecretPost
+            | ClientAuth::ClientSecretBasic
+            | ClientAuth::TlsClientAuth
+            | ClientAuth::SelfSignedTlsClientAuth => {
                 let why = format!(
                     "is for client_auth = \"private_key_jwt\" or \"client_secret_jwt\", not \"{}\"",
                     auth.as_str()

@@ -28,6 +28,7 @@ mod bearer;
 mod credentials;
 mod secret_files;
 mod state;
+mod tls_identity;
 
 /// What validation made of a parsed config.
 pub(super) struct Validated {

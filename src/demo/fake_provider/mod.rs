@@ -42,7 +42,15 @@ pub enum ClientAuth {
     Basic,
     /// A client assertion (RFC 7523 §2.2), checked against the spec's `jwt`.
     Jwt,
+    /// Mutual TLS (RFC 8705 §2): the spec's `tls_certificate` in the handshake, the
+    /// `client_id` in the body, no secret.
+    Tls,
 }
+
+/// The client certificate (DER) the TLS server in front of the provider received, as a
+/// request extension: the router never sees TLS, so whoever terminates it inserts this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCertificate(pub Vec<u8>);
 
 /// How a registered client encodes its token requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +76,9 @@ pub struct ClientSpec {
     pub jwt_without_expires_in: bool,
     /// With `auth: Jwt`: the key and claims its assertions must carry.
     pub jwt: Option<JwtClient>,
+    /// The client certificate (DER) every request must come with: required with
+    /// `auth: Tls`; with another method, a certificate-bound client (RFC 8705 §3).
+    pub tls_certificate: Option<Vec<u8>>,
 }
 
 impl ClientSpec {
@@ -82,6 +93,7 @@ impl ClientSpec {
             comma_scope: false,
             jwt_without_expires_in: false,
             jwt: None,
+            tls_certificate: None,
         }
     }
 
@@ -92,6 +104,17 @@ impl ClientSpec {
             client_secret: None,
             auth: ClientAuth::Jwt,
             jwt: Some(jwt),
+            ..ClientSpec::zywave(id, "")
+        }
+    }
+
+    /// A mutual TLS client (`tls_client_auth`, `self_signed_tls_client_auth`): known by
+    /// the certificate `cert_der`, which its requests must present in the handshake.
+    pub fn tls(id: &str, cert_der: Vec<u8>) -> ClientSpec {
+        ClientSpec {
+            client_secret: None,
+            auth: ClientAuth::Tls,
+            tls_certificate: Some(cert_der),
             ..ClientSpec::zywave(id, "")
         }
     }
@@ -153,6 +176,8 @@ pub struct Counts {
     pub refresh_grants: u64,
     pub client_credentials_grants: u64,
     pub jwt_bearer_grants: u64,
+    /// Requests that came with the client certificate their client is registered with.
+    pub client_certificates: u64,
     pub issued: u64,
     pub rejected: u64,
     /// Rotated-out refresh tokens presented again after the grace period: each one

@@ -706,7 +706,7 @@ impl Refresher {
                 }
                 let hint = match (e.oauth_error(), &config.grant) {
                     (Some("invalid_client"), _) => {
-                        " (check client_id, client_auth and its client_secret, private_key or client_assertion)"
+                        " (check client_id, client_auth and its client_secret, private_key, client_assertion or client_certificate)"
                     }
                     // No refresh token was refused: the assertion was (its key, iss, sub or
                     // aud, or the account's registration at the provider).

@@ -170,7 +170,7 @@ pub enum StateCommand {
         new: String,
     },
     /// Copy a stopped daemon's state directory (records, pending handoffs, the ledger of
-    /// spent refresh tokens) into the store the other config's [state] names, then mark
+    /// spent refresh tokens) into the store the other config's `[state]` names, then mark
     /// the directory as moved so that no tokend refreshes its chains again; nothing is
     /// sent to any provider. Safe to run again after an interruption.
     Copy {

@@ -60,8 +60,9 @@ fn https() -> Provider {
 async fn tls_client_auth_keeps_refreshing_over_https_and_revocation_presents_the_certificate() {
     let pki = Pki::new("bank test CA");
     let client = pki.client("tokend-bank");
-    // 2 s tokens: several refreshes on the real clock within a few seconds.
-    let fake = FakeProvider::new(S(2), Clock::system());
+    // 4 s tokens refreshed after a quarter of their life: several refreshes on the real
+    // clock within a few seconds, with 3 s to spare on a loaded machine.
+    let fake = FakeProvider::new(S(4), Clock::system());
     fake.register(ClientSpec::tls("bank-client", client.der.clone()));
     fake.register(ClientSpec {
         tls_certificate: Some(client.der.clone()),
@@ -74,7 +75,7 @@ async fn tls_client_auth_keeps_refreshing_over_https_and_revocation_presents_the
     let ca = write(dir.path(), "bank-ca.pem", &pki.ca_pem());
     let keys = tls_keys(dir.path(), &base, &ca, Some(("client", &client)));
     let config = parse_config(&format!(
-        "[state]\ndir = \"{}\"\n\n[refresh]\nmin_interval = \"0s\"\nmargin = \"0s\"\n\
+        "[state]\ndir = \"{}\"\n\n[refresh]\nratio = 0.25\nmin_interval = \"0s\"\nmargin = \"0s\"\n\
          \n[accounts.bank]\ngrant = \"refresh_token\"\nclient_id = \"bank-client\"\nclient_auth = \"tls_client_auth\"\nrefresh_token = \"{seed}\"\n{keys}\
          \n[accounts.bound]\ngrant = \"client_credentials\"\nclient_id = \"bound-client\"\nclient_secret = \"bound-secret\"\n{keys}",
         dir.path().display()
@@ -85,7 +86,7 @@ async fn tls_client_auth_keeps_refreshing_over_https_and_revocation_presents_the
         .start(config)
         .await;
 
-    // Bounded: each account refreshes about every 1.6 s.
+    // Bounded: each account refreshes about every second.
     let deadline = Instant::now() + S(30);
     while h.fake.counts().refresh_grants < 4 || h.fake.counts().client_credentials_grants < 4 {
         assert!(Instant::now() < deadline, "{:?}", h.fake.counts());

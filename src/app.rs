@@ -128,7 +128,7 @@ impl Daemon {
             keeper,
             config: config.clone(),
             store,
-            provider,
+            provider: provider.with_clock(clock.clone()),
             jumps,
             registry: Arc::new(Registry::default()),
             running: BTreeMap::new(),

@@ -21,6 +21,7 @@
 //!   account (per-account leases) and how the others follow its commits.
 //! - [`store`]: the narrow persistence interface, the atomic file store and the handoffs;
 //!   [`seal`]: optional encryption of the state files.
+//! - [`signing`]: the private keys that sign client assertions (PEM parsing, signing).
 //! - [`sinks`]: token files and rotation hooks.
 //! - [`access`]: consumers and what each may read.
 //! - [`token_cell`]: the published per-account snapshot and reader demands.
@@ -54,6 +55,7 @@ pub mod replica;
 pub mod schedule;
 pub mod seal;
 pub mod secret;
+pub mod signing;
 pub mod sinks;
 pub mod store;
 pub mod token_cell;

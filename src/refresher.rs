@@ -491,6 +491,7 @@ impl Refresher {
         let refresh_token = self.state.refresh_token.clone();
         let grant = match (&self.config().grant, &refresh_token) {
             (Grant::ClientCredentials, _) => TokenGrant::ClientCredentials,
+            (Grant::JwtBearer(_), _) => TokenGrant::JwtBearer,
             (Grant::RefreshToken { .. }, Some(rt)) => TokenGrant::RefreshToken(rt),
             (Grant::RefreshToken { .. }, None) => return false,
         };
@@ -703,8 +704,15 @@ impl Refresher {
                 if class == ErrorClass::Transient {
                     self.doubt.lost_response |= rotating && e.oauth_error().is_none();
                 }
-                let hint = match e.oauth_error() {
-                    Some("invalid_client") => " (check client_id, client_secret and client_auth)",
+                let hint = match (e.oauth_error(), &config.grant) {
+                    (Some("invalid_client"), _) => {
+                        " (check client_id, client_auth and its client_secret, private_key, client_assertion or client_certificate)"
+                    }
+                    // No refresh token was refused: the assertion was (its key, iss, sub or
+                    // aud, or the account's registration at the provider).
+                    (Some("invalid_grant"), Grant::JwtBearer(_)) => {
+                        " (check the assertion: credentials_file or private_key, assertion_issuer, assertion_subject, assertion_audience, and the account's registration at the provider)"
+                    }
                     _ => "",
                 };
                 self.retry_later(class, retry_after, message, hint, elapsed);

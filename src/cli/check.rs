@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::{
-    AccountConfig, ClientAuth, Config, Grant, HookAction, OnShutdown, RequestFormat, SinkFormat,
-    StateBackend,
+    AccountConfig, AssertionSource, BearerAssertion, ClientAssertion, Config, Grant, HookAction,
+    OnShutdown, RequestFormat, SinkFormat, StateBackend, TlsIdentity,
 };
 use crate::store::state_path;
 
@@ -87,15 +87,13 @@ fn request_rows(config: &Config, a: &AccountConfig) -> Vec<Row> {
             format!("the system's CAs and {}", ca.path.display()),
         ));
     }
-    let auth = match a.client_auth {
-        ClientAuth::ClientSecretPost => "client_secret_post",
-        ClientAuth::ClientSecretBasic => "client_secret_basic",
-    };
-    let client = match source(config, &format!("accounts.{}.client_secret", a.name)) {
-        Some(from) => format!("{auth}, secret from {from}"),
-        None => "no secret (public client)".into(),
-    };
-    rows.push(("client", format!("{} ({client})", a.client_id)));
+    if let Grant::JwtBearer(b) = &a.grant {
+        rows.push(("assertion", bearer_row(config, a, b)));
+    }
+    match a.client_id.as_str() {
+        "" => rows.push(("client", "none (the assertion is the grant)".into())),
+        id => rows.push(("client", format!("{id} ({})", client_auth(config, a)))),
+    }
     let format = match a.request_format {
         RequestFormat::Form => "form (application/x-www-form-urlencoded)",
         RequestFormat::Json => "json (application/json)",
@@ -118,6 +116,105 @@ fn request_rows(config: &Config, a: &AccountConfig) -> Vec<Row> {
         ));
     }
     rows
+}
+
+/// What the `jwt_bearer` assertion says and where its key comes from.
+fn bearer_row(config: &Config, a: &AccountConfig, b: &BearerAssertion) -> String {
+    let from = ["credentials_file", "private_key"]
+        .iter()
+        .find_map(|k| source(config, &format!("accounts.{}.{k}", a.name)))
+        .unwrap_or_default();
+    let mut row = format!(
+        "{} {} key from {from}, iss {}",
+        b.key.alg().name(),
+        b.key.describe(),
+        b.issuer
+    );
+    for (label, value) in [
+        ("kid", &b.key_id),
+        ("sub", &b.subject),
+        ("aud", &b.audience),
+    ] {
+        if let Some(v) = value {
+            row.push_str(&format!(", {label} {v}"));
+        }
+    }
+    if b.scope_in_claim {
+        row.push_str(", scope in the assertion");
+    }
+    row
+}
+
+/// How the client authenticates and where its secret or key comes from (never the
+/// value).
+fn client_auth(config: &Config, a: &AccountConfig) -> String {
+    let method = client_method(config, a);
+    match (&a.tls_identity, a.client_auth.is_mutual_tls()) {
+        (Some(id), true) => format!("{}, {}", a.client_auth.as_str(), certificate(config, a, id)),
+        (Some(id), false) => format!("{method}; and {}", certificate(config, a, id)),
+        (None, _) => method,
+    }
+}
+
+/// The TLS client certificate (RFC 8705) by its subject, expiry and fingerprint, and where
+/// its key comes from; never the key.
+fn certificate(config: &Config, a: &AccountConfig, id: &TlsIdentity) -> String {
+    let from = source(config, &format!("accounts.{}.client_key", a.name)).unwrap_or_default();
+    let expiry = if id.not_after <= std::time::SystemTime::now() {
+        "EXPIRED"
+    } else {
+        "expires"
+    };
+    format!(
+        "certificate {} from {}, {expiry} {}, SHA-256 {}, key from {from}",
+        id.subject,
+        id.certificate_path.display(),
+        crate::clock::rfc3339(id.not_after),
+        id.fingerprint
+    )
+}
+
+/// How the client authenticates at the application layer (secret or assertion).
+fn client_method(config: &Config, a: &AccountConfig) -> String {
+    let auth = a.client_auth.as_str();
+    let secret = source(config, &format!("accounts.{}.client_secret", a.name));
+    let kid = |key_id: &Option<String>| {
+        key_id
+            .as_ref()
+            .map(|k| format!(", kid {k}"))
+            .unwrap_or_default()
+    };
+    let aud = |assertion: &ClientAssertion| match &assertion.audience {
+        Some(aud) => format!(", aud {aud}"),
+        None => ", aud the token URL".into(),
+    };
+    match (&a.assertion, secret) {
+        (Some(assertion), secret) => match &assertion.source {
+            AssertionSource::PrivateKey { key, key_id } => {
+                let from =
+                    source(config, &format!("accounts.{}.private_key", a.name)).unwrap_or_default();
+                format!(
+                    "{auth}, {} {} key from {from}{}{}",
+                    key.alg().name(),
+                    key.describe(),
+                    kid(key_id),
+                    aud(assertion)
+                )
+            }
+            AssertionSource::ClientSecret { key_id } => format!(
+                "{auth}, HS256 over the secret from {}{}{}",
+                secret.unwrap_or_default(),
+                kid(key_id),
+                aud(assertion)
+            ),
+            AssertionSource::File(path) => format!(
+                "{auth}, ready-made assertion read from {} at every request",
+                path.display()
+            ),
+        },
+        (None, Some(from)) => format!("{auth}, secret from {from}"),
+        (None, None) => "no secret (public client)".into(),
+    }
 }
 
 /// Where the refresh token comes from and where the tokens go.

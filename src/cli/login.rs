@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::config::{AccountConfig, Config, Grant, is_loopback_host};
+use crate::config::{AccountConfig, Config, Grant, Prompt, is_loopback_host};
 use crate::provider::discovery::DiscoveryError;
 use crate::provider::{Provider, ProviderError, TokenGrant};
 use crate::secret::Secret;
@@ -43,10 +43,16 @@ pub const SLOW_DOWN_STEP: Duration = Duration::from_secs(5);
 pub enum LoginError {
     #[error("no account named {0:?} is configured")]
     UnknownAccount(String),
+    /// `login`, `import`, `logout` and `state` handle refresh tokens; `how` says where
+    /// the account's tokens come from instead.
     #[error(
-        "account {0} uses the client_credentials grant: it needs no login (tokend gets its tokens with the client secret)"
+        "account {account} uses the {grant} grant: it has no refresh token to log in, import or revoke ({how})"
     )]
-    NotRefreshToken(String),
+    NotRefreshToken {
+        account: String,
+        grant: &'static str,
+        how: &'static str,
+    },
     #[error("account {account} has no {what}: set it in the config, or set issuer to discover it")]
     Missing { account: String, what: &'static str },
     #[error(
@@ -142,7 +148,7 @@ impl LoginError {
         use super::exit;
         match self {
             LoginError::UnknownAccount(_)
-            | LoginError::NotRefreshToken(_)
+            | LoginError::NotRefreshToken { .. }
             | LoginError::NotListenable(_) => exit::USAGE,
             LoginError::Missing { .. } | LoginError::ManualNeedsRedirect(_) => exit::CONFIG,
             LoginError::Refused(e) if is_client_refused(e) => exit::NOPERM,
@@ -176,7 +182,16 @@ pub fn refresh_account(config: &Config, name: &str) -> Result<Arc<AccountConfig>
         .ok_or_else(|| LoginError::UnknownAccount(name.to_string()))?;
     match account.grant {
         Grant::RefreshToken { .. } => Ok(account),
-        Grant::ClientCredentials => Err(LoginError::NotRefreshToken(name.to_string())),
+        Grant::ClientCredentials => Err(LoginError::NotRefreshToken {
+            account: name.to_string(),
+            grant: "client_credentials",
+            how: "tokend gets each token with the client's credentials",
+        }),
+        Grant::JwtBearer(_) => Err(LoginError::NotRefreshToken {
+            account: name.to_string(),
+            grant: "jwt_bearer",
+            how: "tokend signs a new assertion for each token with its key",
+        }),
     }
 }
 
@@ -229,10 +244,7 @@ pub fn login_scope(account: &AccountConfig) -> Option<String> {
         .as_ref()
         .is_some_and(|s| s.iter().any(|x| x == "offline_access"));
     let scope = account.scope.clone();
-    let has = scope.as_deref().is_some_and(|s| {
-        s.split(|c: char| c == ',' || c.is_whitespace())
-            .any(|x| x == "offline_access")
-    });
+    let has = scope.as_deref().is_some_and(asks_offline);
     match scope {
         _ if !supported || has => scope,
         None => Some("offline_access".into()),
@@ -269,8 +281,32 @@ pub fn authorize_url(
         q.append_pair("state", state)
             .append_pair("code_challenge", code_challenge)
             .append_pair("code_challenge_method", "S256");
+        if let Some(prompt) = prompt(account, scope) {
+            q.append_pair("prompt", prompt);
+        }
+        for (k, v) in &account.authorize.params {
+            q.append_pair(k, v);
+        }
     }
     Ok(url)
+}
+
+/// The `prompt` to send: as configured, else `consent` when the scope asks for
+/// `offline_access` — OIDC Core §11 has a provider ignore `offline_access` without it,
+/// and then the login ends without a refresh token.
+fn prompt<'a>(account: &'a AccountConfig, scope: Option<&str>) -> Option<&'a str> {
+    match &account.authorize.prompt {
+        Prompt::Value(v) => Some(v),
+        Prompt::Omit => None,
+        Prompt::Auto => scope.is_some_and(asks_offline).then_some("consent"),
+    }
+}
+
+/// Whether a scope (space- or comma-separated) holds `offline_access`.
+fn asks_offline(scope: &str) -> bool {
+    scope
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .any(|x| x == "offline_access")
 }
 
 // ---------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderName, HeaderValue};
 use reqwest::Url;
@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::seal::Keyring;
 use crate::secret::Secret;
+use crate::signing::SigningKey;
 
 mod locate;
 mod raw;
@@ -264,6 +265,8 @@ pub enum Grant {
     RefreshToken { seed: Option<Secret> },
     /// RFC 6749 §4.4.
     ClientCredentials,
+    /// RFC 7523 §2.1: a JWT signed by tokend is the grant.
+    JwtBearer(BearerAssertion),
 }
 
 impl Grant {
@@ -271,16 +274,87 @@ impl Grant {
         match self {
             Grant::RefreshToken { .. } => "refresh_token",
             Grant::ClientCredentials => "client_credentials",
+            Grant::JwtBearer(_) => "jwt_bearer",
         }
     }
 }
 
-/// RFC 6749 §2.3.1: where the client credentials travel.
+/// The assertion of the `jwt_bearer` grant: from a Google service-account key file
+/// (`credentials_file`), or `private_key` + `assertion_issuer` + `assertion_subject`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BearerAssertion {
+    pub key: SigningKey,
+    pub key_id: Option<String>,
+    /// `iss`: the service account's email, or `assertion_issuer`.
+    pub issuer: String,
+    /// `sub`: `assertion_subject` (with a key file only for domain-wide delegation).
+    pub subject: Option<String>,
+    /// `aud`: `assertion_audience`; unset, the token endpoint URL.
+    pub audience: Option<String>,
+    /// The scope travels in the assertion's `scope` claim (Google), not as a parameter.
+    pub scope_in_claim: bool,
+}
+
+/// How the client authenticates: RFC 6749 §2.3.1 (the secret in the body or in Basic),
+/// or a client assertion (RFC 7523 §2.2, OIDC Core §9).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuth {
     ClientSecretPost,
     ClientSecretBasic,
+    /// A JWT signed with the client's private key, or a ready-made one from a file.
+    PrivateKeyJwt,
+    /// A JWT signed with HS256 over the client secret.
+    ClientSecretJwt,
+    /// Mutual TLS with a certificate of the provider's PKI (RFC 8705 §2.1).
+    TlsClientAuth,
+    /// Mutual TLS with a self-signed certificate registered with the provider (RFC 8705 §2.2).
+    SelfSignedTlsClientAuth,
+}
+
+impl ClientAuth {
+    /// The name used in `client_auth`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAuth::ClientSecretPost => "client_secret_post",
+            ClientAuth::ClientSecretBasic => "client_secret_basic",
+            ClientAuth::PrivateKeyJwt => "private_key_jwt",
+            ClientAuth::ClientSecretJwt => "client_secret_jwt",
+            ClientAuth::TlsClientAuth => "tls_client_auth",
+            ClientAuth::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
+        }
+    }
+
+    /// The methods whose only credential is the TLS client certificate (RFC 8705 §2).
+    pub fn is_mutual_tls(self) -> bool {
+        matches!(
+            self,
+            ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth
+        )
+    }
+}
+
+/// How `private_key_jwt` and `client_secret_jwt` make their client assertion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientAssertion {
+    pub source: AssertionSource,
+    /// `assertion_audience`: the `aud` claim. Unset: the token endpoint URL.
+    pub audience: Option<String>,
+}
+
+/// Where a client assertion comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AssertionSource {
+    /// Signed by tokend for every request with `private_key`; `key_id` is its `kid`.
+    PrivateKey {
+        key: SigningKey,
+        key_id: Option<String>,
+    },
+    /// `client_secret_jwt`: HS256 over `client_secret`, with `key_id` as `kid` if set.
+    ClientSecret { key_id: Option<String> },
+    /// `client_assertion = { file = … }`: a ready-made assertion (a Kubernetes projected
+    /// token), read again at every request because its issuer replaces it.
+    File(PathBuf),
 }
 
 /// The token request body's encoding: RFC 6749 form, or JSON as Zephr expects.
@@ -382,16 +456,23 @@ pub struct AccountConfig {
     pub client_id: String,
     pub client_secret: Option<Secret>,
     pub client_auth: ClientAuth,
+    /// Set exactly when `client_auth` is `private_key_jwt` or `client_secret_jwt`.
+    pub assertion: Option<ClientAssertion>,
     pub request_format: RequestFormat,
     /// Sent as configured (space- or comma-separated, as the provider wants it).
     pub scope: Option<String>,
     pub extra_params: BTreeMap<String, String>,
+    /// What `tokend login` adds to the authorization request.
+    pub authorize: AuthorizeOptions,
     /// Extra headers consumers must send with the token (e.g. Zywave's `Profile`).
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub refresh: RefreshPolicy,
     pub limits: ProviderLimits,
     /// Extra CA certificates to trust for this provider (private PKI).
     pub ca_bundle: Option<Arc<CaBundle>>,
+    /// The TLS client certificate and key presented to every endpoint of the account
+    /// (`tls_client_auth`, or certificate-bound tokens with another method; RFC 8705).
+    pub tls_identity: Option<Arc<TlsIdentity>>,
     /// Files the current token is written to on every refresh.
     pub sinks: Vec<SinkConfig>,
     /// Run after the sinks are written, on every refresh.
@@ -483,11 +564,78 @@ pub struct Endpoints {
     pub allow_insecure_http: bool,
 }
 
+/// What `tokend login` adds to its authorization request (RFC 6749 §4.1.1).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AuthorizeOptions {
+    pub prompt: Prompt,
+    /// `authorize_params`: provider-specific parameters (Google's `access_type`, Auth0's
+    /// `audience`), none of those tokend sets itself.
+    pub params: BTreeMap<String, String>,
+}
+
+/// The OpenID Connect `prompt` parameter (OIDC Core §3.1.2.1).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Prompt {
+    /// Unset: `consent` when the scope asks for `offline_access`, since OIDC Core §11
+    /// has a provider ignore `offline_access` without it (and then issue no refresh
+    /// token); nothing otherwise.
+    #[default]
+    Auto,
+    /// `prompt = "…"`: sent as written.
+    Value(String),
+    /// `prompt = ""`: never sent.
+    Omit,
+}
+
 /// The PEM certificates of an account's `ca_file`, read and checked at load time.
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct CaBundle {
     pub path: PathBuf,
     pub pem: Vec<u8>,
+}
+
+/// An account's TLS client certificate and key (`client_certificate`, `client_key`),
+/// read and checked at load time: the key parses, is not encrypted, and belongs to the
+/// certificate. Equal (and hashed) by the certificate and the key's fingerprint, so one
+/// HTTP client serves every account with the same identity.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    /// Where the certificate chain was read (for messages and `tokend check`).
+    pub certificate_path: PathBuf,
+    /// The chain as DER, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// The chain and the key as one PEM text, as the TLS client takes them.
+    pub pem: Secret,
+    /// The leaf's subject (RFC 4514), its end of validity, its SHA-256 fingerprint (hex).
+    pub subject: String,
+    pub not_after: SystemTime,
+    pub fingerprint: String,
+}
+
+impl fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsIdentity")
+            .field("certificate_path", &self.certificate_path)
+            .field("subject", &self.subject)
+            .field("fingerprint", &self.fingerprint)
+            .field("key", &"[redacted]")
+            .finish()
+    }
+}
+
+impl PartialEq for TlsIdentity {
+    fn eq(&self, other: &Self) -> bool {
+        self.chain == other.chain && self.pem == other.pem
+    }
+}
+
+impl Eq for TlsIdentity {}
+
+impl std::hash::Hash for TlsIdentity {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.chain.hash(state);
+        self.pem.fingerprint().hash(state);
+    }
 }
 
 /// What the loader may read besides the config text: environment variables and secret
@@ -601,6 +749,16 @@ mod test_env {
         e.files
             .insert(PathBuf::from("/run/secrets/zywave-rt"), "rt-seed\n".into());
         e
+    }
+
+    /// A fresh EC P-256 private key, PKCS#8 PEM: what `private_key` files hold.
+    pub(super) fn ec_key_pem() -> String {
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+        use base64::Engine as _;
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref());
+        format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n")
     }
 
     /// Validates `text` as `/etc/tokend/tokend.toml` in [`env`].

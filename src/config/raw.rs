@@ -107,6 +107,7 @@ pub(super) struct RawProvider {
 pub(super) enum RawGrant {
     RefreshToken,
     ClientCredentials,
+    JwtBearer,
 }
 
 #[derive(Deserialize)]
@@ -119,14 +120,29 @@ pub(super) struct RawAccount {
     pub(super) device_authorization_endpoint: Option<Spanned<String>>,
     pub(super) revocation_endpoint: Option<Spanned<String>>,
     pub(super) redirect_uri: Option<Spanned<String>>,
-    pub(super) client_id: Spanned<String>,
+    /// Required by every grant but `jwt_bearer`.
+    pub(super) client_id: Option<Spanned<String>>,
     pub(super) client_secret: Option<Spanned<RawSecret>>,
     pub(super) client_auth: Option<ClientAuth>,
+    pub(super) private_key: Option<Spanned<RawSecret>>,
+    pub(super) key_id: Option<Spanned<String>>,
+    pub(super) signing_alg: Option<Spanned<String>>,
+    pub(super) assertion_audience: Option<Spanned<String>>,
+    pub(super) client_assertion: Option<Spanned<RawSecret>>,
+    /// RFC 8705: a PEM certificate chain (a path, not a secret) and its key (a secret).
+    pub(super) client_certificate: Option<Spanned<String>>,
+    pub(super) client_key: Option<Spanned<RawSecret>>,
+    pub(super) credentials_file: Option<Spanned<String>>,
+    pub(super) assertion_issuer: Option<Spanned<String>>,
+    pub(super) assertion_subject: Option<Spanned<String>>,
     pub(super) request_format: Option<RequestFormat>,
     pub(super) scope: Option<Spanned<String>>,
     pub(super) refresh_token: Option<Spanned<RawSecret>>,
     #[serde(default)]
     pub(super) extra_params: BTreeMap<String, Spanned<String>>,
+    pub(super) prompt: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) authorize_params: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     pub(super) headers: BTreeMap<String, Spanned<String>>,
     #[serde(default)]

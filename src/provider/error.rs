@@ -64,6 +64,15 @@ pub enum ProviderError {
     TooLarge(usize),
     #[error("no {0} is configured or discovered for this account")]
     NoEndpoint(&'static str),
+    /// The client assertion could not be made (its file unreadable, signing failed):
+    /// nothing was sent.
+    #[error("{0}")]
+    Assertion(String),
+    /// The provider refused the TLS handshake over the client certificate (RFC 8705):
+    /// none presented where one is required, or not one it accepts. A registration or
+    /// configuration problem, so retried only slowly.
+    #[error("cannot reach the provider: {0}")]
+    ClientCertificate(String),
 }
 
 fn describe(description: &Option<String>) -> String {
@@ -97,7 +106,12 @@ impl ProviderError {
             | ProviderError::Timeout(_)
             | ProviderError::Malformed(_)
             | ProviderError::TooLarge(_) => ErrorClass::Transient,
-            ProviderError::NoEndpoint(_) => ErrorClass::Permanent,
+            // The file's writer (the kubelet, an agent) replaces it now and then: retried
+            // with backoff like an outage rather than slowly like a registration problem.
+            ProviderError::Assertion(_) => ErrorClass::Transient,
+            ProviderError::NoEndpoint(_) | ProviderError::ClientCertificate(_) => {
+                ErrorClass::Permanent
+            }
             ProviderError::Http { status, .. } => {
                 if is_transient_status(*status) {
                     ErrorClass::Transient
@@ -143,6 +157,34 @@ pub(super) fn client_error(e: &reqwest::Error) -> ProviderError {
         "cannot build the HTTP client ({}); is a CA certificate bundle installed (ca-certificates, /etc/ssl/certs)?",
         transport_message(e)
     ))
+}
+
+/// A failed send as a `ProviderError`: a handshake the server refused over the client
+/// certificate is told apart (and classed permanent) from any other transport failure.
+pub(super) fn transport_error(e: &reqwest::Error) -> ProviderError {
+    match tls_failure(e) {
+        Some(rustls::Error::AlertReceived(alert)) if refuses_client_certificate(*alert) => {
+            ProviderError::ClientCertificate(transport_message(e))
+        }
+        _ => ProviderError::Transport(transport_message(e)),
+    }
+}
+
+/// The alerts a server sends about the client's certificate (RFC 8446 §6.2): the client
+/// only receives these when its own certificate (or its absence) is the problem.
+fn refuses_client_certificate(alert: rustls::AlertDescription) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        alert,
+        A::CertificateRequired
+            | A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied
+    )
 }
 
 /// reqwest's Display stops at the outermost layer ("error sending request"); the cause
@@ -225,6 +267,12 @@ fn tls_reason(e: &rustls::Error) -> String {
             Cert::Revoked => "the certificate has been revoked".into(),
             other => format!("the certificate is not acceptable ({other:?})"),
         },
+        Error::AlertReceived(rustls::AlertDescription::CertificateRequired) => {
+            "the server requires a client certificate: set the account's client_certificate and client_key (RFC 8705)".into()
+        }
+        Error::AlertReceived(alert) if refuses_client_certificate(*alert) => format!(
+            "the server did not accept the client certificate ({alert:?}): is it the one registered with the provider, from a CA the provider trusts, and unexpired?"
+        ),
         Error::AlertReceived(alert) => format!("the server refused the handshake ({alert:?})"),
         Error::PeerIncompatible(_) => "no TLS version or cipher suite in common with the server".into(),
         other => other.to_string(),
@@ -488,5 +536,21 @@ mod tests {
             ))
             .contains("may speak plain HTTP")
         );
+        // RFC 8705: the server's word on our client certificate, and what to set.
+        let alert = |a| reason(Error::AlertReceived(a));
+        assert!(
+            alert(rustls::AlertDescription::CertificateRequired)
+                .contains("requires a client certificate: set the account's client_certificate")
+        );
+        assert!(
+            alert(rustls::AlertDescription::UnknownCA)
+                .contains("did not accept the client certificate")
+        );
+        assert!(super::refuses_client_certificate(
+            rustls::AlertDescription::BadCertificate
+        ));
+        assert!(!super::refuses_client_certificate(
+            rustls::AlertDescription::HandshakeFailure
+        ));
     }
 }

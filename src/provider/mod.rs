@@ -9,9 +9,11 @@ use reqwest::Url;
 use serde_json::Value;
 use zeroize::Zeroize;
 
-use crate::config::{AccountConfig, HostLimits};
+use crate::clock::Clock;
+use crate::config::{AccountConfig, Grant, HostLimits};
 use crate::secret::Secret;
 
+mod assertion;
 pub mod discovery;
 mod error;
 mod gate;
@@ -21,10 +23,11 @@ mod transport;
 
 pub use error::{ErrorClass, ProviderError, RetryAfter, transport_message};
 pub use gate::Turn;
-pub use request::{DEVICE_CODE_GRANT, TokenGrant};
+pub use request::{DEVICE_CODE_GRANT, JWT_BEARER_GRANT, TokenGrant};
 pub use response::{DeviceAuthorization, TokenResponse, jwt_exp, normalize_scope, parse_response};
 pub use transport::{HttpClients, Transport};
 
+use assertion::{bearer_assertion, client_assertion};
 use gate::HostGates;
 use request::{PreparedRequest, build_request, token_url};
 use response::{error_answer, parse_device_authorization, success_object};
@@ -36,6 +39,8 @@ use transport::RawResponse;
 pub struct Provider {
     transport: Transport,
     gates: Arc<HostGates>,
+    /// Dates client assertions (`iat`, `exp`).
+    clock: Clock,
 }
 
 impl Provider {
@@ -43,7 +48,14 @@ impl Provider {
         Provider {
             transport,
             gates: Arc::new(HostGates::new(HostLimits::default())),
+            clock: Clock::system(),
         }
+    }
+
+    /// The same client dating its client assertions by `clock` (the daemon's).
+    pub fn with_clock(mut self, clock: Clock) -> Provider {
+        self.clock = clock;
+        self
     }
 
     /// The same client with other per-host limits (before any request is made).
@@ -93,14 +105,33 @@ impl Provider {
     ) -> Result<TokenResponse, ProviderError> {
         let url = token_url(account)?;
         let mut params = grant.params();
+        let bearer = match (grant, &account.grant) {
+            (TokenGrant::JwtBearer, Grant::JwtBearer(b)) => {
+                Some((bearer_assertion(account, b, self.clock.now())?, b))
+            }
+            (TokenGrant::JwtBearer, _) => {
+                return Err(ProviderError::Assertion(
+                    "the account's grant is not jwt_bearer".into(),
+                ));
+            }
+            _ => None,
+        };
+        if let Some((assertion, _)) = &bearer {
+            params.push(("assertion", assertion.expose()));
+        }
+        let in_claim = bearer.as_ref().is_some_and(|(_, b)| b.scope_in_claim);
         if grant.sends_scope()
+            && !in_claim
             && let Some(scope) = &account.scope
         {
             params.push(("scope", scope));
         }
+        let assertion = client_assertion(account, self.clock.now())?;
         let mut secrets = grant.secrets();
+        secrets.extend(bearer.as_ref().map(|(a, _)| a));
         secrets.extend(account.client_secret.as_ref());
-        let request = build_request(account, params, true);
+        secrets.extend(assertion.as_ref());
+        let request = build_request(account, params, true, assertion.as_ref());
         let (status, headers, body) = self.exchange(turn, account, url, Some(request)).await?;
         parse_response(status, &headers, &body, &secrets)
     }
@@ -119,8 +150,9 @@ impl Provider {
         if let Some(scope) = &account.scope {
             params.push(("scope", scope.as_str()));
         }
-        let secrets: Vec<&Secret> = account.client_secret.iter().collect();
-        let request = build_request(account, params, true);
+        let assertion = client_assertion(account, self.clock.now())?;
+        let secrets: Vec<&Secret> = account.client_secret.iter().chain(&assertion).collect();
+        let request = build_request(account, params, true, assertion.as_ref());
         let (status, headers, body) = self
             .exchange(self.turn(url).await, account, url, Some(request))
             .await?;
@@ -143,9 +175,11 @@ impl Provider {
             ("token", refresh_token.expose()),
             ("token_type_hint", "refresh_token"),
         ];
+        let assertion = client_assertion(account, self.clock.now())?;
         let mut secrets = vec![refresh_token];
         secrets.extend(account.client_secret.as_ref());
-        let request = build_request(account, params, false);
+        secrets.extend(assertion.as_ref());
+        let request = build_request(account, params, false, assertion.as_ref());
         let (status, headers, body) = self
             .exchange(self.turn(url).await, account, url, Some(request))
             .await?;

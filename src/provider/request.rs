@@ -9,6 +9,7 @@ use reqwest::Url;
 use serde_json::Value;
 use zeroize::Zeroize;
 
+use super::assertion::CLIENT_ASSERTION_TYPE;
 use super::error::ProviderError;
 use crate::config::{AccountConfig, ClientAuth, RequestFormat};
 use crate::secret::Secret;
@@ -28,10 +29,14 @@ pub enum TokenGrant<'a> {
     },
     /// RFC 8628 §3.4.
     DeviceCode(&'a Secret),
+    /// RFC 7523 §2.1: the account's `jwt_bearer` assertion, made for each request.
+    JwtBearer,
 }
 
 /// RFC 8628 §3.4's grant type.
 pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+/// RFC 7523 §2.1's grant type.
+pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 impl TokenGrant<'_> {
     pub fn as_str(&self) -> &'static str {
@@ -40,6 +45,7 @@ impl TokenGrant<'_> {
             TokenGrant::ClientCredentials => "client_credentials",
             TokenGrant::AuthorizationCode { .. } => "authorization_code",
             TokenGrant::DeviceCode(_) => DEVICE_CODE_GRANT,
+            TokenGrant::JwtBearer => JWT_BEARER_GRANT,
         }
     }
 
@@ -59,6 +65,8 @@ impl TokenGrant<'_> {
                 params.push(("code_verifier", code_verifier.expose()));
             }
             TokenGrant::DeviceCode(dc) => params.push(("device_code", dc.expose())),
+            // The assertion is made at send time (it is dated): `Provider::request_token_in`.
+            TokenGrant::JwtBearer => {}
         }
         params
     }
@@ -67,7 +75,7 @@ impl TokenGrant<'_> {
     pub(super) fn secrets(&self) -> Vec<&Secret> {
         match self {
             TokenGrant::RefreshToken(rt) => vec![rt],
-            TokenGrant::ClientCredentials => vec![],
+            TokenGrant::ClientCredentials | TokenGrant::JwtBearer => vec![],
             TokenGrant::AuthorizationCode {
                 code,
                 code_verifier,
@@ -79,10 +87,11 @@ impl TokenGrant<'_> {
 
     /// The configured scope goes with the grants that request one (RFC 6749 §4.4.2,
     /// §6); the code and device grants carry the scope their authorization fixed.
+    /// A `jwt_bearer` grant from a key file carries it in the assertion instead.
     pub(super) fn sends_scope(&self) -> bool {
         matches!(
             self,
-            TokenGrant::RefreshToken(_) | TokenGrant::ClientCredentials
+            TokenGrant::RefreshToken(_) | TokenGrant::ClientCredentials | TokenGrant::JwtBearer
         )
     }
 }
@@ -100,15 +109,27 @@ pub(super) struct PreparedRequest {
     pub(super) body: Vec<u8>,
 }
 
-/// Adds the account's client authentication (and, with `extra`, its `extra_params`) to
+/// Adds the account's client authentication (with `assertion`, its client assertion) (and, with `extra`, its `extra_params`) to
 /// `params` and encodes them in the account's request format.
 pub(super) fn build_request<'a>(
     account: &'a AccountConfig,
     mut params: Vec<(&'a str, &'a str)>,
     extra: bool,
+    assertion: Option<&'a Secret>,
 ) -> PreparedRequest {
     let mut headers = HeaderMap::new();
     match account.client_auth {
+        // RFC 7523 §2.2; `client_id` too, which OIDC Core §9 allows and some providers
+        // (Entra ID) want.
+        ClientAuth::PrivateKeyJwt | ClientAuth::ClientSecretJwt => {
+            params.push(("client_id", &account.client_id));
+            if let Some(assertion) = assertion {
+                params.push(("client_assertion_type", CLIENT_ASSERTION_TYPE));
+                params.push(("client_assertion", assertion.expose()));
+            }
+        }
+        // A jwt_bearer account may be no client at all (RFC 7523 §2.1).
+        ClientAuth::ClientSecretPost if account.client_id.is_empty() => {}
         ClientAuth::ClientSecretPost => {
             params.push(("client_id", &account.client_id));
             if let Some(secret) = &account.client_secret {
@@ -118,6 +139,11 @@ pub(super) fn build_request<'a>(
         ClientAuth::ClientSecretBasic => {
             let secret = account.client_secret.as_ref().map_or("", |s| s.expose());
             headers.insert(AUTHORIZATION, basic_auth(&account.client_id, secret));
+        }
+        // RFC 8705 §2: the certificate in the handshake authenticates; the body names
+        // the client, and carries no secret.
+        ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => {
+            params.push(("client_id", &account.client_id));
         }
     }
     if extra {

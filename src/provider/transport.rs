@@ -12,9 +12,9 @@ use http_body_util::BodyExt;
 use reqwest::Url;
 use tower::ServiceExt;
 
-use super::error::{ProviderError, client_error, transport_message};
+use super::error::{ProviderError, client_error, transport_error};
 use super::request::PreparedRequest;
-use crate::config::{AccountConfig, CaBundle};
+use crate::config::{AccountConfig, CaBundle, TlsIdentity};
 
 /// How request bytes reach the provider: real HTTP, or an in-process router (the demo's
 /// embedded provider in tests that run on tokio's paused clock, where real sockets and
@@ -48,13 +48,19 @@ impl Transport {
 }
 
 /// One HTTPS client per trust setting: the system's roots, or those plus an account's
-/// extra CA bundle (`ca_file`); each built on first use and kept so connections are
-/// reused. Token requests and the proxy's upstream calls both take their clients here.
+/// extra CA bundle (`ca_file`), with or without a TLS client identity
+/// (`client_certificate` + `client_key`, RFC 8705); each built on first use and kept so
+/// connections are reused. A client holds at most one identity, so an identity is never
+/// presented for an account that did not configure it. Token requests and the proxy's
+/// upstream calls both take their clients here.
 pub struct HttpClients {
     connect_timeout: Duration,
-    /// `None`: the system's roots only.
-    clients: Mutex<HashMap<Option<Arc<CaBundle>>, reqwest::Client>>,
+    /// `(None, None)`: the system's roots only, no identity.
+    clients: Mutex<HashMap<ClientKey, reqwest::Client>>,
 }
+
+/// What sets a client apart: extra trust roots and a client identity.
+type ClientKey = (Option<Arc<CaBundle>>, Option<Arc<TlsIdentity>>);
 
 impl HttpClients {
     pub fn new(connect_timeout: Duration) -> HttpClients {
@@ -76,25 +82,36 @@ impl HttpClients {
     /// Builds the system roots' client now: without a usable TLS setup (no CA
     /// certificates installed) the daemon should not start.
     pub fn check(&self) -> Result<(), ProviderError> {
-        self.client_for(None).map(drop)
+        self.client_for((None, None)).map(drop)
     }
 
-    /// The client for `account`'s trust setting.
+    /// The client for `account`'s trust setting and identity.
     pub fn client(&self, account: &AccountConfig) -> Result<reqwest::Client, ProviderError> {
-        self.client_for(account.ca_bundle.clone())
+        self.client_for((account.ca_bundle.clone(), account.tls_identity.clone()))
     }
 
-    fn client_for(&self, key: Option<Arc<CaBundle>>) -> Result<reqwest::Client, ProviderError> {
+    fn client_for(&self, key: ClientKey) -> Result<reqwest::Client, ProviderError> {
         let mut cache = self.clients.lock().expect("client cache lock");
         if let Some(c) = cache.get(&key) {
             return Ok(c.clone());
         }
         let mut builder = HttpClients::builder(self.connect_timeout);
-        if let Some(bundle) = &key {
+        if let Some(bundle) = &key.0 {
             let certs = reqwest::Certificate::from_pem_bundle(&bundle.pem).map_err(|e| {
                 ProviderError::Transport(format!("ca_file {}: {e}", bundle.path.display()))
             })?;
             builder = builder.tls_certs_merge(certs);
+        }
+        if let Some(identity) = &key.1 {
+            // Checked when the config loaded; a failure here names the file, not the key.
+            let id =
+                reqwest::Identity::from_pem(identity.pem.expose().as_bytes()).map_err(|_| {
+                    ProviderError::Transport(format!(
+                        "the client certificate {} and its key cannot be used for TLS",
+                        identity.certificate_path.display()
+                    ))
+                })?;
+            builder = builder.identity(id);
         }
         let client = builder.build().map_err(|e| client_error(&e))?;
         cache.insert(key, client.clone());
@@ -118,21 +135,14 @@ async fn send_http(
             .header(ACCEPT, "application/json")
             .header(USER_AGENT, concat!("tokend/", env!("CARGO_PKG_VERSION"))),
     };
-    let mut response = builder
-        .send()
-        .await
-        .map_err(|e| ProviderError::Transport(transport_message(&e)))?;
+    let mut response = builder.send().await.map_err(|e| transport_error(&e))?;
     let status = response.status();
     let headers = response.headers().clone();
     if response.content_length().is_some_and(|n| n > limit as u64) {
         return Err(ProviderError::TooLarge(limit));
     }
     let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| ProviderError::Transport(transport_message(&e)))?
-    {
+    while let Some(chunk) = response.chunk().await.map_err(|e| transport_error(&e))? {
         if body.len() + chunk.len() > limit {
             return Err(ProviderError::TooLarge(limit));
         }

@@ -299,6 +299,47 @@ async fn login_over_a_loopback_redirect_stores_a_live_refresh_token() {
     );
 }
 
+/// A certified OpenID provider ignores `offline_access` without `prompt=consent` (OIDC
+/// Core §11) and then issues no refresh token: login sends it by itself, for the loopback
+/// and the manual flow, adds `authorize_params`, and `prompt = ""` sends none.
+#[tokio::test]
+async fn login_asks_for_consent_with_offline_access_as_a_certified_provider_requires() {
+    let (fake, base) = provider().await;
+    fake.set_offline_needs_consent(true);
+    let extra = "authorize_params = { access_type = \"offline\" }\n";
+    let w = setup(&format!("{}{extra}", discovered_account(&base)));
+    let mut cli = Cli::spawn(&["login", "zy", "--no-browser"], &w.config_path());
+    let url = cli.line_starting("http").await;
+    assert_eq!(query(&url, "prompt").as_deref(), Some("consent"), "{url}");
+    assert_eq!(query(&url, "access_type").as_deref(), Some("offline"));
+    http().get(authorize(&url).await).send().await.unwrap();
+    let (status, out, err) = cli.finish().await;
+    assert!(status.success(), "stdout {out}\nstderr {err}");
+    assert!(fake.is_live_refresh_token(&stored_refresh_token(&w, "zy")));
+
+    // --manual builds the same request.
+    let zephr = zephr_account(&base).replace("json\"\n", "json\"\nscope = \"offline_access\"\n");
+    let w = setup(&zephr);
+    let mut cli = Cli::spawn(&["login", "zephr", "--manual"], &w.config_path());
+    let url = cli.line_starting("http").await;
+    assert_eq!(query(&url, "prompt").as_deref(), Some("consent"), "{url}");
+    cli.send_stdin(&format!("{}\n", authorize(&url).await));
+    let (status, out, err) = cli.finish().await;
+    assert!(status.success(), "stdout {out}\nstderr {err}");
+    assert!(fake.is_live_refresh_token(&stored_refresh_token(&w, "zephr")));
+
+    // Overridden to send nothing: the provider grants no refresh token, and login says so.
+    let w = setup(&format!("{}prompt = \"\"\n", discovered_account(&base)));
+    let mut cli = Cli::spawn(&["login", "zy", "--no-browser"], &w.config_path());
+    let url = cli.line_starting("http").await;
+    assert_eq!(query(&url, "prompt"), None, "{url}");
+    http().get(authorize(&url).await).send().await.unwrap();
+    let (status, _, err) = cli.finish().await;
+    assert!(!status.success());
+    assert!(err.contains("no refresh token"), "{err}");
+    assert!(!w.state_file("zy").exists());
+}
+
 #[tokio::test]
 async fn a_redirect_with_another_state_is_refused_and_nothing_is_stored() {
     let (fake, base) = provider().await;

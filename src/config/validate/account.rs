@@ -15,17 +15,21 @@ use super::Validator;
 use crate::config::raw::{RawAccount, RawGrant, RawHook, RawProxy, RawSecret, RawSink};
 use crate::config::url_rules::check_endpoint_url;
 use crate::config::{
-    AccountConfig, AccountName, CaBundle, ClientAuth, Endpoints, Grant, HOOK_SIGNALS, HookAction,
-    HookConfig, ProviderLimits, ProxyConfig, RefreshPolicy, RequestFormat, SinkConfig,
+    AccountConfig, AccountName, AuthorizeOptions, CaBundle, ClientAssertion, ClientAuth, Endpoints,
+    Grant, HOOK_SIGNALS, HookAction, HookConfig, Prompt, ProviderLimits, ProxyConfig, RefreshPolicy,
+    RequestFormat, SinkConfig,
 };
 use crate::secret::Secret;
 
 /// Who the client is, how it authenticates, and the grant it uses.
 struct Client {
+    /// The token endpoint a service-account key file names.
+    token_uri: Option<Url>,
     grant: Grant,
     id: String,
     secret: Option<Secret>,
     auth: ClientAuth,
+    assertion: Option<ClientAssertion>,
     request_format: RequestFormat,
 }
 
@@ -41,9 +45,12 @@ impl Validator<'_> {
     ) -> AccountConfig {
         let k = |field: &str| format!("accounts.{name}.{field}");
         let (token_url, endpoints) = self.endpoints(&raw, &account_span, &k);
-        let client = self.client(&raw, account_span, &k);
+        let client = self.client(&raw, account_span.clone(), &k);
+        let tls_identity = self.tls_identity(&raw, client.auth, &account_span, &k);
+        let token_url = token_url.or(client.token_uri);
         let scope = raw.scope.as_ref().and_then(|s| self.scope(s, &k("scope")));
         let extra_params = self.extra_params(raw.extra_params, &k);
+        let authorize = self.authorize(raw.prompt.as_ref(), raw.authorize_params, &k);
         let headers = self.headers(raw.headers, &raw.profile, &raw.profile_token, &k);
         let sinks = raw
             .sinks
@@ -74,13 +81,16 @@ impl Validator<'_> {
             client_id: client.id,
             client_secret: client.secret,
             client_auth: client.auth,
+            assertion: client.assertion,
             request_format: client.request_format,
             scope,
             extra_params,
+            authorize,
             headers,
             refresh,
             limits,
             ca_bundle,
+            tls_identity,
             sinks,
             on_refresh,
             proxy,
@@ -144,7 +154,9 @@ impl Validator<'_> {
             }
             Some(i.get_ref().trim().to_string())
         });
-        if raw.token_url.is_none() && raw.issuer.is_none() {
+        // A service-account key file names its token endpoint (`bearer`).
+        let key_file_names_it = raw.grant == RawGrant::JwtBearer && raw.credentials_file.is_some();
+        if raw.token_url.is_none() && raw.issuer.is_none() && !key_file_names_it {
             self.report(
                 account_span.clone(),
                 k("token_url"),
@@ -185,10 +197,19 @@ impl Validator<'_> {
         account_span: Range<usize>,
         k: &dyn Fn(&str) -> String,
     ) -> Client {
-        let id = raw.client_id.get_ref().trim().to_string();
-        if id.is_empty() {
-            self.report(raw.client_id.span(), k("client_id"), "must not be empty");
-        }
+        let id = match &raw.client_id {
+            Some(id) if id.get_ref().trim().is_empty() => {
+                self.report(id.span(), k("client_id"), "must not be empty");
+                String::new()
+            }
+            Some(id) => id.get_ref().trim().to_string(),
+            // RFC 7523 §2.1: the assertion is the grant; a client is optional.
+            None if raw.grant == RawGrant::JwtBearer => String::new(),
+            None => {
+                self.report(account_span.clone(), k("client_id"), "is required");
+                String::new()
+            }
+        };
         let secret = raw
             .client_secret
             .as_ref()
@@ -196,6 +217,7 @@ impl Validator<'_> {
         let auth = raw.client_auth.unwrap_or(ClientAuth::ClientSecretPost);
         let request_format = raw.request_format.unwrap_or(RequestFormat::Form);
 
+        let mut token_uri = None;
         let grant = match raw.grant {
             RawGrant::RefreshToken => {
                 let seed = raw
@@ -212,28 +234,62 @@ impl Validator<'_> {
                         "a client_credentials account takes no refresh_token",
                     );
                 }
-                if raw.client_secret.is_none() {
+                // The assertion methods report their own needs (`credentials`).
+                let asserts = auth.is_mutual_tls()
+                    || matches!(
+                        auth,
+                        ClientAuth::PrivateKeyJwt | ClientAuth::ClientSecretJwt
+                    );
+                if raw.client_secret.is_none() && !asserts {
                     self.report(
                         account_span.clone(),
                         k("client_secret"),
-                        "a client_credentials account needs a client_secret",
+                        "a client_credentials account needs a client_secret (or client_auth = \"private_key_jwt\")",
                     );
                 }
                 Grant::ClientCredentials
             }
+            RawGrant::JwtBearer => {
+                if let Some(rt) = &raw.refresh_token {
+                    self.report(
+                        rt.span(),
+                        k("refresh_token"),
+                        "a jwt_bearer account takes no refresh_token",
+                    );
+                }
+                match self.bearer_assertion(raw, &account_span, k) {
+                    Some((assertion, uri)) => {
+                        token_uri = uri;
+                        Grant::JwtBearer(assertion)
+                    }
+                    // Reported; a stand-in, since a config with problems is not used.
+                    None => Grant::ClientCredentials,
+                }
+            }
         };
+        if raw.grant != RawGrant::JwtBearer {
+            self.refuse_bearer_keys(raw, k);
+        }
+        self.refuse_secret_with_mutual_tls(raw, auth, k);
+        if auth.is_mutual_tls() && raw.client_id.is_none() && raw.grant == RawGrant::JwtBearer {
+            let msg = "is required with mutual TLS client authentication (RFC 8705 §2)";
+            self.report(account_span.clone(), k("client_id"), msg);
+        }
         if auth == ClientAuth::ClientSecretBasic && raw.client_secret.is_none() {
             self.report(
-                account_span,
+                account_span.clone(),
                 k("client_secret"),
                 "client_auth = \"client_secret_basic\" needs a client_secret",
             );
         }
+        let assertion = self.client_assertion(raw, auth, &account_span, k);
         Client {
+            token_uri,
             grant,
             id,
             secret,
             auth,
+            assertion,
             request_format,
         }
     }
@@ -278,6 +334,52 @@ impl Validator<'_> {
             }
         }
         extra_params
+    }
+
+    /// `prompt` and `authorize_params`: what `tokend login` adds to the authorization
+    /// request, none of the parameters it sets itself.
+    fn authorize(
+        &mut self,
+        prompt: Option<&Spanned<String>>,
+        raw: BTreeMap<String, Spanned<String>>,
+        k: &dyn Fn(&str) -> String,
+    ) -> AuthorizeOptions {
+        const RESERVED: &[&str] = &[
+            "response_type",
+            "client_id",
+            "redirect_uri",
+            "state",
+            "code_challenge",
+            "code_challenge_method",
+            "scope",
+        ];
+        let prompt = match prompt.map(|p| (p.span(), p.get_ref().trim())) {
+            None => Prompt::Auto,
+            Some((_, "")) => Prompt::Omit,
+            Some((span, v)) if !v.chars().all(|c| c.is_ascii_graphic() || c == ' ') => {
+                self.report(span, k("prompt"), "must be printable ASCII, such as \"consent\" or \"login consent\" (\"\" sends none)");
+                Prompt::Auto
+            }
+            Some((_, v)) => Prompt::Value(v.to_string()),
+        };
+        let mut params = BTreeMap::new();
+        for (key, value) in raw {
+            let place = k(&format!("authorize_params.{key}"));
+            if RESERVED.contains(&key.as_str()) {
+                self.report(
+                    value.span(),
+                    place,
+                    format!("`{key}` is set by tokend itself and cannot be overridden"),
+                );
+            } else if key == "prompt" {
+                self.report(value.span(), place, "set `prompt` in the account instead");
+            } else if key.is_empty() {
+                self.report(value.span(), place, "a parameter name must not be empty");
+            } else {
+                params.insert(key, value.into_inner());
+            }
+        }
+        AuthorizeOptions { prompt, params }
     }
 
     /// The headers consumers must send with the token: `headers`, then the `Profile`
@@ -581,6 +683,32 @@ mod tests {
         let e = &c.accounts[&AccountName::parse("a").unwrap()].endpoints;
         assert_eq!(e.redirect_uri.as_ref().unwrap().port(), Some(9499));
         assert_eq!(e.authorization.as_ref().unwrap().query(), Some("tenant=1"));
+    }
+
+    #[test]
+    fn authorize_params_may_not_replace_what_login_sets_itself() {
+        let base = "[accounts.a]\ngrant = \"refresh_token\"\ntoken_url = \"https://x/t\"\nclient_id = \"c\"\n";
+        let c = load(&format!(
+            "{base}prompt = \"\"\nauthorize_params = {{ access_type = \"offline\" }}\n"
+        ))
+        .unwrap();
+        let a = &c.accounts[&AccountName::parse("a").unwrap()].authorize;
+        assert_eq!(a.prompt, crate::config::Prompt::Omit);
+        assert_eq!(a.params["access_type"], "offline");
+        let err = load(&format!(
+            "{base}authorize_params = {{ state = \"x\", prompt = \"login\", audience = \"api\" }}\n"
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "accounts.a.authorize_params.prompt",
+                "accounts.a.authorize_params.state"
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("set by tokend itself"), "{err}");
     }
 
     #[test]

@@ -24,8 +24,11 @@ use crate::seal::{Keyring, SealKey};
 use crate::secret::Secret;
 
 mod account;
+mod bearer;
+mod credentials;
 mod secret_files;
 mod state;
+mod tls_identity;
 
 /// What validation made of a parsed config.
 pub(super) struct Validated {
@@ -518,7 +521,7 @@ impl Validator<'_> {
         }
     }
 
-    fn secret(&mut self, raw: &Spanned<RawSecret>, key: &str) -> Option<Secret> {
+    pub(super) fn secret(&mut self, raw: &Spanned<RawSecret>, key: &str) -> Option<Secret> {
         let value = match raw.get_ref() {
             RawSecret::Literal(s) => {
                 self.literal_secrets = true;
@@ -568,7 +571,7 @@ impl Validator<'_> {
 
     /// A relative secret path is looked up in systemd's credentials directory first (so
     /// `LoadCredential=` works with bare names), then next to the config file.
-    fn secret_path(&self, path: &Path) -> PathBuf {
+    pub(super) fn secret_path(&self, path: &Path) -> PathBuf {
         if path.is_absolute() {
             return path.to_path_buf();
         }

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Query, State};
@@ -13,7 +14,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::token::reject_response;
-use super::{CodeRecord, DEVICE_CODE_GRANT, DeviceRecord, FakeProvider};
+use super::{CodeRecord, DEVICE_CODE_GRANT, DeviceRecord, FakeProvider, PeerCertificate};
 
 /// RFC 7636 §4.2: BASE64URL(SHA256(verifier)).
 pub(super) fn s256(verifier: &str) -> String {
@@ -68,6 +69,11 @@ pub(super) async fn authorize(
     }
     let code = inner.mint("code");
     let scope = q.get("scope").cloned();
+    let has = |list: Option<&String>, word: &str| {
+        list.is_some_and(|l| l.split([' ', ',']).any(|w| w == word))
+    };
+    let offline = !inner.offline_needs_consent
+        || (has(scope.as_ref(), "offline_access") && has(q.get("prompt"), "consent"));
     inner.codes.insert(
         code.clone(),
         CodeRecord {
@@ -75,6 +81,7 @@ pub(super) async fn authorize(
             redirect_uri: redirect_uri.clone(),
             challenge,
             scope,
+            offline,
             used: false,
         },
     );
@@ -84,14 +91,16 @@ pub(super) async fn authorize(
 /// `POST /device_authorization` (RFC 8628 §3.1, §3.2).
 pub(super) async fn device_authorization(
     State(provider): State<FakeProvider>,
+    peer: Option<Extension<PeerCertificate>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let mut inner = provider.lock();
-    let (client_id, params) = match provider.authenticate(&mut inner, &headers, &body) {
-        Ok(x) => x,
-        Err(reject) => return reject_response(reject),
-    };
+    let (client_id, params) =
+        match provider.authenticate(&mut inner, &headers, &body, peer.as_ref().map(|p| &p.0)) {
+            Ok(x) => x,
+            Err(reject) => return reject_response(reject),
+        };
     let device_code = inner.mint("dc");
     let n = inner.serial;
     let user_code = format!("WDJB-{n:04}");
@@ -120,14 +129,16 @@ pub(super) async fn device_authorization(
 /// `POST /revoke` (RFC 7009 §2): the token dies; unknown tokens are fine too (§2.2).
 pub(super) async fn revoke(
     State(provider): State<FakeProvider>,
+    peer: Option<Extension<PeerCertificate>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let mut inner = provider.lock();
-    let (client_id, params) = match provider.authenticate(&mut inner, &headers, &body) {
-        Ok(x) => x,
-        Err(reject) => return reject_response(reject),
-    };
+    let (client_id, params) =
+        match provider.authenticate(&mut inner, &headers, &body, peer.as_ref().map(|p| &p.0)) {
+            Ok(x) => x,
+            Err(reject) => return reject_response(reject),
+        };
     let token = params.get("token").cloned().unwrap_or_default();
     let owned = inner
         .refresh_tokens

@@ -8,7 +8,7 @@
 //! code exchange, device authorization with scriptable polling answers, revocation
 //! (RFC 7009) and RFC 8414 metadata naming its own base URL as issuer.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -18,8 +18,11 @@ use rand::Rng;
 
 use crate::clock::Clock;
 
+mod assertion;
 mod interactive;
 mod token;
+
+pub use assertion::{JwtClient, JwtKey};
 
 use interactive::{authorize, device_authorization, metadata, revoke, whoami};
 use token::token_endpoint;
@@ -27,6 +30,8 @@ use token::token_endpoint;
 /// RFC 8628 §3.4. Spelled out here rather than taken from the daemon: a test peer that
 /// shares the tested code's types would mirror its mistakes.
 const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+/// RFC 7523 §2.1.
+const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 /// Where a registered client puts its secret (RFC 6749 §2.3.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +40,17 @@ pub enum ClientAuth {
     Post,
     /// HTTP Basic, id and secret form-urlencoded first.
     Basic,
+    /// A client assertion (RFC 7523 §2.2), checked against the spec's `jwt`.
+    Jwt,
+    /// Mutual TLS (RFC 8705 §2): the spec's `tls_certificate` in the handshake, the
+    /// `client_id` in the body, no secret.
+    Tls,
 }
+
+/// The client certificate (DER) the TLS server in front of the provider received, as a
+/// request extension: the router never sees TLS, so whoever terminates it inserts this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCertificate(pub Vec<u8>);
 
 /// How a registered client encodes its token requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +74,11 @@ pub struct ClientSpec {
     pub comma_scope: bool,
     /// Issue JWT access tokens and omit `expires_in`: the lifetime is in the `exp` claim.
     pub jwt_without_expires_in: bool,
+    /// With `auth: Jwt`: the key and claims its assertions must carry.
+    pub jwt: Option<JwtClient>,
+    /// The client certificate (DER) every request must come with: required with
+    /// `auth: Tls`; with another method, a certificate-bound client (RFC 8705 §3).
+    pub tls_certificate: Option<Vec<u8>>,
 }
 
 impl ClientSpec {
@@ -72,6 +92,30 @@ impl ClientSpec {
             expires_in_as_string: false,
             comma_scope: false,
             jwt_without_expires_in: false,
+            jwt: None,
+            tls_certificate: None,
+        }
+    }
+
+    /// A client authenticating with assertions (`private_key_jwt`, `client_secret_jwt`):
+    /// form body, `expires_in` as a number.
+    pub fn assertion(id: &str, jwt: JwtClient) -> ClientSpec {
+        ClientSpec {
+            client_secret: None,
+            auth: ClientAuth::Jwt,
+            jwt: Some(jwt),
+            ..ClientSpec::zywave(id, "")
+        }
+    }
+
+    /// A mutual TLS client (`tls_client_auth`, `self_signed_tls_client_auth`): known by
+    /// the certificate `cert_der`, which its requests must present in the handshake.
+    pub fn tls(id: &str, cert_der: Vec<u8>) -> ClientSpec {
+        ClientSpec {
+            client_secret: None,
+            auth: ClientAuth::Tls,
+            tls_certificate: Some(cert_der),
+            ..ClientSpec::zywave(id, "")
         }
     }
 
@@ -131,6 +175,9 @@ pub struct Counts {
     pub token_requests: u64,
     pub refresh_grants: u64,
     pub client_credentials_grants: u64,
+    pub jwt_bearer_grants: u64,
+    /// Requests that came with the client certificate their client is registered with.
+    pub client_certificates: u64,
     pub issued: u64,
     pub rejected: u64,
     /// Rotated-out refresh tokens presented again after the grace period: each one
@@ -170,11 +217,20 @@ struct Inner {
     codes: HashMap<String, CodeRecord>,
     /// The next authorization is refused by the "user" (`error=access_denied`).
     deny_next: bool,
+    /// Like a certified OpenID provider (OIDC Core §11): `offline_access` counts only
+    /// with `prompt=consent`, and a code grants a refresh token only then.
+    offline_needs_consent: bool,
     devices: HashMap<String, DeviceRecord>,
     device_script: VecDeque<DevicePoll>,
     device_interval: u64,
     device_polls: Vec<SystemTime>,
     revoked: Vec<String>,
+    /// Every `jti` of an accepted client assertion.
+    seen_jtis: HashSet<String>,
+    /// Why each refused client assertion was refused, in order.
+    assertion_rejections: Vec<&'static str>,
+    /// Who may sign `jwt-bearer` grants, by `iss`.
+    bearer_issuers: HashMap<String, JwtClient>,
 }
 
 struct CodeRecord {
@@ -182,6 +238,8 @@ struct CodeRecord {
     redirect_uri: String,
     challenge: String,
     scope: Option<String>,
+    /// The exchange may issue a refresh token.
+    offline: bool,
     used: bool,
 }
 
@@ -235,11 +293,15 @@ impl FakeProvider {
                 redirect_uris: HashMap::new(),
                 codes: HashMap::new(),
                 deny_next: false,
+                offline_needs_consent: false,
                 devices: HashMap::new(),
                 device_script: VecDeque::new(),
                 device_interval: 5,
                 device_polls: Vec::new(),
                 revoked: Vec::new(),
+                seen_jtis: HashSet::new(),
+                assertion_rejections: Vec::new(),
+                bearer_issuers: HashMap::new(),
             })),
             clock,
         }
@@ -360,6 +422,12 @@ impl FakeProvider {
         self.lock().deny_next = true;
     }
 
+    /// Behaves like a certified OpenID provider: a login yields a refresh token only
+    /// when it asked for `offline_access` with `prompt=consent` (OIDC Core §11).
+    pub fn set_offline_needs_consent(&self, on: bool) {
+        self.lock().offline_needs_consent = on;
+    }
+
     /// The `interval` device authorization responses name, in seconds (default 5).
     pub fn set_device_interval(&self, secs: u64) {
         self.lock().device_interval = secs;
@@ -398,6 +466,25 @@ impl FakeProvider {
     /// Every token revoked through `POST /revoke`, in order.
     pub fn revoked(&self) -> Vec<String> {
         self.lock().revoked.clone()
+    }
+
+    /// Accepts `jwt-bearer` grants (RFC 7523 §2.1) signed as `issuer` says: a service
+    /// account's key, its `iss`, `sub` and `aud`.
+    pub fn register_bearer_issuer(&self, issuer: JwtClient) {
+        self.lock()
+            .bearer_issuers
+            .insert(issuer.issuer.clone(), issuer);
+    }
+
+    /// How many distinct `jti`s client assertions have carried.
+    pub fn distinct_jtis(&self) -> usize {
+        self.lock().seen_jtis.len()
+    }
+
+    /// Why each refused client assertion was refused (`"jti replayed"`,
+    /// `"wrong audience"`, `"the assertion has expired"`, …), in order.
+    pub fn assertion_rejections(&self) -> Vec<&'static str> {
+        self.lock().assertion_rejections.clone()
     }
 
     /// `POST /token` (the token endpoint), `GET /api/whoami` (a resource that checks the

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::SystemTime;
 
+use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -13,9 +14,11 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde_json::{Map, Value, json};
 
+use super::assertion;
 use super::interactive::s256;
 use super::{
     BodyFormat, ClientAuth, ClientSpec, DEVICE_CODE_GRANT, DevicePoll, FakeProvider, Fault, Inner,
+    JWT_BEARER_GRANT, PeerCertificate,
 };
 
 impl FakeProvider {
@@ -26,6 +29,7 @@ impl FakeProvider {
         inner: &mut Inner,
         headers: &HeaderMap,
         body: &[u8],
+        peer: Option<&PeerCertificate>,
     ) -> Result<(String, HashMap<String, String>), Reject> {
         let is_json = headers
             .get(header::CONTENT_TYPE)
@@ -62,7 +66,22 @@ impl FakeProvider {
                 "wrong request content type for this client",
             ));
         }
+        check_certificate(inner, &spec, peer)?;
         let presented_secret = match spec.auth {
+            ClientAuth::Tls => {
+                let secret = ["client_secret", "client_assertion"]
+                    .iter()
+                    .any(|k| params.contains_key(*k));
+                if basic.is_some() || secret {
+                    inner.counts.rejected += 1;
+                    return Err(oauth_error(
+                        400,
+                        "invalid_request",
+                        "a tls_client_auth client sends no secret",
+                    ));
+                }
+                return Ok((client_id, params));
+            }
             ClientAuth::Basic => {
                 if params.contains_key("client_secret") {
                     inner.counts.rejected += 1;
@@ -73,6 +92,11 @@ impl FakeProvider {
                     ));
                 }
                 basic.map(|(_, s)| s)
+            }
+            ClientAuth::Jwt => {
+                let now = self.clock.now();
+                assertion::authenticate(inner, &spec, basic.is_some(), &params, now)?;
+                return Ok((client_id, params));
             }
             ClientAuth::Post => {
                 if basic.is_some() {
@@ -97,10 +121,20 @@ impl FakeProvider {
         Ok((client_id, params))
     }
 
-    fn answer(&self, headers: &HeaderMap, body: &[u8]) -> Result<Value, Reject> {
+    fn answer(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        peer: Option<&PeerCertificate>,
+    ) -> Result<Value, Reject> {
         let mut inner = self.lock();
         let now = self.clock.now();
-        let (client_id, params) = self.authenticate(&mut inner, headers, body)?;
+        if let Some(params) = unauthenticated_bearer(headers, body) {
+            let scope = assertion::bearer_grant(&mut inner, &params, now)?;
+            let spec = ClientSpec::zywave("", "");
+            return Ok(inner.token_answer(&spec, "jwt-bearer", scope, None, now));
+        }
+        let (client_id, params) = self.authenticate(&mut inner, headers, body, peer)?;
         let spec = inner.clients[&client_id].clone();
         let (scope, new_refresh) = match params.get("grant_type").map(String::as_str) {
             Some("refresh_token") => inner.refresh_grant(&client_id, &params, now)?,
@@ -110,6 +144,7 @@ impl FakeProvider {
             }
             Some("authorization_code") => inner.code_grant(&client_id, &params)?,
             Some(DEVICE_CODE_GRANT) => inner.device_grant(&client_id, &params, now)?,
+            Some(JWT_BEARER_GRANT) => (assertion::bearer_grant(&mut inner, &params, now)?, None),
             _ => {
                 inner.counts.rejected += 1;
                 return Err(oauth_error(
@@ -214,8 +249,10 @@ impl Inner {
             ));
         }
         let scope = record.scope.clone();
-        let token = self.new_refresh_token(client_id, scope.clone());
-        Ok((scope, Some(token)))
+        let token = record
+            .offline
+            .then(|| self.new_refresh_token(client_id, scope.clone()));
+        Ok((scope, token))
     }
 
     /// RFC 8628 §3.4, §3.5, with the scripted poll answers first.
@@ -312,6 +349,37 @@ impl Inner {
     }
 }
 
+/// RFC 8705: a client registered with a certificate must have presented exactly that one
+/// in the handshake; compared by DER, so another certificate for the same subject (or
+/// from the same CA) is refused too.
+fn check_certificate(
+    inner: &mut Inner,
+    spec: &ClientSpec,
+    peer: Option<&PeerCertificate>,
+) -> Result<(), Reject> {
+    let Some(expected) = &spec.tls_certificate else {
+        return Ok(());
+    };
+    let reason = match peer {
+        Some(PeerCertificate(der)) if der == expected => {
+            inner.counts.client_certificates += 1;
+            return Ok(());
+        }
+        Some(_) => "not the client certificate registered for this client",
+        None => "no client certificate in the TLS handshake",
+    };
+    inner.counts.rejected += 1;
+    Err(oauth_error(401, "invalid_client", reason))
+}
+
+/// The form of a `jwt-bearer` grant that names no client (RFC 7523 §2.1 allows it).
+fn unauthenticated_bearer(headers: &HeaderMap, body: &[u8]) -> Option<HashMap<String, String>> {
+    let params: HashMap<String, String> = form_urlencoded::parse(body).into_owned().collect();
+    let anonymous = basic_credentials(headers).is_none() && !params.contains_key("client_id");
+    (anonymous && params.get("grant_type").map(String::as_str) == Some(JWT_BEARER_GRANT))
+        .then_some(params)
+}
+
 fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let encoded = value.strip_prefix("Basic ")?;
@@ -348,6 +416,7 @@ pub(super) fn reject_response(Reject(status, error, description): Reject) -> Res
 
 pub(super) async fn token_endpoint(
     State(provider): State<FakeProvider>,
+    peer: Option<Extension<PeerCertificate>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -382,11 +451,11 @@ pub(super) async fn token_endpoint(
             return Json(json!({ "token_type": "bearer", "expires_in": 60 })).into_response();
         }
         Some(Fault::LoseResponse) => {
-            let _ = provider.answer(&headers, &body);
+            let _ = provider.answer(&headers, &body, peer.as_ref().map(|p| &p.0));
             return (StatusCode::BAD_GATEWAY, "response lost").into_response();
         }
     }
-    let answer = provider.answer(&headers, &body);
+    let answer = provider.answer(&headers, &body, peer.as_ref().map(|p| &p.0));
     let latency = provider.lock().latency;
     if !latency.is_zero() {
         // A guard, because the server drops this future when the client hangs up.

@@ -72,12 +72,19 @@ pub struct Builder {
     dir: TempDir,
     store: Option<Arc<dyn Store>>,
     routes: Option<Router>,
+    provider: Option<Provider>,
 }
 
 impl Builder {
     /// The store instead of a `FileStore` at the config's state dir.
     pub fn store(mut self, store: Arc<dyn Store>) -> Builder {
         self.store = Some(store);
+        self
+    }
+
+    /// This provider client (real HTTP, say) instead of the in-process transport.
+    pub fn provider(mut self, provider: Provider) -> Builder {
+        self.provider = Some(provider);
         self
     }
 
@@ -105,8 +112,10 @@ impl Builder {
             Some(extra) => self.fake.router().merge(extra),
             None => self.fake.router(),
         };
-        let provider =
-            Provider::new(Transport::InProcess(routes)).with_host_limits(config.per_host);
+        let provider = self
+            .provider
+            .unwrap_or_else(|| Provider::new(Transport::InProcess(routes)))
+            .with_host_limits(config.per_host);
         let daemon = Daemon::start(config, store, provider, self.clock.clone()).await;
         let api = daemon.router();
         Harness {
@@ -129,6 +138,7 @@ impl Harness {
             dir,
             store: None,
             routes: None,
+            provider: None,
         }
     }
 

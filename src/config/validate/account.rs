@@ -16,8 +16,8 @@ use crate::config::raw::{RawAccount, RawGrant, RawHook, RawProxy, RawSecret, Raw
 use crate::config::url_rules::check_endpoint_url;
 use crate::config::{
     AccountConfig, AccountName, AuthorizeOptions, CaBundle, ClientAssertion, ClientAuth, Endpoints,
-    Grant, HOOK_SIGNALS, HookAction, HookConfig, Prompt, ProviderLimits, ProxyConfig, RefreshPolicy,
-    RequestFormat, SinkConfig,
+    Grant, HOOK_SIGNALS, HookAction, HookConfig, Prompt, ProviderLimits, ProxyConfig,
+    RefreshPolicy, RequestFormat, SinkConfig,
 };
 use crate::secret::Secret;
 

@@ -3,7 +3,8 @@
 //! the test. The daemon keeps refreshing with its certificate (`tls_client_auth`, and a
 //! secret-authenticated client whose tokens are bound to it); revocation presents it too;
 //! without it, or with another one, the provider's refusal is classified and permanent;
-//! `self_signed_tls_client_auth` works with a self-signed certificate.
+//! `self_signed_tls_client_auth` works with a self-signed certificate; the proxy presents
+//! the identity to the account's API, so certificate-bound tokens work through it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -77,7 +78,8 @@ async fn tls_client_auth_keeps_refreshing_over_https_and_revocation_presents_the
     let config = parse_config(&format!(
         "[state]\ndir = \"{}\"\n\n[refresh]\nratio = 0.25\nmin_interval = \"0s\"\nmargin = \"0s\"\n\
          \n[accounts.bank]\ngrant = \"refresh_token\"\nclient_id = \"bank-client\"\nclient_auth = \"tls_client_auth\"\nrefresh_token = \"{seed}\"\n{keys}\
-         \n[accounts.bound]\ngrant = \"client_credentials\"\nclient_id = \"bound-client\"\nclient_secret = \"bound-secret\"\n{keys}",
+         \n[accounts.bound]\ngrant = \"client_credentials\"\nclient_id = \"bound-client\"\nclient_secret = \"bound-secret\"\n{keys}\
+         \n[accounts.bound.proxy]\nupstream = \"{base}/api\"\n",
         dir.path().display()
     ));
     let bank = account(&config, "bank");
@@ -103,6 +105,25 @@ async fn tls_client_auth_keeps_refreshing_over_https_and_revocation_presents_the
         let (status, _) = h.get(&format!("/v1/token/{name}")).await;
         assert_eq!(status, 200, "{name}");
     }
+
+    // The proxy presents the identity to the account's API too, so a certificate-bound
+    // token (RFC 8705 §3) works through it; the same token without the certificate does not.
+    let (status, answer) = h.get("/proxy/bound/whoami").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["certificate_bound"], true, "{answer}");
+    let token = h.token("bound").await;
+    let without_identity = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let direct = without_identity
+        .get(format!("{base}/api/whoami"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(direct.status(), 401, "a bound token alone is refused");
 
     // `tokend logout` revokes through the same transport, so with the same identity.
     let before = h.fake.counts().client_certificates;

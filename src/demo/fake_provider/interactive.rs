@@ -175,21 +175,41 @@ pub(super) async fn metadata(State(provider): State<FakeProvider>) -> Response {
     .into_response()
 }
 
-pub(super) async fn whoami(State(provider): State<FakeProvider>, headers: HeaderMap) -> Response {
+/// A resource of the provider's API: who the token's holder is. A token bound to a
+/// client certificate (RFC 8705 §3) is accepted only with that certificate in the
+/// handshake, as a resource server checks `cnf.x5t#S256`.
+pub(super) async fn whoami(
+    State(provider): State<FakeProvider>,
+    peer: Option<Extension<PeerCertificate>>,
+    headers: HeaderMap,
+) -> Response {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match token {
-        Some(t) if provider.is_valid_access_token(t) => Json(
-            json!({ "ok": true, "profile": headers.get("profile").and_then(|v| v.to_str().ok()) }),
-        )
-        .into_response(),
-        _ => (
+    let refuse = |why: &'static str| {
+        (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer error=\"invalid_token\"")],
-            "invalid or expired token",
+            why,
         )
-            .into_response(),
+            .into_response()
+    };
+    let Some(token) = token.filter(|t| provider.is_valid_access_token(t)) else {
+        return refuse("invalid or expired token");
+    };
+    let bound = provider.lock().bound_tokens.get(token).cloned();
+    let presented = peer.map(|Extension(PeerCertificate(der))| der);
+    if bound
+        .as_ref()
+        .is_some_and(|der| Some(der) != presented.as_ref())
+    {
+        return refuse("a certificate-bound token without its certificate");
     }
+    Json(json!({
+        "ok": true,
+        "profile": headers.get("profile").and_then(|v| v.to_str().ok()),
+        "certificate_bound": bound.is_some(),
+    }))
+    .into_response()
 }

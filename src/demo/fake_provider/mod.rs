@@ -227,6 +227,8 @@ struct Inner {
     revoked: Vec<String>,
     /// Every `jti` of an accepted client assertion.
     seen_jtis: HashSet<String>,
+    /// Access tokens bound to a client certificate (RFC 8705 §3), with its DER.
+    bound_tokens: HashMap<String, Vec<u8>>,
     /// Why each refused client assertion was refused, in order.
     assertion_rejections: Vec<&'static str>,
     /// Who may sign `jwt-bearer` grants, by `iss`.
@@ -300,6 +302,7 @@ impl FakeProvider {
                 device_polls: Vec::new(),
                 revoked: Vec::new(),
                 seen_jtis: HashSet::new(),
+                bound_tokens: HashMap::new(),
                 assertion_rejections: Vec::new(),
                 bearer_issuers: HashMap::new(),
             })),

@@ -323,6 +323,9 @@ impl Inner {
             self.mint("at")
         };
         self.access_tokens.insert(access.clone(), now + lifetime);
+        if let Some(der) = &spec.tls_certificate {
+            self.bound_tokens.insert(access.clone(), der.clone());
+        }
         self.counts.issued += 1;
 
         let mut response = json!({ "access_token": access, "token_type": "bearer" });

@@ -444,15 +444,17 @@ async fn the_daemon_leaves_no_core_dump_and_no_memory_to_read() {
         .expect("spawn the control process");
         // Generous: a loaded 2-core machine (the whole suite at once) can take seconds.
         let deadline = Instant::now() + Duration::from_secs(20);
-        // setpriv starts as root and drops to the uid before it runs sleep.
-        while proc_owner_and_uid(control.pid()).1 != uid {
+        // setpriv starts as root and drops to the uid before it runs sleep; between the
+        // two the kernel keeps it undumpable (owned by root), so wait for the exec too:
+        // what counts is that the probe sees a dumpable process of this uid as its own.
+        while proc_owner_and_uid(control.pid()) != (uid, uid) {
             assert!(
                 Instant::now() < deadline,
-                "the control never took uid {uid}"
+                "the control never became a dumpable process of uid {uid}: {:?}",
+                proc_owner_and_uid(control.pid())
             );
             tokio::time::sleep(POLL).await;
         }
-        assert_eq!(proc_owner_and_uid(control.pid()), (uid, uid), "the control");
         control.signal("KILL");
         assert_eq!(
             owner, 0,

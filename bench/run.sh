@@ -7,7 +7,8 @@
 #                                #   with a warm target dir; a cold release build adds ~5 min)
 #   bash bench/run.sh --quick    # smoke test: small sizes, ~70 s after the build
 #
-# The high-availability rows (several replicas on one PostgreSQL) come last, from
+# Section 8 measures the proxy (/proxy/{account}/...) against direct calls to the same
+# upstream. The high-availability rows (several replicas on one PostgreSQL) come last, from
 # bench/ha.sh (also runnable alone); --no-ha leaves them out.
 #
 # Options:
@@ -132,6 +133,48 @@ P99=$(calc "sprintf(\"%.3f\", $(get p99_us "$OUT/reads/rate-tokend.txt") / 1000)
 HP99=$(calc "sprintf(\"%.3f\", $(get p99_us "$OUT/reads/rate-hello.txt") / 1000)")
 row "1b token read p99 at $HALF req/s (half of peak)" "$P99" "$HP99" "<" 1 ms \
   "fixed-rate open loop (bench_client rate), $CONNS conns; achieved $(get achieved_rps "$OUT/reads/rate-tokend.txt") req/s, non-200 $(get non_200 "$OUT/reads/rate-tokend.txt"), p50 $(get p50_us "$OUT/reads/rate-tokend.txt") us, p999 $(get p999_us "$OUT/reads/rate-tokend.txt") us, generator lag p99 $(get lag_p99_us "$OUT/reads/rate-tokend.txt") us; baseline = hello at the same rate"
+
+# ---------------------------------------------------------------------------------------
+# 8. The proxy: requests through tokend's /proxy/{account}/... to examples/hello, vs the
+# same requests straight to hello. Both servers stay on CPU 0 (hello's work is in both
+# measurements; the proxy's own work is the difference), load on CPU 1.
+if command -v wrk > /dev/null; then
+  log "8. proxy: wrk through /proxy/acct-00000/... to examples/hello vs to hello directly"
+  quiet
+  foreign_mark
+  provider proxy --accounts 1 --lifetime 3600 --grant client_credentials
+  printf '\n[accounts.acct-00000.proxy]\nupstream = "http://%s/v1/token/"\n' "$HELLO_ADDR" >> "$OUT/proxy/tokend.toml"
+  daemon proxy 0
+  VIA="http://$(hostport "$proxy_daemon")/proxy/acct-00000/acct-00000"
+  DIRECT="http://$HELLO_ADDR/v1/token/acct-00000"
+  # proxy_rps URL LABEL CONNS: req/s (non-2xx would be errors: counted, and then failed)
+  proxy_wrk() {
+    pin 1 timeout 60 wrk -t1 -c"$3" -d"${WRK_SECONDS}s" --latency -H 'Tokend-Request: 1' "$1" > "$OUT/proxy/wrk-$2.txt" 2>&1
+    awk '/^Requests\/sec:/ { r = $2 } /Non-2xx/ { bad = $NF }
+      $1 == "50%" { v = $2; u = 1; if (v ~ /ms$/) u = 1000; else if (v ~ /us$/) u = 1; else if (v ~ /s$/) u = 1000000;
+        sub(/[a-z]+$/, "", v); p50 = v * u }
+      END { printf "%.0f %.1f %d\n", r, p50, bad + 0 }' "$OUT/proxy/wrk-$2.txt"
+  }
+  D_ALL="" V_ALL="" BAD=0
+  for r in $(seq "$WRK_ROUNDS"); do
+    read -r d _ db < <(proxy_wrk "$DIRECT" "direct-$r" "$CONNS")
+    read -r v _ vb < <(proxy_wrk "$VIA" "via-$r" "$CONNS")
+    log "  round $r: direct $d req/s, through tokend $v req/s"
+    D_ALL="$D_ALL $d" V_ALL="$V_ALL $v" BAD=$((BAD + db + vb))
+  done
+  read -r _ DP50 db < <(proxy_wrk "$DIRECT" direct-latency 1)
+  read -r _ VP50 vb < <(proxy_wrk "$VIA" via-latency 1)
+  BAD=$((BAD + db + vb))
+  OTHER=$(foreign_since)%
+  if [ "$BAD" != 0 ]; then log "  $BAD answers were not 2xx: see $OUT/proxy/wrk-*.txt"; D_ALL=" 0" V_ALL=" 0"; fi
+  row "8a proxy throughput (req/s through tokend, median of $WRK_ROUNDS)" "$(echo "$V_ALL" | median)" "$(echo "$D_ALL" | median)" ">=ratio" 0.8 "req/s" \
+    "wrk -t1 -c$CONNS to /proxy/acct-00000/acct-00000 (tokend adds the account's Authorization, forwards to examples/hello's /v1/token/acct-00000) vs the same route of hello directly; both servers on CPU 0, wrk on CPU 1, so the proxied figure pays for hello's work too; rounds (direct/through):$D_ALL /$V_ALL; non-2xx $BAD"
+  row "8b proxy added latency p50 (one connection)" "$(calc "sprintf(\"%.1f\", $VP50 - $DP50)")" "$DP50" "<" 100 us \
+    "wrk -t1 -c1 --latency, p50 through tokend ($VP50 us) minus p50 direct ($DP50 us, the baseline)"
+  stop "$proxy_DPID"; stop "$proxy_PID"
+else
+  log "8. proxy: skipped (its rows need wrk for fixed-path load and latency percentiles)"
+fi
 
 # ---------------------------------------------------------------------------------------
 # 7. `tokend token` vs a process start plus one loopback request (daemon still on CPU 0).

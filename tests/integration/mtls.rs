@@ -83,7 +83,7 @@ async fn tls_client_auth_keeps_refreshing_over_https_and_revocation_presents_the
         dir.path().display()
     ));
     let bank = account(&config, "bank");
-    let h = Harness::builder(fake, Clock::system(), dir)
+    let mut h = Harness::builder(fake, Clock::system(), dir)
         .provider(https())
         .start(config)
         .await;
@@ -126,6 +126,8 @@ async fn tls_client_auth_keeps_refreshing_over_https_and_revocation_presents_the
     assert_eq!(direct.status(), 401, "a bound token alone is refused");
 
     // `tokend logout` revokes through the same transport, so with the same identity.
+    // The daemon stops first: its refreshes would present the certificate meanwhile.
+    h.shutdown().await;
     let before = h.fake.counts().client_certificates;
     let spare = h.fake.grant_refresh_token("bank-client", None);
     https()

@@ -176,12 +176,55 @@ pub fn set_store_up(up: bool) {
 
 /// One proxied exchange: its status (the upstream's, or tokend's own) and how long until
 /// the answer's headers were ready. Only accounts with a proxy have these series.
-pub fn record_proxy(account: &str, status: u16, took: Duration) {
-    handle();
-    let account = account.to_string();
-    counter!(PROXY_REQUESTS, "account" => account.clone(), "code" => status.to_string())
-        .increment(1);
-    histogram!(PROXY_DURATION, "account" => account).record(took.as_secs_f64());
+/// One account's proxy series: the latency histogram registered once, and a counter per
+/// status code the upstream has answered with, each registered on first use. Recording
+/// is a short scan under a read lock, where the labelled macros would build three label
+/// strings and look the series up in the registry on every proxied request.
+pub struct ProxyMetrics {
+    account: String,
+    duration: Histogram,
+    requests: std::sync::RwLock<Vec<(u16, Counter)>>,
+}
+
+impl ProxyMetrics {
+    pub fn new(account: &str) -> ProxyMetrics {
+        handle();
+        ProxyMetrics {
+            account: account.to_string(),
+            duration: histogram!(PROXY_DURATION, "account" => account.to_string()),
+            requests: std::sync::RwLock::default(),
+        }
+    }
+
+    pub fn record(&self, status: u16, took: Duration) {
+        self.duration.record(took.as_secs_f64());
+        let known = |codes: &[(u16, Counter)]| {
+            codes
+                .iter()
+                .find(|(code, _)| *code == status)
+                .map(|(_, c)| c.clone())
+        };
+        use std::sync::PoisonError;
+        let read = self.requests.read().unwrap_or_else(PoisonError::into_inner);
+        let counter = known(&read).unwrap_or_else(|| {
+            drop(read);
+            let mut codes = self.requests.write().unwrap_or_else(PoisonError::into_inner);
+            known(&codes).unwrap_or_else(|| {
+                let counter = counter!(PROXY_REQUESTS, "account" => self.account.clone(), "code" => status.to_string());
+                codes.push((status, counter.clone()));
+                counter
+            })
+        });
+        counter.increment(1);
+    }
+}
+
+impl std::fmt::Debug for ProxyMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyMetrics")
+            .field("account", &self.account)
+            .finish_non_exhaustive()
+    }
 }
 
 pub fn record_persist_failure(account: &str) {

@@ -357,6 +357,9 @@ pub struct AccountHandle {
     pub changes: watch::Sender<u64>,
     /// Tokens served from this account (registered once: reads are the hot path).
     pub reads: metrics::Counter,
+    /// Requests through the proxy, registered on the first one: accounts without a
+    /// `[proxy]` table get no proxy series.
+    proxied: std::sync::OnceLock<crate::metrics::ProxyMetrics>,
     /// Which replica holds the account's refresh lease (node id), as this replica last
     /// learned it; `None` while nobody does or it is not known yet.
     lease_holder: arc_swap::ArcSwapOption<String>,
@@ -373,6 +376,7 @@ impl AccountHandle {
             cell: ArcSwap::from_pointee(Snapshot::pending()),
             demands: Demands::default(),
             changes,
+            proxied: std::sync::OnceLock::new(),
             lease_holder: arc_swap::ArcSwapOption::empty(),
             lease_held: std::sync::atomic::AtomicBool::new(false),
         }
@@ -383,6 +387,13 @@ impl AccountHandle {
         self.lease_held
             .store(mine, std::sync::atomic::Ordering::Relaxed);
         self.lease_holder.store(holder.map(Arc::new));
+    }
+
+    /// Counts one request through the proxy, answered with `status` after `took`.
+    pub fn record_proxied(&self, status: u16, took: Duration) {
+        self.proxied
+            .get_or_init(|| crate::metrics::ProxyMetrics::new(self.config().name.as_str()))
+            .record(status, took);
     }
 
     /// The node id holding the account's lease, if known.

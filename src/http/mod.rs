@@ -395,25 +395,35 @@ async fn current_token(
     caller: &Caller,
     account: &str,
     query: &TokenQuery,
-) -> Result<(Arc<AccountHandle>, Arc<Served>), ApiError> {
+) -> Result<Arc<Served>, ApiError> {
     let handle = permitted(state, caller, account)?;
-    let min_valid = query.min_valid()?;
+    token_for(
+        state,
+        caller,
+        &handle,
+        query.min_valid()?.unwrap_or_default(),
+    )
+    .await
+}
+
+/// The token of an account `caller` may read ([`permitted`]), valid at least
+/// `min_valid`: the published one, or else the outcome of a demand on the refresher.
+async fn token_for(
+    state: &ApiState,
+    caller: &Caller,
+    handle: &AccountHandle,
+    min_valid: Duration,
+) -> Result<Arc<Served>, ApiError> {
     let now = state.clock.now();
-    if let Some(token) = handle
-        .snapshot()
-        .valid_token(now, min_valid.unwrap_or_default())
-    {
-        served(state, &handle, caller);
-        return Ok((handle.clone(), token.clone()));
+    if let Some(token) = handle.snapshot().valid_token(now, min_valid) {
+        served(state, handle, caller);
+        return Ok(token.clone());
     }
     let wait = handle.config().limits.timeout + Duration::from_secs(5);
-    match handle
-        .demand(min_valid.unwrap_or_default(), false, wait)
-        .await
-    {
+    match handle.demand(min_valid, false, wait).await {
         Ok(token) => {
-            served(state, &handle, caller);
-            Ok((handle, token))
+            served(state, handle, caller);
+            Ok(token)
         }
         Err(e) => {
             let now = state.clock.now();
@@ -422,7 +432,7 @@ async fn current_token(
                 _ => handle.snapshot().status_at(now),
             };
             Err(ApiError::Unavailable {
-                account: account.to_string(),
+                account: handle.config().name.as_str().to_string(),
                 state: status,
                 description: e.to_string(),
                 retry_after: e.retry_after(),
@@ -475,7 +485,7 @@ async fn token_json(
 ) -> Result<Response, ApiError> {
     let Path(account) = account.map_err(bad_request)?;
     let Query(query) = query.map_err(bad_request)?;
-    let (_, token) = current_token(&state, &caller, &account, &query).await?;
+    let token = current_token(&state, &caller, &account, &query).await?;
     // Handed over without a copy; wiped once hyper has written it.
     let body = Bytes::from_owner(token.json_body(state.clock.now()));
     Ok(token_response(APPLICATION_JSON, body))
@@ -489,7 +499,7 @@ async fn token_plain(
 ) -> Result<Response, ApiError> {
     let Path(account) = account.map_err(bad_request)?;
     let Query(query) = query.map_err(bad_request)?;
-    let (_, token) = current_token(&state, &caller, &account, &query).await?;
+    let token = current_token(&state, &caller, &account, &query).await?;
     // The body borrows the token from the published snapshot: no copy of the secret.
     Ok(token_response(
         TEXT_PLAIN,

@@ -13,8 +13,9 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt as _;
 use reqwest::Url;
 
-use super::{ApiError, ApiState, Guarded, REQUEST_HEADER, TokenQuery, current_token, permitted};
+use super::{ApiError, ApiState, Guarded, REQUEST_HEADER, permitted, token_for};
 use crate::access::Caller;
+use crate::config::{AccountConfig, ProxyConfig};
 use crate::token_cell::{AccountHandle, Served};
 
 /// The largest request body kept so that it can be sent again after a 401. A larger one
@@ -55,78 +56,108 @@ pub(super) async fn forward(
     }
     let (parts, body) = request.into_parts();
     let (account, rest) = split_path(parts.uri.path());
-    let (account, rest) = (account.to_string(), rest.to_string());
-    let method = parts.method.clone();
-    let response = match exchange(&state, &caller, &account, &rest, parts, body).await {
-        Ok(response) => response,
+    // Only the accounts this caller may read are counted by account: a made-up name in
+    // the path adds no series (`tokend_http_requests_total` counts every request).
+    let handle = match permitted(&state, &caller, account) {
+        Ok(handle) => handle,
         Err(refused) => {
-            log_failure(&account, &method, &refused);
-            refused.into_response()
+            log_failure(account, &parts.method, &refused);
+            return refused.into_response();
         }
     };
-    // Only configured accounts get series: a made-up name in the path adds none.
-    if state
-        .registry
-        .get(&account)
-        .is_some_and(|h| h.config().proxy.is_some())
-    {
-        crate::metrics::record_proxy(&account, response.status().as_u16(), started.elapsed());
-    }
+    let config = Arc::clone(&handle.config());
+    let Some(proxy) = &config.proxy else {
+        return ApiError::NoProxy(account.to_string()).into_response();
+    };
+    let method = parts.method.clone();
+    let exchanged = match upstream_url(&proxy.upstream, rest, parts.uri.query()) {
+        Ok(url) => {
+            let upstream = Upstream {
+                state: &state,
+                handle: &handle,
+                config: &config,
+                proxy,
+                url,
+            };
+            upstream.exchange(&caller, parts, body).await
+        }
+        Err(refused) => Err(refused),
+    };
+    let response = exchanged.unwrap_or_else(|refused| {
+        log_failure(config.name.as_str(), &method, &refused);
+        refused.into_response()
+    });
+    handle.record_proxied(response.status().as_u16(), started.elapsed());
     response
 }
 
-/// One proxied request, from the account's token to the upstream's answer.
-async fn exchange(
-    state: &ApiState,
-    caller: &Caller,
-    account: &str,
-    rest: &str,
-    parts: Parts,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let handle = permitted(state, caller, account)?;
-    let config = Arc::clone(&handle.config());
-    let proxy = config
-        .proxy
-        .as_ref()
-        .ok_or_else(|| ApiError::NoProxy(account.to_string()))?;
-    let url = upstream_url(&proxy.upstream, rest, parts.uri.query())?;
-    let client = state
-        .upstreams
-        .client(&config)
-        .map_err(|e| bad_gateway(account, e.to_string()))?;
-    let (_, token) = current_token(state, caller, account, &TokenQuery::default()).await?;
-    let headers = upstream_headers(&parts.headers);
-    let (body, kept) = outgoing_body(body, &parts.headers).await?;
-    let send = |token: &Served, body: reqwest::Body| {
-        client
-            .request(parts.method.clone(), url.clone())
-            .headers(with_credentials(&headers, token))
-            .body(body)
-            .timeout(proxy.timeout)
-            .send()
-    };
-    let upstream_failed = |e: reqwest::Error| upstream_error(account, proxy.timeout, &e);
-    let first = send(&token, body).await.map_err(upstream_failed)?;
-    let now = state.clock.now();
-    if first.status() != StatusCode::UNAUTHORIZED
-        || !worth_a_refresh(first.headers(), &token, config.refresh.min_interval, now)
-    {
-        return Ok(downstream(first));
+/// Where one proxied request goes: the account, its proxy settings and the URL.
+struct Upstream<'a> {
+    state: &'a ApiState,
+    handle: &'a AccountHandle,
+    config: &'a AccountConfig,
+    proxy: &'a ProxyConfig,
+    url: Url,
+}
+
+impl Upstream<'_> {
+    /// One proxied request, from the account's token to the upstream's answer.
+    async fn exchange(
+        self,
+        caller: &Caller,
+        parts: Parts,
+        body: Body,
+    ) -> Result<Response, ApiError> {
+        let account = self.config.name.as_str();
+        let client = self
+            .state
+            .upstreams
+            .client(self.config)
+            .map_err(|e| bad_gateway(account, e.to_string()))?;
+        let token = token_for(self.state, caller, self.handle, Duration::ZERO).await?;
+        let mut headers = parts.headers;
+        let (body, kept) = outgoing_body(body, &headers).await?;
+        strip_for_upstream(&mut headers);
+        // Only a request that can be sent again keeps what it takes to send it again.
+        let replay = kept.map(|kept| (headers.clone(), self.url.clone(), kept));
+        let send = |token: &Served, mut headers: HeaderMap, url: Url, body: reqwest::Body| {
+            set_credentials(&mut headers, token);
+            let mut request = reqwest::Request::new(parts.method.clone(), url);
+            *request.headers_mut() = headers;
+            *request.body_mut() = Some(body);
+            *request.timeout_mut() = Some(self.proxy.timeout);
+            client.execute(request)
+        };
+        let upstream_failed = |e: reqwest::Error| upstream_error(account, self.proxy.timeout, &e);
+        let first = send(&token, headers, self.url, body)
+            .await
+            .map_err(upstream_failed)?;
+        let now = self.state.clock.now();
+        if first.status() != StatusCode::UNAUTHORIZED
+            || !worth_a_refresh(
+                first.headers(),
+                &token,
+                self.config.refresh.min_interval,
+                now,
+            )
+        {
+            return Ok(downstream(first));
+        }
+        let (Some(fresh), Some((headers, url, kept))) =
+            (refreshed(self.handle, &token).await, replay)
+        else {
+            return Ok(downstream(first));
+        };
+        drop(first);
+        tracing::debug!(
+            account,
+            "upstream answered 401: sent again with the refreshed token"
+        );
+        let second = send(&fresh, headers, url, reqwest::Body::from(kept))
+            .await
+            .map_err(upstream_failed)?;
+        Ok(downstream(second))
     }
-    let fresh = refreshed(&handle, &token).await;
-    let (Some(fresh), Some(kept)) = (fresh, kept) else {
-        return Ok(downstream(first));
-    };
-    drop(first);
-    tracing::debug!(
-        account,
-        "upstream answered 401: sent again with the refreshed token"
-    );
-    let second = send(&fresh, reqwest::Body::from(kept))
-        .await
-        .map_err(upstream_failed)?;
-    Ok(downstream(second))
 }
 
 /// `/proxy/{account}/{rest}` → (`account`, `rest`), `rest` still percent-encoded as sent.
@@ -160,49 +191,42 @@ fn upstream_url(base: &Url, rest: &str, query: Option<&str>) -> Result<Url, ApiE
     Ok(url)
 }
 
-/// The consumer's headers as the upstream may see them: without hop-by-hop headers (and
-/// those the `Connection` header names), `Host` (the upstream's is its own), and what the
-/// consumer sent for tokend only: its key in `Authorization` and `Tokend-Request`.
-fn upstream_headers(from: &HeaderMap) -> HeaderMap {
-    let mut to = strip_hop_by_hop(from);
-    to.remove(header::HOST);
-    to.remove(header::AUTHORIZATION);
-    to.remove(REQUEST_HEADER);
-    to
+/// Leaves of the consumer's headers what the upstream may see: no hop-by-hop headers (nor
+/// those the `Connection` header names), no `Host` (the upstream's is its own), nothing
+/// the consumer sent for tokend only: its key in `Authorization` and `Tokend-Request`.
+fn strip_for_upstream(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(REQUEST_HEADER);
 }
 
-/// `from` without the headers of one connection: the fixed list and any header the
+/// Removes the headers of one connection: the fixed list and any header the
 /// `Connection` header names (RFC 9110 §7.6.1).
-fn strip_hop_by_hop(from: &HeaderMap) -> HeaderMap {
-    let named: Vec<HeaderName> = from
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    let mut to = HeaderMap::with_capacity(from.len());
-    for (name, value) in from {
-        if !HOP_BY_HOP.contains(name) && !named.contains(name) {
-            to.append(name, value.clone());
-        }
+    for name in HOP_BY_HOP.iter().chain(&named) {
+        headers.remove(name);
     }
-    to
 }
 
-/// `headers` with the account's `Authorization` and extra headers (Zywave's `Profile`)
-/// set over anything of the same name, each marked sensitive (kept out of HPACK tables
-/// and of `Debug`).
-fn with_credentials(headers: &HeaderMap, token: &Served) -> HeaderMap {
-    let mut out = headers.clone();
+/// Sets the account's `Authorization` and extra headers (Zywave's `Profile`) over
+/// anything of the same name, each marked sensitive (kept out of HPACK tables and of
+/// `Debug`).
+fn set_credentials(headers: &mut HeaderMap, token: &Served) {
     for (name, value) in &token.headers {
         // Checked as visible ASCII when the config and the token were accepted.
         if let Ok(mut value) = HeaderValue::from_str(value.expose()) {
             value.set_sensitive(true);
-            out.insert(name, value);
+            headers.insert(name, value);
         }
     }
-    out
 }
 
 /// The request body for the first send, and a copy to send again after a 401 when the
@@ -267,21 +291,32 @@ async fn refreshed(handle: &AccountHandle, rejected: &Arc<Served>) -> Option<Arc
         return Some(token);
     }
     let wait = handle.config().limits.timeout + Duration::from_secs(5);
-    match handle.demand(Duration::ZERO, true, wait).await {
-        Ok(token) if !Arc::ptr_eq(&token, rejected) => Some(token),
-        Ok(_) => None,
-        Err(e) => {
-            tracing::info!(account = %handle.config().name, reason = %e, "upstream answered 401 and no refreshed token can be had now: the 401 goes back to the consumer");
-            None
-        }
+    let outcome = handle.demand(Duration::ZERO, true, wait).await;
+    if let Ok(token) = &outcome
+        && !Arc::ptr_eq(token, rejected)
+    {
+        return Some(token.clone());
     }
+    // Refused as too soon after another refresh: that one may have been answered
+    // between our look at the snapshot and our demand, and published since.
+    let current = handle.snapshot().token.clone();
+    if let Some(token) = current
+        && !Arc::ptr_eq(&token, rejected)
+    {
+        return Some(token);
+    }
+    if let Err(e) = outcome {
+        tracing::info!(account = %handle.config().name, reason = %e, "upstream answered 401 and no refreshed token can be had now: the 401 goes back to the consumer");
+    }
+    None
 }
 
 /// The upstream's answer as the consumer gets it: status and headers (less hop-by-hop
 /// ones), the body streamed through as it arrives.
-fn downstream(upstream: reqwest::Response) -> Response {
+fn downstream(mut upstream: reqwest::Response) -> Response {
     let status = upstream.status();
-    let headers = strip_hop_by_hop(upstream.headers());
+    let mut headers = std::mem::take(upstream.headers_mut());
+    strip_hop_by_hop(&mut headers);
     let mut response = Response::new(Body::new(reqwest::Body::from(upstream)));
     *response.status_mut() = status;
     *response.headers_mut() = headers;
@@ -389,8 +424,9 @@ mod tests {
         ] {
             from.append(k, HeaderValue::from_static(v));
         }
-        let to = upstream_headers(&from);
-        let names: Vec<&str> = to.keys().map(HeaderName::as_str).collect();
+        strip_for_upstream(&mut from);
+        let mut names: Vec<&str> = from.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
         assert_eq!(names, ["accept", "x-request-id"]);
     }
 

@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 use crate::access::Access;
 use crate::clock::{Clock, rfc3339};
 use crate::config::{AccountConfig, AccountName, Config, ConfigError};
-use crate::http::{ApiState, ReloadStatus, router};
+use crate::http::{Api, ApiState, ReloadStatus, router};
 use crate::listen::{self, Limits, ListenError, Listener};
 use crate::notify;
 use crate::provider::{HttpClients, Provider, ProviderError};
@@ -226,9 +226,14 @@ impl Daemon {
         router(self.api_state())
     }
 
+    /// The API as the listeners serve it: the router, with the token reads' direct path.
+    pub fn api(&self) -> Api {
+        Api::new(self.api_state())
+    }
+
     /// Serves `router` on `listeners` until the daemon stops; [`Daemon::shutdown`] drains
     /// their open connections.
-    pub fn serve(&self, listeners: Vec<Listener>, router: Router, limits: Limits) {
+    pub fn serve(&self, listeners: Vec<Listener>, router: impl listen::Serve, limits: Limits) {
         listen::serve(listeners, router, &self.tracker, &self.stopping, limits);
     }
 
@@ -510,7 +515,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), RunError> {
         warn!("{warning}");
     }
     let (daemon, store_tasks) = backends.start(config).await;
-    daemon.serve(listeners, daemon.router(), Limits::default());
+    daemon.serve(listeners, daemon.api(), Limits::default());
     info!(
         listen = %addrs.join(","),
         accounts = daemon.running.len(),

@@ -5,6 +5,7 @@
 //! gracefully on shutdown. What a request may do is decided in `http`.
 
 use std::collections::{BTreeSet, HashMap};
+use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -13,7 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpSocket, UnixListener};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 use tracing::{debug, error, warn};
 
 use crate::config::{ListenAddr, ServerConfig};
@@ -251,10 +251,37 @@ pub fn budget_for(nofile: u64) -> usize {
     left.clamp(MIN_CONNECTIONS, MAX_CONNECTIONS)
 }
 
+/// What the listeners serve: an axum `Router`, or the daemon's `http::Api`.
+pub trait Serve:
+    Service<
+        http::Request<hyper::body::Incoming>,
+        Response = axum::response::Response,
+        Error = Infallible,
+        Future: Send,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> Serve for S where
+    S: Service<
+            http::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = Infallible,
+            Future: Send,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Serves `router` on every listener until `cancel`, then drains open connections.
 pub fn serve(
     listeners: Vec<Listener>,
-    router: Router,
+    router: impl Serve,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
     limits: Limits,
@@ -275,7 +302,7 @@ pub fn serve(
 
 async fn accept_loop(
     listener: Listener,
-    router: Router,
+    router: impl Serve,
     tracker: TaskTracker,
     cancel: CancellationToken,
     limits: Limits,
@@ -732,7 +759,7 @@ mod tests {
     async fn serve_small(budget: usize) -> (SocketAddr, CancellationToken, TaskTracker) {
         let listener = bind_tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_tcp_addr().unwrap();
-        let router = Router::new().fallback(|| async { "ok" });
+        let router = axum::Router::new().fallback(|| async { "ok" });
         let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
         let limits = Limits {
             max_connections: budget,

@@ -107,7 +107,7 @@ pub async fn run() -> Result<(), RunError> {
     // The provider runs on the daemon's tasks and stops with it. Its socket is already
     // listening: the first refreshes wait in its backlog until this starts accepting.
     daemon.serve(vec![provider_listener], fake.router(), Limits::default());
-    daemon.serve(vec![listener], daemon.router(), Limits::default());
+    daemon.serve(vec![listener], daemon.api(), Limits::default());
 
     println!("tokend demo: an embedded OAuth provider is running at http://{provider_addr}/token");
     println!(

@@ -30,9 +30,11 @@ use crate::metrics::HttpRoute;
 use crate::provider::HttpClients;
 use crate::token_cell::{AccountHandle, DemandError, Registry, Served, Status};
 
+mod direct;
 mod error;
 mod proxy;
 
+pub use direct::Api;
 pub use error::ApiError;
 
 /// The header every token request must carry. A forged request (SSRF through a consumer
@@ -148,6 +150,10 @@ const ROUTES: [&str; 8] = [
     "/metrics",
     "/proxy/{account}/{*path}",
 ];
+
+/// The token reads' places in [`ROUTES`].
+const JSON_READ: usize = 0;
+const PLAIN_READ: usize = 1;
 
 static HTTP_REQUESTS: crate::metrics::HttpRequests<{ ROUTES.len() }> =
     crate::metrics::HttpRequests::new(ROUTES);
@@ -486,9 +492,7 @@ async fn token_json(
     let Path(account) = account.map_err(bad_request)?;
     let Query(query) = query.map_err(bad_request)?;
     let token = current_token(&state, &caller, &account, &query).await?;
-    // Handed over without a copy; wiped once hyper has written it.
-    let body = Bytes::from_owner(token.json_body(state.clock.now()));
-    Ok(token_response(APPLICATION_JSON, body))
+    Ok(token_answer(&state, token, false))
 }
 
 async fn token_plain(
@@ -500,11 +504,19 @@ async fn token_plain(
     let Path(account) = account.map_err(bad_request)?;
     let Query(query) = query.map_err(bad_request)?;
     let token = current_token(&state, &caller, &account, &query).await?;
-    // The body borrows the token from the published snapshot: no copy of the secret.
-    Ok(token_response(
-        TEXT_PLAIN,
-        Bytes::from_owner(PlainToken(token)),
-    ))
+    Ok(token_answer(&state, token, true))
+}
+
+/// A token read's answer: the JSON document, or with `plain` the access token alone.
+fn token_answer(state: &ApiState, token: Arc<Served>, plain: bool) -> Response {
+    if plain {
+        // The body borrows the token from the published snapshot: no copy of the secret.
+        token_response(TEXT_PLAIN, Bytes::from_owner(PlainToken(token)))
+    } else {
+        // Handed over without a copy; wiped once hyper has written it.
+        let body = Bytes::from_owner(token.json_body(state.clock.now()));
+        token_response(APPLICATION_JSON, body)
+    }
 }
 
 /// The bytes of an access token, for a response body that holds the token alive.
@@ -519,14 +531,17 @@ impl AsRef<[u8]> for PlainToken {
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
-/// A token answer: its content type and the headers that keep it out of caches, in a
-/// header map sized for them.
+/// A token answer: its content type and the headers that keep it out of caches, written
+/// straight into the response's own header map (a `(HeaderMap, body)` answer would build
+/// a second map and merge it in: this runs on every read).
 fn token_response(content_type: HeaderValue, body: Bytes) -> Response {
-    let mut headers = HeaderMap::with_capacity(3);
+    let mut response = Response::new(axum::body::Body::from(body));
+    let headers = response.headers_mut();
+    headers.reserve(3);
     headers.insert(header::CONTENT_TYPE, content_type);
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    (headers, body).into_response()
+    response
 }
 
 fn time_field(t: Option<SystemTime>) -> Value {

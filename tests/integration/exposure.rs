@@ -7,30 +7,30 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
 use http::{Method, Request, StatusCode};
 use serde_json::Value;
 use tokend::app::Daemon;
 use tokend::clock::Clock;
+use tokend::http::Api;
 use tokend::listen::Peer;
 use tokend::provider::discovery;
 use tokend::provider::{Provider, Transport};
 use tokend::store::FileStore;
+use tower::Layer as _;
 
 use crate::support::{
-    Harness, MARK, call, client_credentials_account, free_port, parse_config, provider,
+    ApiService, Harness, MARK, call, client_credentials_account, free_port, parse_config, provider,
     zywave_account,
 };
 
 const LISTENER: &str = "127.0.0.1:8731";
 
-/// The router as a loopback TCP listener on port 8731 serves it.
-fn on_listener(api: &Router) -> Router {
+/// The API as a loopback TCP listener on port 8731 serves it.
+fn on_listener(api: &Api) -> impl ApiService + use<> {
     let port = LISTENER.parse::<SocketAddr>().unwrap().port();
     // What the listener adds to every request it accepts.
-    api.clone()
-        .layer(axum::Extension(tokend::listen::LocalPort(port)))
+    axum::Extension(tokend::listen::LocalPort(port)).layer(api.clone())
 }
 
 /// `method uri` with `headers`, from `peer`.
@@ -44,11 +44,11 @@ fn loopback_peer() -> Peer {
     Peer::Tcp("127.0.0.1:40000".parse::<SocketAddr>().unwrap())
 }
 
-async fn status(api: &Router, req: Request<Body>) -> StatusCode {
+async fn status(api: &impl ApiService, req: Request<Body>) -> StatusCode {
     call(api, req).await.0
 }
 
-async fn json(api: &Router, req: Request<Body>) -> (StatusCode, Value, String) {
+async fn json(api: &impl ApiService, req: Request<Body>) -> (StatusCode, Value, String) {
     let (status, _, body) = call(api, req).await;
     let text = String::from_utf8_lossy(&body).to_string();
     (
@@ -235,7 +235,7 @@ async fn without_a_key_readyz_says_only_whether_it_is_ready() {
     h.stop().await;
 }
 
-async fn scrape(api: &Router, key: Option<&str>) -> (StatusCode, http::HeaderMap, String) {
+async fn scrape(api: &impl ApiService, key: Option<&str>) -> (StatusCode, http::HeaderMap, String) {
     let bearer = key.map(|k| format!("Bearer {k}"));
     let mut headers = vec![("Host", "localhost:8731")];
     if let Some(b) = &bearer {
@@ -247,7 +247,7 @@ async fn scrape(api: &Router, key: Option<&str>) -> (StatusCode, http::HeaderMap
 }
 
 /// Reads a token of `zy` as the consumer `who` and returns the scrape that follows.
-async fn read_then_scrape(api: &Router, metrics_key: Option<&str>) -> String {
+async fn read_then_scrape(api: &impl ApiService, metrics_key: Option<&str>) -> String {
     let req = from(
         loopback_peer(),
         Method::GET,
@@ -323,7 +323,7 @@ async fn a_transport_error_names_the_origin_not_the_path_or_query() {
     let provider = Provider::http(Duration::from_millis(300)).unwrap();
     let store = FileStore::open(&config.state.dir).unwrap();
     let daemon = Daemon::start(config, store, provider, Clock::system()).await;
-    let api = on_listener(&daemon.router());
+    let api = on_listener(&daemon.api());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let last_error = loop {
         let req = from(

@@ -16,6 +16,7 @@ use axum::body::Body;
 use axum::routing::post;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::{Value, json};
+use tokend::http::Api;
 use tokend::listen::Peer;
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -504,7 +505,7 @@ impl Reply {
 
 /// A request as a local TCP client sends it: from a loopback peer, `Host` naming the
 /// loopback address (`headers` may replace it).
-async fn send(api: &Router, method: Method, uri: &str, headers: &[(&str, &str)]) -> Reply {
+async fn send(api: &Api, method: Method, uri: &str, headers: &[(&str, &str)]) -> Reply {
     let mut req = request(method, uri, headers, Body::empty());
     if !req.headers().contains_key(header::HOST) {
         let host = HeaderValue::from_static("127.0.0.1:8731");
@@ -542,7 +543,7 @@ impl Contract {
     /// response for `template` + method + status.
     async fn expect(
         &mut self,
-        api: &Router,
+        api: &Api,
         method: Method,
         template: &str,
         uri: &str,

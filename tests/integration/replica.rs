@@ -6,7 +6,6 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::body::Body;
 use http::{Method, StatusCode};
 use serde_json::Value;
@@ -26,7 +25,7 @@ const ACCOUNTS: usize = 3;
 
 struct Replica {
     daemon: Option<Daemon>,
-    api: Router,
+    api: tokend::http::Api,
 }
 
 struct Replicas {
@@ -71,7 +70,7 @@ impl Replicas {
                 .unwrap();
             let provider = Provider::new(Transport::InProcess(fake.router()));
             let daemon = Daemon::start(config, store, provider, Clock::system()).await;
-            let api = daemon.router();
+            let api = daemon.api();
             replicas.push(Replica {
                 daemon: Some(daemon),
                 api,

@@ -19,6 +19,7 @@ use tokend::app::Daemon;
 use tokend::clock::Clock;
 use tokend::config::{AccountName, Config};
 use tokend::demo::fake_provider::FakeProvider;
+use tokend::http::Api;
 use tokend::listen::{Limits, Listener};
 use tokend::provider::{Provider, Transport};
 use tokend::store::{Change, Lease, LeaseGrant};
@@ -40,8 +41,28 @@ pub fn request<B>(method: Method, uri: &str, headers: &[(&str, &str)], body: B) 
     req.body(body).unwrap()
 }
 
+/// What [`call`] sends requests through: the daemon's [`Api`], or it wrapped in what a
+/// listener adds.
+pub trait ApiService:
+    tower::Service<
+        Request<Body>,
+        Response = axum::response::Response,
+        Error = std::convert::Infallible,
+    > + Clone
+{
+}
+
+impl<S> ApiService for S where
+    S: tower::Service<
+            Request<Body>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+{
+}
+
 /// Sends `req` through `api` (no socket) and returns the answer with its whole body.
-pub async fn call(api: &Router, req: Request<Body>) -> (StatusCode, HeaderMap, Vec<u8>) {
+pub async fn call(api: &impl ApiService, req: Request<Body>) -> (StatusCode, HeaderMap, Vec<u8>) {
     let response = api.clone().oneshot(req).await.unwrap();
     let status = response.status();
     let headers = response.headers().clone();
@@ -60,7 +81,7 @@ pub struct Harness {
     pub clock: Clock,
     pub dir: TempDir,
     pub daemon: Option<Daemon>,
-    pub api: Router,
+    pub api: Api,
     state_dir: PathBuf,
 }
 
@@ -117,7 +138,7 @@ impl Builder {
             .unwrap_or_else(|| Provider::new(Transport::InProcess(routes)))
             .with_host_limits(config.per_host);
         let daemon = Daemon::start(config, store, provider, self.clock.clone()).await;
-        let api = daemon.router();
+        let api = daemon.api();
         Harness {
             fake: self.fake,
             clock: self.clock,

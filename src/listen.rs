@@ -4,7 +4,7 @@
 //! stays fair under churn, tags every request with its peer, and drains connections
 //! gracefully on shutdown. What a request may do is decided in `http`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
@@ -432,6 +432,8 @@ where
 struct Pool {
     budget: usize,
     per_uid: usize,
+    /// What each slot's idle time counts from.
+    epoch: Instant,
     state: Mutex<PoolState>,
     /// A slot was given back (the accept loop is the one waiter).
     freed: Notify,
@@ -441,8 +443,6 @@ struct Pool {
 struct PoolState {
     next_id: u64,
     conns: HashMap<u64, Entry>,
-    /// The idle connections, oldest first.
-    idle: BTreeSet<(Instant, u64)>,
     /// Evicted, not yet closed.
     evicting: usize,
     per_uid: HashMap<u32, usize>,
@@ -450,9 +450,57 @@ struct PoolState {
 
 struct Entry {
     uid: Option<u32>,
-    idle_since: Option<Instant>,
+    /// Shared with the slot, which marks it busy and idle without the pool's lock.
+    idle: Arc<Idle>,
     evict: CancellationToken,
     evicting: bool,
+}
+
+/// Whether a connection has a request in the service, and if not since when. A request
+/// marks it with two atomic writes: the pool's lock, its map and an ordered idle set were
+/// the token read's largest cost after HTTP itself. Eviction, which happens only at the
+/// connection budget, scans the slots instead.
+struct Idle(AtomicU64);
+
+impl Idle {
+    const BUSY: u64 = 0;
+    const EVICTED: u64 = u64::MAX;
+
+    /// Idle since `at` (nanoseconds after the pool's epoch).
+    fn since(at: u64) -> Idle {
+        Idle(AtomicU64::new(Self::stamp(at)))
+    }
+
+    /// How `at` is stored: plus one, so that it is never BUSY (nor EVICTED).
+    fn stamp(at: u64) -> u64 {
+        at.saturating_add(1).min(Self::EVICTED - 1)
+    }
+
+    /// Sets `to` unless the connection was evicted, which is final.
+    fn set(&self, to: u64) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                (now != Self::EVICTED).then_some(to)
+            });
+    }
+
+    /// Idle since this many nanoseconds after the epoch (plus one); `None` when busy or
+    /// evicted.
+    fn idle_since(&self) -> Option<u64> {
+        match self.0.load(Ordering::Acquire) {
+            Self::BUSY | Self::EVICTED => None,
+            since => Some(since),
+        }
+    }
+
+    /// Evicts the connection if it is still idle since `since`: false if a request came
+    /// in meanwhile.
+    fn evict(&self, since: u64) -> bool {
+        self.0
+            .compare_exchange(since, Self::EVICTED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
 }
 
 impl Pool {
@@ -460,6 +508,7 @@ impl Pool {
         Arc::new(Pool {
             budget,
             per_uid: (budget / PER_UID_SHARE).max(1),
+            epoch: Instant::now(),
             state: Mutex::new(PoolState::default()),
             freed: Notify::new(),
         })
@@ -468,6 +517,11 @@ impl Pool {
     fn lock(&self) -> MutexGuard<'_, PoolState> {
         // Every critical section leaves the state consistent; a panic cannot tear it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Nanoseconds since the pool's epoch.
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Returns once a connection may be accepted; while at the budget, evicts the oldest
@@ -481,7 +535,8 @@ impl Pool {
                 if state.conns.len() < self.budget {
                     return;
                 }
-                while state.evicting < batch && state.evict_oldest(None) {}
+                let wanted = batch.saturating_sub(state.evicting);
+                state.evict_oldest(wanted, None);
             }
             // `notify_one` keeps a permit when nobody waits, so no wakeup is lost.
             self.freed.notified().await;
@@ -494,30 +549,30 @@ impl Pool {
         let mut state = self.lock();
         if let Some(uid) = uid
             && state.per_uid.get(&uid).copied().unwrap_or(0) >= self.per_uid
-            && !state.evict_oldest(Some(uid))
+            && state.evict_oldest(1, Some(uid)) == 0
         {
             return None;
         }
         let id = state.next_id;
         state.next_id += 1;
-        let now = Instant::now();
+        let idle = Arc::new(Idle::since(self.now()));
         let evict = CancellationToken::new();
         state.conns.insert(
             id,
             Entry {
                 uid,
-                idle_since: Some(now),
+                idle: idle.clone(),
                 evict: evict.clone(),
                 evicting: false,
             },
         );
-        state.idle.insert((now, id));
         if let Some(uid) = uid {
             *state.per_uid.entry(uid).or_default() += 1;
         }
         Some(Arc::new(Slot {
             pool: self.clone(),
             id,
+            idle,
             evict,
             requests: AtomicU64::new(0),
         }))
@@ -531,24 +586,34 @@ impl Pool {
 }
 
 impl PoolState {
-    /// Evicts the oldest idle connection (of `uid`, if given); false if there is none.
-    fn evict_oldest(&mut self, uid: Option<u32>) -> bool {
-        let victim = self
-            .idle
-            .iter()
-            .find(|(_, id)| uid.is_none() || self.conns.get(id).is_some_and(|e| e.uid == uid))
-            .copied();
-        let Some(key) = victim else {
-            return false;
-        };
-        self.idle.remove(&key);
-        if let Some(entry) = self.conns.get_mut(&key.1) {
-            entry.idle_since = None;
-            entry.evicting = true;
-            entry.evict.cancel();
-            self.evicting += 1;
+    /// Evicts up to `count` of the longest idle connections (of `uid`, if given); returns
+    /// how many it evicted.
+    fn evict_oldest(&mut self, count: usize, uid: Option<u32>) -> usize {
+        if count == 0 {
+            return 0;
         }
-        true
+        let mut idle: Vec<(u64, u64)> = self
+            .conns
+            .iter()
+            .filter(|(_, e)| uid.is_none() || e.uid == uid)
+            .filter_map(|(id, e)| Some((e.idle.idle_since()?, *id)))
+            .collect();
+        idle.sort_unstable();
+        let mut evicted = 0;
+        for (since, id) in idle {
+            if evicted == count {
+                break;
+            }
+            if let Some(entry) = self.conns.get_mut(&id)
+                && entry.idle.evict(since)
+            {
+                entry.evicting = true;
+                entry.evict.cancel();
+                self.evicting += 1;
+                evicted += 1;
+            }
+        }
+        evicted
     }
 }
 
@@ -557,6 +622,7 @@ impl PoolState {
 struct Slot {
     pool: Arc<Pool>,
     id: u64,
+    idle: Arc<Idle>,
     evict: CancellationToken,
     requests: AtomicU64,
 }
@@ -569,14 +635,7 @@ impl Slot {
     /// Marks the connection busy (not evictable) until the guard is dropped.
     fn busy(self: &Arc<Self>) -> Busy {
         self.requests.fetch_add(1, Ordering::AcqRel);
-        let mut state = self.pool.lock();
-        if let Some(since) = state
-            .conns
-            .get_mut(&self.id)
-            .and_then(|e| e.idle_since.take())
-        {
-            state.idle.remove(&(since, self.id));
-        }
+        self.idle.set(Idle::BUSY);
         Busy(self.clone())
     }
 }
@@ -585,9 +644,6 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut state = self.pool.lock();
         if let Some(entry) = state.conns.remove(&self.id) {
-            if let Some(since) = entry.idle_since {
-                state.idle.remove(&(since, self.id));
-            }
             if entry.evicting {
                 state.evicting -= 1;
             }
@@ -610,15 +666,8 @@ struct Busy(Arc<Slot>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let mut state = self.0.pool.lock();
-        let id = self.0.id;
-        if let Some(entry) = state.conns.get_mut(&id)
-            && !entry.evicting
-        {
-            let now = Instant::now();
-            entry.idle_since = Some(now);
-            state.idle.insert((now, id));
-        }
+        let slot = &self.0;
+        slot.idle.set(Idle::stamp(slot.pool.now()));
     }
 }
 
@@ -719,7 +768,7 @@ mod tests {
         let watcher = {
             let (path, stop) = (path.clone(), stop.clone());
             std::thread::spawn(move || {
-                let (mut seen, mut wider) = (0u32, BTreeSet::new());
+                let (mut seen, mut wider) = (0u32, std::collections::BTreeSet::new());
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok(meta) = std::fs::symlink_metadata(&path) {
                         seen += 1;

@@ -737,7 +737,13 @@ mod tests {
             .call(http::Method::GET, &c.url(&["readyz"], &[]))
             .unwrap_err();
         assert!(matches!(e, ClientError::Timeout { .. }), "{e:?}");
-        assert!(started.elapsed() >= SHORT, "{:?}", started.elapsed());
+        // The kernel's socket timeout may end a little early against `Instant` (timer
+        // granularity, seen at 198.7 ms): the point is that the client waited for it.
+        assert!(
+            started.elapsed() >= SHORT * 9 / 10,
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!(e.exit_code(), exit::UNAVAILABLE);
         assert_eq!(
             e.to_string(),

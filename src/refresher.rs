@@ -17,7 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::clock::{Clock, rfc3339};
 use crate::config::{AccountConfig, Grant};
-use crate::provider::{ErrorClass, Provider, ProviderError, TokenGrant, TokenResponse};
+use crate::provider::{ErrorClass, Provider, ProviderError, TokenGrant, TokenResponse, Turn};
 use crate::schedule;
 use crate::sinks;
 use crate::store::{self, AccessToken, State, Store};
@@ -25,6 +25,7 @@ use crate::token_cell::{
     AccountHandle, Demand, DemandError, DemandReceiver, Served, Snapshot, Status,
 };
 
+mod call;
 mod save;
 mod seed;
 mod shared;
@@ -317,7 +318,10 @@ impl Refresher {
                             self.plan.on_schedule = false;
                         }
                     }
-                    _ = sleep => Box::pin(self.on_timer(&cancel)).await,
+                    _ = sleep => {
+                        let turn = Box::pin(self.early_turn(&cancel)).await;
+                        Box::pin(self.on_timer(turn, &cancel)).await;
+                    }
                 }
                 if self.fenced {
                     break;
@@ -348,18 +352,20 @@ impl Refresher {
         }
     }
 
-    async fn on_timer(&mut self, cancel: &CancellationToken) {
+    async fn on_timer(
+        &mut self,
+        turn: Option<Result<Turn, ProviderError>>,
+        cancel: &CancellationToken,
+    ) {
         let now = self.deps.clock.now();
         if self.saving.due_at().is_some_and(|t| t <= now) {
             self.save().await;
             self.publish();
         }
-        if self.next_wake().is_some_and(|t| t <= self.deps.clock.now())
-            && self.needs_reauth.is_none()
-        {
+        if self.refresh_due() {
             let on_schedule =
                 self.plan.on_schedule && self.backoff.retry_at.is_none() && self.served.is_some();
-            self.refresh(on_schedule, cancel).await;
+            self.refresh(on_schedule, turn, cancel).await;
         }
     }
 
@@ -436,7 +442,7 @@ impl Refresher {
             return;
         }
         let mut waiting = vec![demand];
-        let refreshed = self.refresh(false, cancel).await;
+        let refreshed = self.refresh(false, None, cancel).await;
         // Every reader that queued up during the refresh shares its result.
         while let Some(d) = self.demands.try_recv() {
             waiting.push(d);
@@ -487,7 +493,12 @@ impl Refresher {
     /// `on_schedule`: this is the planned refresh of the current token (see [`Plan`]).
     /// A refresh still waiting for its turn at the provider when `cancel` fires is
     /// abandoned: nothing has been sent, so nothing can be lost.
-    async fn refresh(&mut self, on_schedule: bool, cancel: &CancellationToken) -> bool {
+    async fn refresh(
+        &mut self,
+        on_schedule: bool,
+        turn: Option<Result<Turn, ProviderError>>,
+        cancel: &CancellationToken,
+    ) -> bool {
         let refresh_token = self.state.refresh_token.clone();
         let grant = match (&self.config().grant, &refresh_token) {
             (Grant::ClientCredentials, _) => TokenGrant::ClientCredentials,
@@ -497,7 +508,7 @@ impl Refresher {
         };
         self.refreshing = true;
         self.publish();
-        let called = self.call_provider(grant, cancel).await;
+        let called = self.call_provider(grant, turn, cancel).await;
         self.refreshing = false;
         let ok = match called {
             None => false,
@@ -512,64 +523,6 @@ impl Refresher {
         };
         self.publish();
         ok
-    }
-
-    /// Discovers the token endpoint if need be, waits for a turn at the provider, marks
-    /// a rotation in flight, and asks for a token.
-    async fn call_provider(&mut self, grant: TokenGrant<'_>, cancel: &CancellationToken) -> Called {
-        if self.config().token_url.is_none() {
-            // Discovery rotates nothing: a stop abandons it at once.
-            let discovered = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return None,
-                found = self.discover() => found,
-            };
-            if !discovered {
-                return None;
-            }
-        }
-        let config = self.config();
-        // Queued behind the provider host's limits (after a cold start or an outage, with
-        // thousands of accounts due) until a slot and a start time are free.
-        let turn = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => None,
-            turn = self.deps.provider.token_turn(&config) => Some(turn),
-        }?;
-        // A shared store's holder calls only when the call and its commit fit in its lease.
-        let config = self.within_lease(config).await?;
-
-        // A crash between the provider rotating the refresh token and our save would lose
-        // it; the mark lets the next start know to retry at once, inside the provider's
-        // reuse window.
-        let rotating = matches!(config.grant, Grant::RefreshToken { .. });
-        if rotating && turn.is_ok() && self.state.refresh_in_flight_since.is_none() {
-            self.state.refresh_in_flight_since = Some(self.deps.clock.now());
-            self.save().await;
-            if self.fenced || (self.deps.lease.is_some() && self.saving.unsaved) {
-                // The mark is not in the shared record: a call now could rotate the
-                // token with no replica knowing it was in flight.
-                return None;
-            }
-        }
-
-        let started = Instant::now();
-        self.last_call = Some(started);
-        let url = config.token_url.as_ref().map(|u| u.as_str());
-        debug!(account = %config.name, grant = grant.as_str(), url = url.unwrap_or("-"), "requesting a token");
-        let result = match turn {
-            Ok(turn) => {
-                let request = self.deps.provider.request_token_in(turn, &config, grant);
-                until_stopped(request, cancel).await.or_else(|| {
-                    // The provider may have rotated: the in-flight mark stays on disk, and
-                    // the next start recovers as it does after a crash.
-                    warn!(account = %config.name, grace_s = STOP_GRACE.as_secs(), "stopping: abandoned a token request that did not finish within the grace; the next start retries it");
-                    None
-                })?
-            }
-            Err(e) => Err(e),
-        };
-        Some((result, started.elapsed()))
     }
 
     /// Takes the provider's answer: persisted (a rotated refresh token is durable before

@@ -15,7 +15,7 @@ bench_init() {
   NCPU=$(nproc)
   T_BEGIN=$SECONDS
   OUR_PGID=$(ps -o pgid= $$ | tr -d ' ')
-  if [ "$NCPU" -ge 2 ]; then ON_CPU0=(taskset -c 0); else ON_CPU0=(); fi
+  if [ "$NCPU" -ge 2 ]; then ON_CPU0=(taskset -c 0) ON_CPU1=(taskset -c 1); else ON_CPU0=() ON_CPU1=(); fi
   PIDS=()
   trap cleanup EXIT
 }
@@ -185,13 +185,17 @@ busy_percent() { # CPU busy share of the whole machine over 2 s
 
 # The load generator and the CLI timer are well-known tools from the OS packages.
 install_tools() {
-  if [ "$INSTALL" = 1 ] && { ! command -v wrk > /dev/null || ! command -v hyperfine > /dev/null; }; then
+  local missing=()
+  command -v wrk > /dev/null || missing+=(wrk)
+  command -v hyperfine > /dev/null || missing+=(hyperfine)
+  command -v oidc-token > /dev/null || missing+=(oidc-agent-cli) # row 7b's comparison
+  if [ "$INSTALL" = 1 ] && [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
-      log "installing wrk and hyperfine (apt-get)"
-      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk hyperfine; } \
-        > "$OUT/install.log" 2>&1 || log "could not install wrk/hyperfine (see $OUT/install.log): using the fallbacks"
+      log "installing ${missing[*]} (apt-get)"
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
+        > "$OUT/install.log" 2>&1 || log "could not install ${missing[*]} (see $OUT/install.log): using the fallbacks"
     else
-      log "wrk or hyperfine missing and not root: using the fallbacks"
+      log "${missing[*]} missing and not root: using the fallbacks"
     fi
   fi
 }

@@ -5,7 +5,13 @@
 //!
 //! ```text
 //! cargo run --release --example hello -- 127.0.0.1:0
+//! cargo run --release --example hello -- 127.0.0.1:0 1000   # answer after 1000 µs
 //! ```
+//!
+//! The optional delay stands for a real API's service time (the proxy benchmark's
+//! upstream): a timer, not CPU, so the server's own cost per request stays the same.
+
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Path;
@@ -21,9 +27,11 @@ async fn token(Path(_account): Path<String>) -> impl IntoResponse {
 }
 
 fn main() {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:0".to_string());
+    let mut args = std::env::args().skip(1);
+    let addr = args.next().unwrap_or_else(|| "127.0.0.1:0".to_string());
+    let delay = args
+        .next()
+        .map(|us| Duration::from_micros(us.parse().expect("the delay is a number of µs")));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -32,7 +40,16 @@ fn main() {
         let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
         // The harness reads the address from the first line.
         println!("listening={}", listener.local_addr().expect("address"));
-        let app = Router::new().route("/v1/token/{account}", get(token));
+        let app = match delay {
+            None => Router::new().route("/v1/token/{account}", get(token)),
+            Some(delay) => {
+                let route = move |account: Path<String>| async move {
+                    tokio::time::sleep(delay).await;
+                    token(account).await
+                };
+                Router::new().route("/v1/token/{account}", get(route))
+            }
+        };
         axum::serve(listener, app).await.expect("serve");
     });
 }

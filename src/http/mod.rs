@@ -125,8 +125,8 @@ impl ReloadStatus {
 /// Every route of the API.
 pub fn router(state: ApiState) -> Router {
     Router::new()
-        .route("/v1/token/{account}", get(token_json))
-        .route("/v1/token/{account}/access_token", get(token_plain))
+        .route("/v1/token/{account}", get(token_read::<false>))
+        .route("/v1/token/{account}/access_token", get(token_read::<true>))
         .route("/v1/accounts/{account}/refresh", post(force_refresh))
         .route("/v1/accounts", get(accounts))
         .route("/healthz", get(healthz))
@@ -483,7 +483,9 @@ fn no_store(mut response: Response) -> Response {
     response
 }
 
-async fn token_json(
+/// `GET /v1/token/{account}` (`PLAIN` false: the JSON document) and
+/// `GET /v1/token/{account}/access_token` (`PLAIN` true: the access token alone).
+async fn token_read<const PLAIN: bool>(
     Guarded(caller): Guarded,
     State(state): State<ApiState>,
     account: Result<Path<String>, PathRejection>,
@@ -492,19 +494,7 @@ async fn token_json(
     let Path(account) = account.map_err(bad_request)?;
     let Query(query) = query.map_err(bad_request)?;
     let token = current_token(&state, &caller, &account, &query).await?;
-    Ok(token_answer(&state, token, false))
-}
-
-async fn token_plain(
-    Guarded(caller): Guarded,
-    State(state): State<ApiState>,
-    account: Result<Path<String>, PathRejection>,
-    query: Result<Query<TokenQuery>, QueryRejection>,
-) -> Result<Response, ApiError> {
-    let Path(account) = account.map_err(bad_request)?;
-    let Query(query) = query.map_err(bad_request)?;
-    let token = current_token(&state, &caller, &account, &query).await?;
-    Ok(token_answer(&state, token, true))
+    Ok(token_answer(&state, token, PLAIN))
 }
 
 /// A token read's answer: the JSON document, or with `plain` the access token alone.

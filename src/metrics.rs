@@ -2,7 +2,7 @@
 //! rendering. Per-request paths use pre-registered handles; gauges that are functions of
 //! time (seconds until expiry, token age) are computed at scrape time.
 
-use std::sync::OnceLock;
+use std::sync::{OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metrics::{
@@ -174,12 +174,12 @@ pub fn set_store_up(up: bool) {
     STORE_IS_UP.store(up, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// One proxied exchange: its status (the upstream's, or tokend's own) and how long until
-/// the answer's headers were ready. Only accounts with a proxy have these series.
-/// One account's proxy series: the latency histogram registered once, and a counter per
-/// status code the upstream has answered with, each registered on first use. Recording
-/// is a short scan under a read lock, where the labelled macros would build three label
-/// strings and look the series up in the registry on every proxied request.
+/// One account's proxy series: for each proxied exchange, its status (the upstream's, or
+/// tokend's own) and how long until the answer's headers were ready. The latency
+/// histogram is registered once, a counter per status on first use; recording is a short
+/// scan under a read lock, where the labelled macros would build three label strings and
+/// look the series up in the registry on every proxied request. Only accounts with a
+/// proxy have these series.
 pub struct ProxyMetrics {
     account: String,
     duration: Histogram,
@@ -198,24 +198,22 @@ impl ProxyMetrics {
 
     pub fn record(&self, status: u16, took: Duration) {
         self.duration.record(took.as_secs_f64());
-        let known = |codes: &[(u16, Counter)]| {
-            codes
-                .iter()
-                .find(|(code, _)| *code == status)
-                .map(|(_, c)| c.clone())
+        let counted = |codes: &[(u16, Counter)]| {
+            let found = codes.iter().find(|(code, _)| *code == status);
+            found.map(|(_, counter)| counter.increment(1)).is_some()
         };
-        use std::sync::PoisonError;
-        let read = self.requests.read().unwrap_or_else(PoisonError::into_inner);
-        let counter = known(&read).unwrap_or_else(|| {
-            drop(read);
-            let mut codes = self.requests.write().unwrap_or_else(PoisonError::into_inner);
-            known(&codes).unwrap_or_else(|| {
-                let counter = counter!(PROXY_REQUESTS, "account" => self.account.clone(), "code" => status.to_string());
-                codes.push((status, counter.clone()));
-                counter
-            })
-        });
-        counter.increment(1);
+        if counted(&self.requests.read().unwrap_or_else(PoisonError::into_inner)) {
+            return;
+        }
+        let mut codes = self
+            .requests
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !counted(&codes) {
+            let counter = counter!(PROXY_REQUESTS, "account" => self.account.clone(), "code" => status.to_string());
+            counter.increment(1);
+            codes.push((status, counter));
+        }
     }
 }
 

@@ -521,17 +521,15 @@ impl AsRef<[u8]> for PlainToken {
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
-/// A token answer: its content type and the headers that keep it out of caches, written
-/// straight into the response's own header map (a `(HeaderMap, body)` answer would build
+/// A token answer: its content type and the headers that keep it out of caches
+/// ([`no_store`]), written straight into the response's own header map (a `(HeaderMap, body)` answer would build
 /// a second map and merge it in: this runs on every read).
 fn token_response(content_type: HeaderValue, body: Bytes) -> Response {
     let mut response = Response::new(axum::body::Body::from(body));
     let headers = response.headers_mut();
     headers.reserve(3);
     headers.insert(header::CONTENT_TYPE, content_type);
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    response
+    no_store(response)
 }
 
 fn time_field(t: Option<SystemTime>) -> Value {

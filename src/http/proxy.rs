@@ -67,7 +67,9 @@ pub(super) async fn forward(
     };
     let config = Arc::clone(&handle.config());
     let Some(proxy) = &config.proxy else {
-        return ApiError::NoProxy(account.to_string()).into_response();
+        let refused = ApiError::NoProxy(account.to_string());
+        log_failure(account, &parts.method, &refused);
+        return refused.into_response();
     };
     let method = parts.method.clone();
     let exchanged = match upstream_url(&proxy.upstream, rest, parts.uri.query()) {

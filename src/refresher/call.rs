@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{Called, Refresher, STOP_GRACE, until_stopped};
-use crate::config::Grant;
+use crate::config::{AccountConfig, Grant};
 use crate::provider::{ProviderError, TokenGrant, Turn};
 
 impl Refresher {
@@ -25,10 +25,19 @@ impl Refresher {
         if !due || config.token_url.is_none() {
             return None;
         }
+        self.turn_unless_stopped(&config, cancel).await
+    }
+
+    /// A turn at `config`'s token endpoint, or `None` when the stop comes first.
+    async fn turn_unless_stopped(
+        &self,
+        config: &AccountConfig,
+        cancel: &CancellationToken,
+    ) -> Option<Result<Turn, ProviderError>> {
         tokio::select! {
             biased;
             _ = cancel.cancelled() => None,
-            turn = self.deps.provider.token_turn(&config) => Some(turn),
+            turn = self.deps.provider.token_turn(config) => Some(turn),
         }
     }
 
@@ -66,11 +75,7 @@ impl Refresher {
         // thousands of accounts due) until a slot and a start time are free.
         let turn = match early {
             Some(turn) => turn,
-            None => tokio::select! {
-                biased;
-                _ = cancel.cancelled() => None,
-                turn = self.deps.provider.token_turn(&config) => Some(turn),
-            }?,
+            None => self.turn_unless_stopped(&config, cancel).await?,
         };
         // A shared store's holder calls only when the call and its commit fit in its lease.
         let config = self.within_lease(config).await?;

@@ -265,7 +265,8 @@ pub fn authorize_url(
     let mut url = account
         .endpoints
         .authorization
-        .clone()
+        .as_deref()
+        .cloned()
         .ok_or_else(|| LoginError::Missing {
             account: account.name.to_string(),
             what: "authorization_endpoint",

@@ -169,7 +169,7 @@ async fn code_flow(
         )
         .await;
     }
-    let listener = login::LoopbackListener::bind(account.endpoints.redirect_uri.as_ref()).await?;
+    let listener = login::LoopbackListener::bind(account.endpoints.redirect_uri.as_deref()).await?;
     let redirect_uri = listener.redirect_uri().to_string();
     let url = login::authorize_url(
         account,

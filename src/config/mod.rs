@@ -265,8 +265,10 @@ pub enum Grant {
     RefreshToken { seed: Option<Secret> },
     /// RFC 6749 §4.4.
     ClientCredentials,
-    /// RFC 7523 §2.1: a JWT signed by tokend is the grant.
-    JwtBearer(BearerAssertion),
+    /// RFC 7523 §2.1: a JWT signed by tokend is the grant. Boxed, as the other rarely
+    /// set parts of [`AccountConfig`] are: an account's config is held for as long as it
+    /// runs, and at thousands of accounts its inline size is a large part of the memory.
+    JwtBearer(Box<BearerAssertion>),
 }
 
 impl Grant {
@@ -457,7 +459,7 @@ pub struct AccountConfig {
     pub client_secret: Option<Secret>,
     pub client_auth: ClientAuth,
     /// Set exactly when `client_auth` is `private_key_jwt` or `client_secret_jwt`.
-    pub assertion: Option<ClientAssertion>,
+    pub assertion: Option<Box<ClientAssertion>>,
     pub request_format: RequestFormat,
     /// Sent as configured (space- or comma-separated, as the provider wants it).
     pub scope: Option<String>,
@@ -476,9 +478,9 @@ pub struct AccountConfig {
     /// Files the current token is written to on every refresh.
     pub sinks: Vec<SinkConfig>,
     /// Run after the sinks are written, on every refresh.
-    pub on_refresh: Option<HookConfig>,
+    pub on_refresh: Option<Box<HookConfig>>,
     /// `/proxy/NAME/…` forwards here with the account's token and headers.
-    pub proxy: Option<ProxyConfig>,
+    pub proxy: Option<Box<ProxyConfig>>,
 }
 
 /// `[accounts.NAME.proxy]`: the API the account's token is for, reached through tokend.
@@ -542,21 +544,23 @@ pub enum HookAction {
 pub const HOOK_SIGNALS: &[&str] = &["HUP", "USR1", "USR2", "TERM", "INT"];
 
 /// Where an account's interactive flows (`tokend login`, `logout`) go, besides the token
-/// endpoint. Each is configured explicitly or filled from the issuer's metadata.
+/// endpoint. Each is configured explicitly or filled from the issuer's metadata. The URLs
+/// are boxed: most accounts set none of them, and an unboxed `Url` is 88 bytes held by
+/// every account for as long as it runs.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Endpoints {
     /// RFC 8414 issuer identifier, exactly as configured (compared as a string with the
     /// metadata's `issuer`).
     pub issuer: Option<String>,
     /// RFC 6749 §3.1.
-    pub authorization: Option<Url>,
+    pub authorization: Option<Box<Url>>,
     /// RFC 8628 §3.1.
-    pub device_authorization: Option<Url>,
+    pub device_authorization: Option<Box<Url>>,
     /// RFC 7009 §2.
-    pub revocation: Option<Url>,
+    pub revocation: Option<Box<Url>>,
     /// Where the provider sends the browser back with the code (RFC 6749 §3.1.2). Unset:
     /// `tokend login` listens on `http://127.0.0.1:<ephemeral>/callback`.
-    pub redirect_uri: Option<Url>,
+    pub redirect_uri: Option<Box<Url>>,
     /// From discovery metadata only: the scopes the provider knows (RFC 8414 §2).
     pub scopes_supported: Option<Vec<String>>,
     /// `allow_insecure_http`: plain http to a host that is not loopback, for discovered

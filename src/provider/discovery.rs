@@ -155,13 +155,13 @@ pub fn apply(
         out.token_url = endpoint("token_endpoint")?;
     }
     if e.authorization.is_none() {
-        e.authorization = endpoint("authorization_endpoint")?;
+        e.authorization = endpoint("authorization_endpoint")?.map(Box::new);
     }
     if e.device_authorization.is_none() {
-        e.device_authorization = endpoint("device_authorization_endpoint")?;
+        e.device_authorization = endpoint("device_authorization_endpoint")?.map(Box::new);
     }
     if e.revocation.is_none() {
-        e.revocation = endpoint("revocation_endpoint")?;
+        e.revocation = endpoint("revocation_endpoint")?.map(Box::new);
     }
     e.scopes_supported = document
         .get("scopes_supported")

@@ -81,7 +81,7 @@ impl Validator<'_> {
             client_id: client.id,
             client_secret: client.secret,
             client_auth: client.auth,
-            assertion: client.assertion,
+            assertion: client.assertion.map(Box::new),
             request_format: client.request_format,
             scope,
             extra_params,
@@ -92,8 +92,8 @@ impl Validator<'_> {
             ca_bundle,
             tls_identity,
             sinks,
-            on_refresh,
-            proxy,
+            on_refresh: on_refresh.map(Box::new),
+            proxy: proxy.map(Box::new),
         }
     }
 
@@ -179,10 +179,10 @@ impl Validator<'_> {
             .and_then(|u| self.redirect_uri(u, insecure, &k("redirect_uri")));
         let endpoints = Endpoints {
             issuer,
-            authorization,
-            device_authorization,
-            revocation,
-            redirect_uri,
+            authorization: authorization.map(Box::new),
+            device_authorization: device_authorization.map(Box::new),
+            revocation: revocation.map(Box::new),
+            redirect_uri: redirect_uri.map(Box::new),
             scopes_supported: None,
             allow_insecure_http: insecure,
         };
@@ -260,7 +260,7 @@ impl Validator<'_> {
                 match self.bearer_assertion(raw, &account_span, k) {
                     Some((assertion, uri)) => {
                         token_uri = uri;
-                        Grant::JwtBearer(assertion)
+                        Grant::JwtBearer(Box::new(assertion))
                     }
                     // Reported; a stand-in, since a config with problems is not used.
                     None => Grant::ClientCredentials,

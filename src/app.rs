@@ -111,11 +111,14 @@ impl Daemon {
     /// Loads every account's persisted state, publishes still-valid tokens at once (no
     /// provider call) and starts one refresher per account.
     pub async fn start(
-        config: Config,
+        mut config: Config,
         store: Arc<dyn Store>,
         provider: Provider,
         clock: Clock,
     ) -> Daemon {
+        // Where secrets came from is for `tokend check`: a map the size of the accounts,
+        // not kept by a daemon.
+        config.secret_sources = BTreeMap::new();
         let tracker = TaskTracker::new();
         let stopping = CancellationToken::new();
         let jumps = clock.spawn_jump_detector(&tracker, stopping.clone());
@@ -124,9 +127,13 @@ impl Daemon {
             tracker.spawn(keeper.clone().run(stopping.clone()));
             keeper
         });
+        let access = Access::new(config.consumers.clone()).with_metrics(&config.server);
+        let upstreams = HttpClients::new(config.provider.connect_timeout);
         let mut daemon = Daemon {
             keeper,
-            config: config.clone(),
+            // Moved, not cloned: a second map of thousands of accounts, freed once start-up
+            // is over, would leave its pages in the heap for good.
+            config,
             store,
             provider: provider.with_clock(clock.clone()),
             jumps,
@@ -135,17 +142,15 @@ impl Daemon {
             tracker,
             stopping,
             changes: watch::Sender::new(0),
-            access: Arc::new(ArcSwap::from_pointee(
-                Access::new(config.consumers.clone()).with_metrics(&config.server),
-            )),
+            access: Arc::new(ArcSwap::from_pointee(access)),
             reloads: Arc::new(ArcSwap::from_pointee(ReloadStatus::started(clock.now()))),
-            upstreams: Arc::new(HttpClients::new(config.provider.connect_timeout)),
+            upstreams: Arc::new(upstreams),
             clock,
         };
         // State files are read concurrently: with thousands of accounts a sequential
         // start would keep still-valid tokens from being served for seconds.
         let started: Vec<(AccountName, Running)> =
-            futures_util::stream::iter(config.accounts.values())
+            futures_util::stream::iter(daemon.config.accounts.values())
                 .map(|account| async {
                     (
                         account.name.clone(),
@@ -357,6 +362,7 @@ impl Daemon {
             server: self.config.server.clone(),
             provider: self.config.provider,
             per_host: self.config.per_host,
+            secret_sources: BTreeMap::new(),
             ..new
         };
         report.ignored = ignored;

@@ -355,11 +355,13 @@ pub struct AccountHandle {
     pub demands: Demands,
     /// Bumped on every publish, so start-up can wait for accounts to settle.
     pub changes: watch::Sender<u64>,
-    /// Tokens served from this account (registered once: reads are the hot path).
-    pub reads: metrics::Counter,
+    /// Tokens served from this account under `consumer="-"`: registered on the first
+    /// read, then an atomic add (reads are the hot path). Not at start: an account nobody
+    /// reads would hold a series of ~300 bytes for nothing, thousands of times over.
+    reads: std::sync::OnceLock<metrics::Counter>,
     /// Requests through the proxy, registered on the first one: accounts without a
-    /// `[proxy]` table get no proxy series.
-    proxied: std::sync::OnceLock<crate::metrics::ProxyMetrics>,
+    /// `[proxy]` table get no proxy series (and hold a pointer, not the series' handles).
+    proxied: std::sync::OnceLock<Box<crate::metrics::ProxyMetrics>>,
     /// Which replica holds the account's refresh lease (node id), as this replica last
     /// learned it; `None` while nobody does or it is not known yet.
     lease_holder: arc_swap::ArcSwapOption<String>,
@@ -371,7 +373,7 @@ impl AccountHandle {
     /// A pending account with no reader waiting; `changes` is shared by every account.
     pub fn new(config: Arc<AccountConfig>, changes: watch::Sender<u64>) -> AccountHandle {
         AccountHandle {
-            reads: crate::metrics::token_reads(config.name.as_str(), "-"),
+            reads: std::sync::OnceLock::new(),
             config: ArcSwap::new(config),
             cell: ArcSwap::from_pointee(Snapshot::pending()),
             demands: Demands::default(),
@@ -389,10 +391,21 @@ impl AccountHandle {
         self.lease_holder.store(holder.map(Arc::new));
     }
 
+    /// Counts one token served to a consumer not named in metrics.
+    pub fn record_read(&self) {
+        self.reads
+            .get_or_init(|| crate::metrics::token_reads(self.config().name.as_str(), "-"))
+            .increment(1);
+    }
+
     /// Counts one request through the proxy, answered with `status` after `took`.
     pub fn record_proxied(&self, status: u16, took: Duration) {
         self.proxied
-            .get_or_init(|| crate::metrics::ProxyMetrics::new(self.config().name.as_str()))
+            .get_or_init(|| {
+                Box::new(crate::metrics::ProxyMetrics::new(
+                    self.config().name.as_str(),
+                ))
+            })
             .record(status, took);
     }
 
@@ -568,28 +581,35 @@ impl Registry {
         self.accounts.load().get(name).cloned()
     }
 
-    /// Every account's time-dependent gauges at `now`, for a `/metrics` scrape.
-    pub fn gauges(&self, now: SystemTime) -> Vec<crate::metrics::AccountGauges> {
-        self.all()
+    /// Every account's time-dependent gauges at `now`, for a `/metrics` scrape: the
+    /// accounts are those running now, their gauges read as the answer is written (no
+    /// list of them all, which at thousands of accounts would be megabytes per scrape).
+    pub fn gauges(
+        &self,
+        now: SystemTime,
+    ) -> impl Iterator<Item = crate::metrics::AccountGauges> + Clone + Send + 'static {
+        let accounts: Vec<(AccountName, Arc<AccountHandle>)> = self
+            .all()
             .iter()
-            .map(|(name, account)| {
-                let snap = account.snapshot();
-                crate::metrics::AccountGauges {
-                    account: name.to_string(),
-                    expires_in: snap
-                        .token
-                        .as_ref()
-                        .map_or(Duration::ZERO, |t| t.valid_for(now)),
-                    last_refresh: snap.last_refresh,
-                    refresh_token_age: snap
-                        .refresh_token_issued_at
-                        .map(|t| now.duration_since(t).unwrap_or_default()),
-                    states: &Status::NAMES,
-                    state: snap.status_at(now).as_str(),
-                    lease_held: account.lease_held(),
-                }
-            })
-            .collect()
+            .map(|(name, account)| (name.clone(), account.clone()))
+            .collect();
+        accounts.into_iter().map(move |(name, account)| {
+            let snap = account.snapshot();
+            crate::metrics::AccountGauges {
+                account: name.to_string(),
+                expires_in: snap
+                    .token
+                    .as_ref()
+                    .map_or(Duration::ZERO, |t| t.valid_for(now)),
+                last_refresh: snap.last_refresh,
+                refresh_token_age: snap
+                    .refresh_token_issued_at
+                    .map(|t| now.duration_since(t).unwrap_or_default()),
+                states: &Status::NAMES,
+                state: snap.status_at(now).as_str(),
+                lease_held: account.lease_held(),
+            }
+        })
     }
 
     pub fn all(&self) -> Arc<BTreeMap<AccountName, Arc<AccountHandle>>> {

@@ -470,7 +470,7 @@ fn permitted(
 
 fn served(state: &ApiState, handle: &AccountHandle, caller: &Caller) {
     match state.access.load().metrics_label(caller) {
-        None => handle.reads.increment(1),
+        None => handle.record_read(),
         Some(name) => crate::metrics::token_reads(handle.config().name.as_str(), name).increment(1),
     }
     tracing::debug!(account = %handle.config().name, consumer = caller.label(), "token served");
@@ -624,7 +624,10 @@ async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response 
     }
     let reload = state.reload.load();
     crate::metrics::config_reload(reload.successful, reload.last_success_at);
-    let body = crate::metrics::render(state.registry.gauges(state.clock.now()));
+    let pieces = crate::metrics::render(state.registry.gauges(state.clock.now()));
+    let body = axum::body::Body::from_stream(futures_util::stream::iter(
+        pieces.map(Ok::<_, std::convert::Infallible>),
+    ));
     (
         [(
             header::CONTENT_TYPE,

@@ -214,6 +214,7 @@ machine_info() {
     echo "rustc=$(rustc --version 2>/dev/null || echo unknown)"
     echo "wrk=$(if command -v wrk > /dev/null; then (wrk -v 2>&1 || true) | head -1; else echo none; fi)"
     echo "hyperfine=$(command -v hyperfine > /dev/null && hyperfine --version || echo none)"
+    echo "MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-unset}"
     local line
     for line in "$@"; do echo "$line"; done
   } > "$OUT/machine.txt"

@@ -358,10 +358,10 @@ const ACCOUNT_FAMILIES: [AccountFamily; 5] = [
 /// About how large each piece of a rendered `/metrics` answer is.
 const PIECE: usize = 64 * 1024;
 
-/// Renders every metric, in pieces of about 64 KB, the accounts' made (and
-/// their gauges read, from `accounts`) as the answer is sent. At thousands of accounts the text is megabytes: made whole, every
-/// scrape would take buffers that large, which the allocator then keeps (measured: +44 MB
-/// after two scrapes of 10,000 accounts).
+/// Renders every metric, in pieces of about 64 KB, the accounts' made (and their gauges
+/// read, from `accounts`) as the answer is sent. At thousands of accounts the text is
+/// megabytes: made whole, every scrape would take buffers that large, which the allocator
+/// then keeps (measured: +44 MB after two scrapes of 10,000 accounts).
 ///
 /// The accounts' gauges are written straight from `accounts`, not kept in the recorder:
 /// there they would be ten series per account, ~2.5 KB for each account as long as the

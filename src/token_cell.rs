@@ -588,12 +588,15 @@ impl Registry {
         &self,
         now: SystemTime,
     ) -> impl Iterator<Item = crate::metrics::AccountGauges> + Clone + Send + 'static {
-        let accounts: Vec<(AccountName, Arc<AccountHandle>)> = self
+        // Shared, so that each gauge family's pass over the accounts (`render` makes one per
+        // family) copies a pointer, not the list.
+        let accounts: Arc<[(AccountName, Arc<AccountHandle>)]> = self
             .all()
             .iter()
             .map(|(name, account)| (name.clone(), account.clone()))
             .collect();
-        accounts.into_iter().map(move |(name, account)| {
+        (0..accounts.len()).map(move |i| {
+            let (name, account) = &accounts[i];
             let snap = account.snapshot();
             crate::metrics::AccountGauges {
                 account: name.to_string(),
